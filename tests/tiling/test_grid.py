@@ -1,0 +1,94 @@
+"""Patch-grid geometry: MONAI's window convention, ownership and crop spans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tileseg.errors import TilingError
+from tileseg.tiling.grid import make_grid, stride_for, window_starts
+
+
+def monai_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """The window starts of MONAI's dense_patch_slices, re-derived independently."""
+    monai_utils = pytest.importorskip("monai.data.utils")
+    interval = patch if patch == size else max(1, int(patch * (1 - overlap)))
+    slices = monai_utils.dense_patch_slices((size,), (patch,), (interval,))
+    return [s[0].start for s in slices]
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 300), patch=st.integers(1, 64), overlap=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9]))
+def test_window_starts_match_monai(size, patch, overlap):
+    if size < patch:
+        return  # padded axis: a single window after padding
+    assert window_starts(size, patch, stride_for(patch, overlap=overlap)).tolist() == monai_starts(size, patch, overlap)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 120), min_size=2, max_size=3),
+    patch=st.integers(1, 40),
+    overlap=st.floats(0, 0.9),
+    chunk=st.integers(1, 70),
+)
+def test_every_patch_owned_once_and_targets_cover_region(shape, patch, overlap, chunk):
+    grid = make_grid(shape, patch, overlap=overlap, chunks=chunk)
+    owned = [tuple(s) for o in grid.owners() for s in grid.patches_of(o)]
+    assert len(owned) == len(set(owned)) == grid.n_patches
+    for owner in grid.owners():
+        region = grid.region(owner)
+        covered = np.zeros(grid.padded_shape, bool)
+        for t in grid.targets(owner):
+            covered[tuple(slice(a, b) for a, b in grid.block_box(t))] = True
+        assert covered[tuple(slice(a, b) for a, b in region)].all()
+        for t in grid.targets(owner):
+            assert owner in set(grid.sources(t))
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 200), patch=st.integers(1, 50), overlap=st.floats(0, 0.95))
+def test_crop_spans_tile_the_axis_and_stay_inside_their_patch(size, patch, overlap):
+    axis = make_grid((size, 8), (patch, 8), overlap=overlap).axes[0]
+    spans = axis.crop_ranges()
+    assert spans[0, 0] == 0 and spans[-1, 1] == axis.size
+    assert (spans[1:, 0] == spans[:-1, 1]).all()
+    assert (spans[:, 0] >= axis.starts).all() and (spans[:, 1] <= axis.starts + axis.patch).all()
+    # each pixel goes to the nearest centre
+    centres = axis.starts + (axis.patch - 1) / 2
+    for j, (a, b) in enumerate(spans):
+        for x in range(a, b):
+            assert abs(x - centres[j]) <= np.abs(x - centres).min() + 1e-9
+
+
+def test_padding_is_symmetric_like_monai():
+    grid = make_grid((30, 100), (64, 64))
+    assert grid.pad == ((17, 17), (0, 0))
+    assert grid.padded_shape == (64, 100)
+    assert grid.chunks[0] == (64,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"overlap": -0.1}, "overlap must be >= 0"),
+        ({"overlap": 1.0}, "overlap must be >= 0"),
+        ({"overlap": None, "overlap_px": 64}, "overlap_px must be >= 0 and < patch"),
+        ({"overlap": 0.5, "overlap_px": 4}, "not both"),
+        ({"chunks": 0}, "chunk size must be >= 1"),
+    ],
+)
+def test_bad_parameters_are_named(kwargs, message):
+    with pytest.raises(TilingError, match=message):
+        make_grid((100, 100), (64, 64), **kwargs)
+
+
+def test_impossible_patch_sizes():
+    with pytest.raises(TilingError, match="patch_size must be positive"):
+        make_grid((100, 100), (0, 64))
+    with pytest.raises(TilingError, match="more than"):
+        make_grid((100, 100, 100), (1024, 1024, 1024))
+    with pytest.raises(TilingError, match="2 values but the patch has 3"):
+        make_grid((10, 10, 10), (4, 4, 4), overlap=(0.1, 0.1))

@@ -1,0 +1,55 @@
+"""The predictor protocol: a batch of patches in, a batch of per-class maps out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+class Predictor:
+    """Maps a batch ``(N, C, *patch)`` float32 array to ``(N, K, *patch)``.
+
+    Subclasses set :attr:`in_channels` / :attr:`out_channels` when they know
+    them (``None`` means unknown; the engine then probes one patch), and must
+    stay cheap to pickle: heavy state (weights, sessions) is loaded lazily in
+    each worker process and cached there, never shipped inside every task.
+    """
+
+    in_channels: int | None = None
+    out_channels: int | None = None
+    #: Receptive-field radius in pixels per spatial axis when known.
+    receptive_field: tuple[int, ...] | None = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """Short description for run reports."""
+        return {"type": type(self).__name__}
+
+
+class CallablePredictor(Predictor):
+    """Wrap any callable ``f(batch) -> array`` as a predictor.
+
+    Parameters
+    ----------
+    fn : callable
+        Maps ``(N, C, *patch)`` to ``(N, K, *patch)``; numpy or anything
+        ``numpy.asarray`` accepts.
+    in_channels, out_channels : int, optional
+        Channel counts when known.
+    """
+
+    def __init__(self, fn: Callable[[np.ndarray], Any], in_channels: int | None = None,
+                 out_channels: int | None = None) -> None:
+        self.fn = fn
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self.fn(batch), dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "callable", "name": getattr(self.fn, "__name__", type(self.fn).__name__)}

@@ -1,0 +1,116 @@
+"""Plugin registry: readers, writers, models and methods found by entry point.
+
+Built-ins are listed the same way as third-party plugins (``module:attr``
+strings) and loaded lazily, so ``import tileseg`` stays cheap. Third-party
+packages add entries to the ``tileseg.readers`` / ``tileseg.writers`` /
+``tileseg.models`` / ``tileseg.methods`` entry-point groups.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import warnings
+from functools import cache
+from typing import Any
+
+from .errors import PluginError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("readers", "writers", "models", "methods", "postprocess")
+
+# Built-in plugins, loaded on first use. Other modules add to these tables
+# with :func:`register` (e.g. classical methods register themselves).
+_BUILTINS: dict[str, dict[str, str]] = {
+    "readers": {
+        "zarr": "tileseg.readers.zarr:ZarrReader",
+    },
+    "writers": {
+        "zarr": "tileseg.writers.zarr:ZarrWriter",
+    },
+    "models": {},
+    "methods": {},
+    "postprocess": {},
+}
+_EXTRA: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+
+
+def register(kind: str, name: str, target: Any) -> None:
+    """Register a plugin object (or a ``"module:attr"`` string) under ``name``.
+
+    Parameters
+    ----------
+    kind : str
+        One of ``readers``, ``writers``, ``models``, ``methods``, ``postprocess``.
+    name : str
+        The name used in pipeline files.
+    target : object or str
+        The plugin, or where to import it from.
+    """
+    _check_kind(kind)
+    _EXTRA[kind][name] = target
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise PluginError(f"unknown plugin kind {kind!r}; expected one of {KINDS}")
+
+
+@cache
+def _entry_points(kind: str) -> dict[str, Any]:
+    from importlib.metadata import entry_points
+
+    found: dict[str, Any] = {}
+    try:
+        eps = entry_points(group=f"tileseg.{kind}")
+    except Exception as exc:  # pragma: no cover - broken metadata
+        warnings.warn(f"could not list tileseg.{kind} plugins: {exc}", stacklevel=2)
+        return found
+    for ep in eps:
+        found[ep.name] = ep
+    return found
+
+
+def available(kind: str) -> list[str]:
+    """Names of the installed plugins of ``kind`` (built-ins included)."""
+    _check_kind(kind)
+    names = set(_BUILTINS[kind]) | set(_EXTRA[kind]) | set(_entry_points(kind))
+    return sorted(names)
+
+
+def _load_target(target: Any) -> Any:
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        obj = importlib.import_module(module)
+        for part in attr.split(".") if attr else []:
+            obj = getattr(obj, part)
+        return obj
+    if hasattr(target, "load") and hasattr(target, "group"):  # an EntryPoint
+        return target.load()
+    return target
+
+
+def get(kind: str, name: str) -> Any:
+    """Load the plugin ``name`` of ``kind``.
+
+    Raises
+    ------
+    PluginError
+        If no such plugin is installed (the message lists the installed ones
+        and the nearest name) or the plugin fails to import.
+    """
+    _check_kind(kind)
+    target = _EXTRA[kind].get(name) or _BUILTINS[kind].get(name) or _entry_points(kind).get(name)
+    if target is None:
+        names = available(kind)
+        near = difflib.get_close_matches(name, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise PluginError(f"unknown {kind[:-1]} {name!r}{hint} (installed: {', '.join(names) or 'none'})")
+    try:
+        return _load_target(target)
+    except ImportError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{kind[:-1]} plugin {name!r} failed to load: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Stitching: blending weights and overlap-add of patch predictions into chunks."""

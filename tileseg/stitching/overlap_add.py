@@ -1,0 +1,171 @@
+"""Task bodies of the overlap-add engine: predict an owner block, split, finalise.
+
+These functions run inside Dask tasks and only see numpy arrays and small
+geometry tuples; :mod:`tileseg.graph` wires them together. A *box* is a tuple
+of ``(start, stop)`` pairs in padded-image pixel coordinates.
+
+Memory per task: an owner task holds its input region, one batch of patches
+and a ``(K + 1) x region`` float32 accumulator (the extra channel is the
+summed blending weight); a finalise task holds ``(K + 1) x block``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import InputError, ModelError
+
+Box = tuple[tuple[int, int], ...]
+
+
+def _rel(box: Box, origin: Box) -> tuple[slice, ...]:
+    return tuple(slice(a - o[0], b - o[0]) for (a, b), o in zip(box, origin))
+
+
+def intersect(a: Box, b: Box) -> Box | None:
+    """Intersection of two boxes, or None when empty."""
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return None if any(lo >= hi for lo, hi in out) else out
+
+
+def assemble(region: Box, boxes: Sequence[Box], blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """Paste the parts of input ``blocks`` (``C x box``) that fall in ``region``."""
+    if len(blocks) == 1 and boxes[0] == region:
+        return np.asarray(blocks[0])
+    n_ch = blocks[0].shape[0]
+    out = np.empty((n_ch,) + tuple(b - a for a, b in region), dtype=blocks[0].dtype)
+    for box, blk in zip(boxes, blocks):
+        part = intersect(box, region)
+        if part is not None:
+            out[(slice(None),) + _rel(part, region)] = blk[(slice(None),) + _rel(part, box)]
+    return out
+
+
+def predict_owner(
+    predictor,
+    region: Box,
+    starts: np.ndarray,
+    crop_boxes: np.ndarray | None,
+    patch: tuple[int, ...],
+    n_classes: int,
+    batch_size: int,
+    window: np.ndarray | None,
+    nan_policy: str,
+    source: str,
+    boxes: Sequence[Box],
+    *blocks: np.ndarray,
+) -> tuple[Box, np.ndarray]:
+    """Predict every patch owned by one block and overlap-add it.
+
+    Parameters
+    ----------
+    predictor : callable
+        Maps ``(N, C, *patch)`` float32 to ``(N, K, *patch)``.
+    region : Box
+        Pixel box covered by the owned patches.
+    starts : numpy.ndarray
+        ``(n, ndim)`` patch start corners (absolute).
+    crop_boxes : numpy.ndarray or None
+        ``(n, ndim, 2)`` absolute pixel spans each patch keeps for
+        ``blend='crop'``; None for windowed blending.
+    patch : tuple of int
+        Patch size.
+    n_classes : int
+        K, the number of model output channels.
+    batch_size : int
+        Patches per predictor call.
+    window : numpy.ndarray or None
+        Blending window (None for crop).
+    nan_policy : str
+        ``"error"`` raises on NaN input; ``"fill"`` (already applied upstream) passes.
+    source : str
+        Image name for error messages.
+    boxes, blocks
+        Input blocks (``C x box``) that cover ``region``.
+
+    Returns
+    -------
+    (Box, numpy.ndarray)
+        ``region`` and the ``(K + 1) x region`` float32 accumulator whose last
+        channel is the summed weight.
+    """
+    x = assemble(region, boxes, blocks)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if nan_policy == "error" and np.isnan(x).any():
+        raise InputError(
+            f"{source}: input contains NaN in pixel box {region!r}; "
+            "fix the input, mask it as nodata, or set nan_policy='fill'"
+        )
+    shape = tuple(b - a for a, b in region)
+    acc = np.zeros((n_classes + 1,) + shape, dtype=np.float32)
+    origin = np.array([a for a, _ in region])
+    local = starts - origin
+    for i in range(0, len(local), batch_size):
+        idx = local[i : i + batch_size]
+        batch = np.stack([x[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(c, patch))] for c in idx])
+        pred = predictor(batch)
+        pred = np.asarray(pred, dtype=np.float32)
+        expected = (len(idx), n_classes) + tuple(patch)
+        if pred.shape != expected:
+            raise ModelError(f"model returned shape {pred.shape!r} for a batch of {batch.shape!r}; expected {expected!r}")
+        for j, c in enumerate(idx):
+            if crop_boxes is None:
+                sl = tuple(slice(s, s + p) for s, p in zip(c, patch))
+                acc[(slice(None, n_classes),) + sl] += pred[j] * window
+                acc[(n_classes,) + sl] += window
+            else:
+                keep = crop_boxes[i + j] - origin[:, None]
+                sl = tuple(slice(a, b) for a, b in keep)
+                inner = tuple(slice(a - s, b - s) for (a, b), s in zip(keep, c))
+                acc[(slice(None, n_classes),) + sl] += pred[j][(slice(None),) + inner]
+                acc[(n_classes,) + sl] += 1.0
+    return region, acc
+
+
+def take_piece(owner: tuple[Box, np.ndarray], target: Box) -> tuple[Box, np.ndarray]:
+    """Copy out the part of an owner's accumulator that falls in block ``target``."""
+    region, acc = owner
+    part = intersect(region, target)
+    assert part is not None, (region, target)
+    return part, acc[(slice(None),) + _rel(part, region)].copy()
+
+
+def finalize_block(
+    block: Box, n_classes: int, output: str, dtype: str, *pieces: tuple[Box, np.ndarray]
+) -> np.ndarray:
+    """Sum the pieces falling in one output block, normalise and reduce.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``K x block`` float32 for ``logits``/``probabilities``, or a
+        ``block``-shaped label array of ``dtype`` for ``labels``.
+    """
+    shape = tuple(b - a for a, b in block)
+    if len(pieces) == 1 and pieces[0][0] == block:
+        acc = pieces[0][1]
+    else:
+        acc = np.zeros((n_classes + 1,) + shape, dtype=np.float32)
+        for box, arr in pieces:
+            acc[(slice(None),) + _rel(box, block)] += arr
+    logits = acc[:n_classes]
+    logits /= acc[n_classes]
+    return reduce_logits(logits, output, dtype)
+
+
+def reduce_logits(logits: np.ndarray, output: str, dtype: str) -> np.ndarray:
+    """Turn blended logits ``(K, ...)`` into the requested output."""
+    if output == "logits":
+        return logits
+    n_classes = logits.shape[0]
+    if output == "probabilities":
+        if n_classes == 1:
+            return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        e = np.exp(logits - logits.max(axis=0, keepdims=True))
+        return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+    if n_classes == 1:
+        return (logits[0] > 0).astype(dtype)
+    return np.argmax(logits, axis=0).astype(dtype)

@@ -1,0 +1,345 @@
+"""Pure patch-grid geometry: no dask, no I/O, no pixels.
+
+The grid follows MONAI's ``sliding_window_inference`` convention so that MONAI
+can serve as a test oracle:
+
+* ``stride = int(patch * (1 - overlap))`` (at least 1), or
+  ``stride = patch - overlap_px`` when the overlap is given in pixels;
+* windows start at 0, every ``stride`` pixels, until one reaches the end;
+  the last window is moved back to end flush with the image;
+* an axis shorter than the patch is padded symmetrically to the patch size
+  (``before = (patch - size) // 2``) and the padding is cropped afterwards.
+
+Each patch is *owned* by the output block that holds its start corner. The
+owner predicts it once; its contribution spills into the following blocks
+when the patch crosses block borders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import product
+
+import numpy as np
+
+from ..errors import TilingError
+
+#: Largest patch accepted, in pixels (e.g. 512^3); larger ones are a mistake.
+MAX_PATCH_PIXELS = 2**27
+#: Default output chunk edge per axis (at least the patch size).
+DEFAULT_CHUNK = {2: 1024, 3: 128}
+
+
+def stride_for(patch: int, *, overlap: float | None = None, overlap_px: int | None = None) -> int:
+    """Stride of the windows along one axis.
+
+    Parameters
+    ----------
+    patch : int
+        Patch size along the axis.
+    overlap : float, optional
+        Overlap as a fraction of the patch, ``0 <= overlap < 1``.
+    overlap_px : int, optional
+        Overlap in pixels, ``0 <= overlap_px < patch``.
+
+    Returns
+    -------
+    int
+        ``int(patch * (1 - overlap))`` or ``patch - overlap_px``, at least 1.
+    """
+    if overlap_px is not None:
+        return max(1, patch - int(overlap_px))
+    return max(1, int(patch * (1 - float(overlap or 0.0))))
+
+
+def window_starts(size: int, patch: int, stride: int) -> np.ndarray:
+    """Start positions of the windows along one axis (``size >= patch``).
+
+    Examples
+    --------
+    >>> window_starts(100, 64, 48).tolist()
+    [0, 36]
+    """
+    if size <= patch:
+        return np.zeros(1, dtype=np.int64)
+    n = math.ceil((size - patch) / stride) + 1
+    starts = np.arange(n, dtype=np.int64) * stride
+    starts[-1] = size - patch
+    return starts
+
+
+@dataclass(frozen=True)
+class AxisGrid:
+    """Windows and output blocks along one (padded) axis.
+
+    Attributes
+    ----------
+    size : int
+        Padded axis length (at least ``patch``).
+    patch : int
+        Patch size.
+    stride : int
+        Distance between window starts (the last one may be closer).
+    bounds : tuple of int
+        Output block boundaries, ``bounds[0] == 0`` and ``bounds[-1] == size``.
+    """
+
+    size: int
+    patch: int
+    stride: int
+    bounds: tuple[int, ...]
+
+    @cached_property
+    def starts(self) -> np.ndarray:
+        """Window start positions."""
+        return window_starts(self.size, self.patch, self.stride)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of output blocks along the axis."""
+        return len(self.bounds) - 1
+
+    def block_of(self, position: int) -> int:
+        """Index of the block holding ``position``."""
+        return int(np.searchsorted(self.bounds, position, side="right") - 1)
+
+    @cached_property
+    def owned(self) -> tuple[tuple[int, int], ...]:
+        """Per block, the half-open range of window indices whose start lies in it."""
+        edges = np.searchsorted(self.starts, np.asarray(self.bounds), side="left")
+        return tuple((int(edges[b]), int(edges[b + 1])) for b in range(self.n_blocks))
+
+    def region(self, block: int) -> tuple[int, int] | None:
+        """Pixel span covered by the windows owned by ``block`` (None if it owns none)."""
+        lo, hi = self.owned[block]
+        if hi <= lo:
+            return None
+        return int(self.starts[lo]), int(self.starts[hi - 1]) + self.patch
+
+    def targets(self, block: int) -> range:
+        """Blocks that the windows owned by ``block`` write into."""
+        span = self.region(block)
+        if span is None:
+            return range(0)
+        return range(self.block_of(span[0]), self.block_of(span[1] - 1) + 1)
+
+    @cached_property
+    def sources(self) -> tuple[tuple[int, ...], ...]:
+        """Per block, the owner blocks whose windows write into it."""
+        incoming: list[list[int]] = [[] for _ in range(self.n_blocks)]
+        for b in range(self.n_blocks):
+            for t in self.targets(b):
+                incoming[t].append(b)
+        return tuple(tuple(x) for x in incoming)
+
+    def crop_ranges(self) -> np.ndarray:
+        """For ``blend='crop'``: per window, the pixel span nearest to its centre.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n_windows, 2)`` absolute half-open spans that tile the axis.
+            A pixel equally far from two centres goes to the earlier window.
+        """
+        centres2 = 2 * self.starts + self.patch - 1  # twice the centre position
+        cuts = (centres2[:-1] + centres2[1:]) // 4 + 1
+        lo = np.concatenate([[0], cuts])
+        hi = np.concatenate([cuts, [self.size]])
+        return np.stack([lo, hi], axis=1)
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The patch grid of an image and its output blocks, all axes.
+
+    Attributes
+    ----------
+    shape : tuple of int
+        Spatial shape of the image before padding.
+    axes : tuple of AxisGrid
+        Per-axis geometry on the padded image.
+    pad : tuple of (int, int)
+        Padding added before/after per axis (only on axes shorter than the patch).
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[AxisGrid, ...]
+    pad: tuple[tuple[int, int], ...]
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions."""
+        return len(self.axes)
+
+    @property
+    def padded_shape(self) -> tuple[int, ...]:
+        """Spatial shape after padding."""
+        return tuple(a.size for a in self.axes)
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """Patch size per axis."""
+        return tuple(a.patch for a in self.axes)
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], ...]:
+        """Output chunks on the padded image (dask ``chunks`` notation)."""
+        return tuple(tuple(np.diff(a.bounds).tolist()) for a in self.axes)
+
+    @property
+    def n_blocks(self) -> tuple[int, ...]:
+        """Number of output blocks per axis."""
+        return tuple(a.n_blocks for a in self.axes)
+
+    @property
+    def n_patches(self) -> int:
+        """Total number of patches."""
+        return int(np.prod([len(a.starts) for a in self.axes]))
+
+    def owners(self):
+        """Yield the block indices that own at least one patch."""
+        per_axis = [[b for b in range(a.n_blocks) if a.region(b) is not None] for a in self.axes]
+        yield from product(*per_axis)
+
+    def patches_of(self, block: Sequence[int]) -> np.ndarray:
+        """Start corners ``(n, ndim)`` of the patches owned by ``block``, in raster order."""
+        ranges = [a.starts[slice(*a.owned[b])] for a, b in zip(self.axes, block)]
+        mesh = np.meshgrid(*ranges, indexing="ij")
+        return np.stack([m.ravel() for m in mesh], axis=1)
+
+    def patch_indices_of(self, block: Sequence[int]) -> np.ndarray:
+        """Per-axis window indices ``(n, ndim)`` of the patches owned by ``block``."""
+        ranges = [np.arange(*a.owned[b]) for a, b in zip(self.axes, block)]
+        mesh = np.meshgrid(*ranges, indexing="ij")
+        return np.stack([m.ravel() for m in mesh], axis=1)
+
+    def region(self, block: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """Pixel box covered by the patches owned by ``block``."""
+        return tuple(a.region(b) for a, b in zip(self.axes, block))  # type: ignore[misc]
+
+    def targets(self, block: Sequence[int]):
+        """Blocks that the patches owned by ``block`` write into."""
+        return product(*(a.targets(b) for a, b in zip(self.axes, block)))
+
+    def sources(self, block: Sequence[int]):
+        """Owner blocks whose patches write into ``block``."""
+        return product(*(a.sources[b] for a, b in zip(self.axes, block)))
+
+    def block_box(self, block: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """Pixel box of an output block."""
+        return tuple((a.bounds[b], a.bounds[b + 1]) for a, b in zip(self.axes, block))
+
+
+def _per_axis(value, n: int, name: str) -> tuple:
+    if value is None:
+        return (None,) * n
+    if np.isscalar(value):
+        return (value,) * n
+    value = tuple(value)
+    if len(value) != n:
+        raise TilingError(f"{name} has {len(value)} values but the patch has {n} dimensions")
+    return value
+
+
+def _bounds(size: int, chunk) -> tuple[int, ...]:
+    if isinstance(chunk, (tuple, list)):
+        sizes = [int(c) for c in chunk]
+        if sum(sizes) != size or min(sizes) < 1:
+            raise TilingError(f"chunks {tuple(sizes)!r} do not add up to the axis length {size}")
+        return tuple(np.concatenate([[0], np.cumsum(sizes)]).tolist())
+    chunk = int(chunk)
+    if chunk < 1:
+        raise TilingError(f"chunk size must be >= 1, got {chunk!r}")
+    return tuple(list(range(0, size, chunk)) + [size])
+
+
+def make_grid(
+    shape: Sequence[int],
+    patch_size: Sequence[int] | int,
+    *,
+    overlap: float | Sequence[float] | None = 0.25,
+    overlap_px: int | Sequence[int] | None = None,
+    chunks=None,
+) -> PatchGrid:
+    """Build the patch grid for an image.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Spatial shape of the image.
+    patch_size : int or sequence of int
+        Patch size per axis.
+    overlap : float or sequence of float, optional
+        Overlap as a fraction of the patch (``0 <= overlap < 1``).
+    overlap_px : int or sequence of int, optional
+        Overlap in pixels (``0 <= overlap_px < patch``); excludes ``overlap``.
+    chunks : int, sequence, or None
+        Output chunk size per axis (int per axis, or explicit dask-style
+        chunk tuples). Default: ``max(patch, 1024)`` in 2D, ``max(patch, 128)``
+        in 3D. Axes shorter than the patch always form a single chunk.
+
+    Returns
+    -------
+    PatchGrid
+
+    Raises
+    ------
+    TilingError
+        For impossible patch sizes, overlaps or chunks.
+
+    Examples
+    --------
+    >>> g = make_grid((100, 70), (64, 64), overlap=0.25, chunks=50)
+    >>> g.n_patches, g.padded_shape
+    (4, (100, 70))
+    """
+    shape = tuple(int(s) for s in shape)
+    n = len(shape)
+    if n not in (2, 3):
+        raise TilingError(f"images must have 2 or 3 spatial dimensions, got shape {shape!r}")
+    if min(shape) < 1:
+        raise TilingError(f"image shape {shape!r} has an empty axis")
+    patch = tuple(int(p) for p in _per_axis(patch_size, n, "patch_size"))
+    if any(p < 1 for p in patch):
+        raise TilingError(f"patch_size must be positive, got {patch!r}")
+    if int(np.prod(patch)) > MAX_PATCH_PIXELS:
+        raise TilingError(f"patch_size {patch!r} has more than {MAX_PATCH_PIXELS} pixels")
+    if overlap_px is not None and overlap not in (None, 0, 0.0):
+        raise TilingError("give either overlap (fraction of the patch) or overlap_px (pixels), not both")
+    if overlap_px is not None:
+        ovs = tuple(int(o) for o in _per_axis(overlap_px, n, "overlap_px"))
+        for o, p in zip(ovs, patch):
+            if not 0 <= o < p:
+                raise TilingError(f"overlap_px must be >= 0 and < patch size {p}, got {o!r}")
+        strides = tuple(stride_for(p, overlap_px=o) for p, o in zip(patch, ovs))
+    else:
+        ovf = tuple(float(o) for o in _per_axis(overlap if overlap is not None else 0.0, n, "overlap"))
+        for o in ovf:
+            if not 0.0 <= o < 1.0 or math.isnan(o):
+                raise TilingError(f"overlap must be >= 0 and < 1 (a fraction of the patch), got {o!r}")
+        strides = tuple(stride_for(p, overlap=o) for p, o in zip(patch, ovf))
+
+    if chunks is None:
+        chunks = tuple(max(p, DEFAULT_CHUNK[n]) for p in patch)
+    chunk_per_axis = _per_axis(chunks, n, "chunks") if not _is_nested(chunks) else tuple(chunks)
+    if len(chunk_per_axis) != n:
+        raise TilingError(f"chunks {chunks!r} do not match {n} spatial dimensions")
+
+    axes, pad = [], []
+    for size, p, s, c in zip(shape, patch, strides, chunk_per_axis):
+        if size < p:
+            diff = p - size
+            pad.append((diff // 2, diff - diff // 2))
+            bounds = (0, p)
+        else:
+            pad.append((0, 0))
+            bounds = _bounds(size, c)
+        axes.append(AxisGrid(size=max(size, p), patch=p, stride=s, bounds=bounds))
+    return PatchGrid(shape=shape, axes=tuple(axes), pad=tuple(pad))
+
+
+def _is_nested(chunks) -> bool:
+    return isinstance(chunks, (tuple, list)) and any(isinstance(c, (tuple, list)) for c in chunks)
