@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from itertools import product
 from typing import Any
 
 import numpy as np
@@ -146,6 +147,7 @@ def segment(
     nan_policy: str = "error",
     fill_value: float = 0.0,
     resources: dict[str, float] | None = None,
+    lookahead: int | None = None,
 ):
     """Segment an image patch by patch into a lazy dask array.
 
@@ -185,6 +187,14 @@ def segment(
         at compute time) or is replaced by ``fill_value`` before preprocessing.
     resources : dict, optional
         Dask resources required by model tasks, e.g. ``{"GPU": 1}``.
+    lookahead : int, optional
+        Bound how far (in blocks, raster order) prediction may run ahead of
+        finished output chunks: the owner task of block ``i`` waits for
+        output block ``i - lookahead``. This keeps the working set to about
+        one slab of spill-over margins whatever order the scheduler picks;
+        use it when the whole result is computed or stored (``tileseg run``
+        does). Leave it None when computing only part of the result: the
+        ordering edges would pull in every earlier block.
 
     Returns
     -------
@@ -231,7 +241,7 @@ def segment(
     if any(p != (0, 0) for p in grid.pad):
         kw = {"constant_values": fill_value} if pad_mode == "constant" else {}
         data = da.pad(data, ((0, 0),) + grid.pad, mode=pad_mode, **kw)
-    data = data.rechunk(((n_ch),) + grid.chunks)
+    data = _align_input(data, grid)
 
     predictor = load_predictor(model, device=device, precision=precision)
     n_classes = _n_classes(predictor, out_channels, n_ch, grid.patch_size, source)
@@ -239,7 +249,10 @@ def segment(
     token = uuid.uuid4().hex
     model_key = (f"tileseg-model-{token}", 0)
     window_key = (f"tileseg-window-{token}", 0)
-    owner_name, piece_name, final_name = (f"tileseg-{s}-{token}" for s in ("predict", "piece", "final"))
+    owner_name, piece_name, final_name, token_name = (
+        f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done")
+    )
+    in_bounds = [np.concatenate([[0], np.cumsum(c)]).tolist() for c in data.chunks[1:]]
     window = None if blend == "crop" else blend_window(grid.patch_size, blend)
     crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
     dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
@@ -250,8 +263,13 @@ def segment(
     for owner in grid.owners():
         region = grid.region(owner)
         targets = list(grid.targets(owner))
-        boxes = [grid.block_box(t) for t in targets]
-        in_keys = [(data.name, 0) + t for t in targets]
+        in_idx = list(product(*(_blocks_overlapping(b, span) for b, span in zip(in_bounds, region))))
+        boxes = [tuple((b[i], b[i + 1]) for b, i in zip(in_bounds, idx)) for idx in in_idx]
+        in_keys = [(data.name, 0) + idx for idx in in_idx]
+        if lookahead:
+            rank = int(np.ravel_multi_index(owner, grid.n_blocks))
+            if rank >= lookahead:
+                in_keys.append((token_name,) + tuple(int(v) for v in np.unravel_index(rank - lookahead, grid.n_blocks)))
         crop_boxes = None
         if crop is not None:
             idx = grid.patch_indices_of(owner)
@@ -260,9 +278,9 @@ def segment(
             oa.predict_owner, model_key, region, grid.patches_of(owner), crop_boxes, grid.patch_size,
             n_classes, int(batch_size), window_key, nan_policy, source, boxes, *in_keys,
         )
-        for t, box in zip(targets, boxes):
+        for t in targets:
             key = (piece_name,) + owner + t
-            piece_dsk[key] = (oa.take_piece, (owner_name,) + owner, box)
+            piece_dsk[key] = (oa.take_piece, (owner_name,) + owner, grid.block_box(t))
             sources.setdefault(t, []).append(key)
 
     lead = () if output == "labels" else (0,)
@@ -270,15 +288,17 @@ def segment(
         (final_name,) + lead + t: (oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, *keys)
         for t, keys in sources.items()
     }
-    annotations = {"resources": dict(resources)} if resources else None
+    token_dsk = {(token_name,) + t: (_done, (final_name,) + lead + t) for t in sources} if lookahead else {}
+    # One layer: with lookahead edges the owner -> piece -> final -> token
+    # dependencies would form a cycle between separate layers.
+    layer = MaterializedLayer(
+        {**owner_dsk, **piece_dsk, **final_dsk, **token_dsk},
+        annotations={"resources": _owner_resources(owner_name, resources)} if resources else None,
+    )
     layers = dict(data.dask.layers)
     deps = {k: set(v) for k, v in data.dask.dependencies.items()}
-    layers[owner_name] = MaterializedLayer(owner_dsk, annotations=annotations)
-    deps[owner_name] = {data.name}
-    layers[piece_name] = MaterializedLayer(piece_dsk)
-    deps[piece_name] = {owner_name}
-    layers[final_name] = MaterializedLayer(final_dsk)
-    deps[final_name] = {piece_name}
+    layers[final_name] = layer
+    deps[final_name] = {data.name}
     out_chunks = grid.chunks if output == "labels" else ((n_classes,),) + grid.chunks
     result = da.Array(HighLevelGraph(layers, deps), final_name, out_chunks, dtype=dtype)
 
@@ -286,6 +306,42 @@ def segment(
         crop_sl = tuple(slice(b, b + n) for (b, _), n in zip(grid.pad, grid.shape))
         result = result[(slice(None),) * len(lead) + crop_sl]
     return result
+
+
+class _owner_resources:
+    """Per-key resource annotation: only model tasks need e.g. a GPU."""
+
+    def __init__(self, owner_name: str, resources: dict[str, float]) -> None:
+        self.owner_name, self.resources = owner_name, dict(resources)
+
+    def __call__(self, key) -> dict[str, float] | None:
+        return self.resources if isinstance(key, tuple) and key[0] == self.owner_name else None
+
+
+def _done(_chunk) -> None:
+    """Token task: an output block is finished (used for lookahead edges)."""
+    return None
+
+
+def _blocks_overlapping(bounds: list[int], span: tuple[int, int]) -> range:
+    lo = int(np.searchsorted(bounds, span[0], side="right") - 1)
+    hi = int(np.searchsorted(bounds, span[1], side="left"))
+    return range(lo, hi)
+
+
+def _align_input(data, grid: PatchGrid):
+    """One channel chunk; spatial chunks kept where they suit the output grid.
+
+    Owner tasks paste their region from the input blocks it overlaps, so the
+    input's own chunks are used as they are unless they are much smaller
+    (many tiny dependencies) or much larger (one block pinned by many
+    owners) than the output chunks; those axes are rechunked to the output grid.
+    """
+    new = {0: -1}
+    for d, (have, want) in enumerate(zip(data.chunks[1:], grid.chunks), start=1):
+        if max(have) * 2 < max(want) or max(have) > 4 * max(want):
+            new[d] = want
+    return data.rechunk(new)
 
 
 def _n_classes(predictor, out_channels, n_ch: int, patch: tuple[int, ...], source: str) -> int:
