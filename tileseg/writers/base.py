@@ -1,0 +1,216 @@
+"""The writer interface: prepare, a dask task that writes, finalize.
+
+A writer stores a lazy dask array, carrying metadata from the input
+:class:`~tileseg.image.Image`. Writing is split in three steps so that a
+pipeline run can build the graphs of many items, compute them together and
+record completion only for the items that really finished:
+
+1. ``handle = writer.prepare(data, path, like=image, axes=axes, ...)``
+   checks the destination, creates the empty output (metadata only) and
+   marks it *incomplete*;
+2. ``task = writer.write_task(handle, data)`` returns a
+   :class:`dask.delayed.Delayed` that writes every output chunk (nothing runs
+   yet); computing it twice writes the same bytes (idempotent);
+3. ``writer.finalize(handle, info)`` after the task succeeded marks the
+   output *complete* (and for local paths moves it into place), or
+   ``writer.abort(handle)`` after a failure.
+
+:meth:`Writer.write` chains the three for simple use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..image import SPATIAL_AXES, Image, default_axes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WriteHandle:
+    """Where and what a prepared write goes to (small, picklable).
+
+    Attributes
+    ----------
+    path : str
+        The final output path or URL.
+    target : str
+        Where chunks are written now (a hidden temporary sibling of ``path``
+        for local outputs, ``path`` itself for URLs).
+    writer : str
+        Name of the writer that prepared it.
+    shape, chunks, dtype : tuple, tuple, str
+        Of the stored array.
+    axes : tuple of str
+        Axis names of the stored array.
+    run_id : str
+        Identifier recorded in the output's status.
+    storage_options : dict or None
+        fsspec options for URLs.
+    details : dict
+        Writer-specific facts (e.g. ``array_path``, ``zarr_format``).
+    """
+
+    path: str
+    target: str
+    writer: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    axes: tuple[str, ...]
+    run_id: str
+    storage_options: dict[str, Any] | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WriteJob:
+    """Result of :meth:`Writer.write`: the handle and, when not computed, the task to compute."""
+
+    handle: WriteHandle
+    task: Any = None
+    done: bool = False
+
+
+class Writer:
+    """Base class of output writers (see the module docstring for the protocol)."""
+
+    name: ClassVar[str] = ""
+
+    def prepare(
+        self,
+        data: Any,
+        path: str,
+        *,
+        like: Image | None = None,
+        axes: tuple[str, ...] | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        attrs: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> WriteHandle:  # pragma: no cover - interface
+        """Create the empty output, marked incomplete; return its handle."""
+        raise NotImplementedError
+
+    def write_task(self, handle: WriteHandle, data: Any) -> Any:  # pragma: no cover - interface
+        """A dask ``Delayed`` that writes ``data`` into the prepared output."""
+        raise NotImplementedError
+
+    def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:  # pragma: no cover
+        """Mark the output complete (after the write task succeeded)."""
+        raise NotImplementedError
+
+    def abort(self, handle: WriteHandle) -> None:  # pragma: no cover - interface
+        """Discard a prepared output after a failure (best effort)."""
+        raise NotImplementedError
+
+    def is_complete(
+        self, path: str, storage_options: dict[str, Any] | None = None
+    ) -> bool:  # pragma: no cover
+        """Whether ``path`` holds a finished output of this writer."""
+        raise NotImplementedError
+
+    def write(
+        self,
+        data: Any,
+        path: str,
+        *,
+        like: Image | None = None,
+        axes: tuple[str, ...] | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        attrs: dict[str, Any] | None = None,
+        compute: bool = True,
+        info: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> WriteJob:
+        """Prepare, write and (when ``compute``) finalize in one call.
+
+        Parameters
+        ----------
+        data : dask.array.Array
+            What to write.
+        path : str
+            Output path or fsspec URL.
+        like : Image, optional
+            Input image whose metadata (spacing, origin, units, format
+            metadata) is carried over.
+        axes : tuple of str, optional
+            Axis names of ``data``; default derived from ``like`` (see
+            :func:`output_axes`).
+        overwrite : bool
+            Replace an existing finished output.
+        storage_options : dict, optional
+            fsspec options for URLs.
+        attrs : dict, optional
+            Extra attributes to store.
+        compute : bool
+            Run the write now and finalize. When ``False`` the returned job
+            holds the ``task``; compute it, then call :meth:`finalize` with
+            ``job.handle``.
+        info : dict, optional
+            JSON-friendly facts recorded by :meth:`finalize` (e.g. run id).
+
+        Returns
+        -------
+        WriteJob
+        """
+        handle = self.prepare(
+            data,
+            path,
+            like=like,
+            axes=axes,
+            overwrite=overwrite,
+            storage_options=storage_options,
+            attrs=attrs,
+            **options,
+        )
+        task = self.write_task(handle, data)
+        if not compute:
+            return WriteJob(handle=handle, task=task)
+        import dask
+
+        try:
+            dask.compute(task)
+        except BaseException:
+            self.abort(handle)
+            raise
+        self.finalize(handle, info)
+        return WriteJob(handle=handle, task=None, done=True)
+
+
+def output_axes(ndim: int, like: Image | None = None) -> tuple[str, ...]:
+    """Default axis names of an output with ``ndim`` dimensions written ``like`` an input.
+
+    The input's spatial axes are kept; one extra leading dimension is a
+    channel axis ``c`` (class scores). Without ``like``,
+    :func:`tileseg.image.default_axes`.
+
+    >>> output_axes(2), output_axes(4)
+    (('y', 'x'), ('c', 'z', 'y', 'x'))
+    """
+    if like is not None:
+        spatial = tuple(a for a in like.axes if a != "c")
+        if ndim == len(spatial):
+            return spatial
+        if ndim == len(spatial) + 1:
+            return ("c",) + spatial
+    return default_axes(ndim)
+
+
+def check_axes(axes: tuple[str, ...], ndim: int, path: str) -> tuple[str, ...]:
+    """Validate output axis names: ``c`` optional and first, then 2-3 of ``z, y, x`` in order."""
+    from ..errors import OutputError
+
+    axes = tuple(str(a) for a in axes)
+    spatial = axes[1:] if axes and axes[0] == "c" else axes
+    ok = len(axes) == ndim and len(spatial) in (2, 3) and spatial == SPATIAL_AXES[-len(spatial) :]
+    if not ok:
+        raise OutputError(
+            f"{path!r}: axes {axes!r} do not fit a {ndim}-D output "
+            "(expected optional 'c' first, then ('y', 'x') or ('z', 'y', 'x'))"
+        )
+    return axes

@@ -1,0 +1,612 @@
+"""Zarr writer: chunk-aligned, idempotent, with recorded completion.
+
+Layout (one layout for every output)
+------------------------------------
+The output is a Zarr **group** holding one array ``"0"``, described by
+OME-NGFF ``multiscales`` metadata with a single dataset ``"0"``, so every
+output is a valid single-level OME-Zarr image that :func:`tileseg.open` and
+OME viewers read back with its axes, spacing (``scale``) and origin
+(``translation``):
+
+* Zarr v3 (the default) carries NGFF 0.5 (``attrs["ome"]``); ``zarr_format=2``
+  carries NGFF 0.4 (``attrs["multiscales"]``). When the input was OME-Zarr the
+  default ``zarr_format`` follows its NGFF version (0.4 or older -> v2 with
+  0.4, 0.5 -> v3 with 0.5).
+* When the input was OME-Zarr and the output is a label image (integer or
+  bool dtype, no channel axis), the group also carries ``image-label``
+  metadata (``image_label=`` forces it on/off or gives its content, e.g.
+  ``{"colors": [...]}``).
+* The input's own attributes (other than OME/zarr-reserved keys) are copied
+  to the group; ``attrs=`` adds more.
+* ``attrs["tileseg"]`` records status (``incomplete``/``complete``), run id,
+  timestamps, axes, spacing, origin, units, source and tileseg version.
+* The array has ``dimension_names`` (v3) or ``_ARRAY_DIMENSIONS`` (v2) set to
+  the axes, the zarr default compressor (zstd) and fill value 0.
+
+Chunks and idempotence
+----------------------
+Stored chunks equal the dask chunks of ``data`` (``chunks=`` rechunks
+first); dask chunks that are irregular (other than a smaller last chunk)
+are rechunked to their largest size. The write task is
+``dask.array.store(..., lock=False)``: each dask block is exactly one whole
+zarr chunk, written by one task, never read back and merged, so running the
+task twice (a retried or stolen task) writes the same bytes. Chunks equal to
+the fill value are not stored (zarr's default), which reads back the same.
+
+Completion is recorded, not inferred
+------------------------------------
+``prepare`` creates the group with ``attrs["tileseg"]["status"] ==
+"incomplete"``; only ``finalize`` (called by the run after the write task
+succeeded) sets ``"complete"`` with a timestamp and run id. For local paths
+the whole output is written into a hidden sibling
+(``<dir>/.<name>.partial-<uuid>``) and renamed onto the final path by
+``finalize``, so a crash never leaves a half-written output at the final
+path (stale ``.partial-`` folders can be deleted). For URLs the output is
+written in place and :func:`is_complete` reads the status.
+
+An existing output at the final path is replaced only with
+``overwrite=True``, except an *incomplete* tileseg output (a crashed earlier
+run), which is replaced silently. A path that exists but is not a Zarr store
+is never replaced.
+
+Example
+-------
+>>> import dask.array as da, tempfile, os
+>>> from tileseg.writers import get_writer
+>>> out = os.path.join(tempfile.mkdtemp(), "seg.zarr")
+>>> w = get_writer("zarr")
+>>> handle = w.prepare(da.ones((64, 64), chunks=32, dtype="uint8"), out, axes=("y", "x"))
+>>> task = w.write_task(handle, da.ones((64, 64), chunks=32, dtype="uint8"))
+>>> _ = task.compute(); w.finalize(handle, {"run_id": "demo"})
+>>> w.is_complete(out)
+True
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, FormatError, OutputError
+from ..image import Image
+from ..readers.base import local_path
+from ..readers.zarr import RawStore, node_metadata, open_store
+from .base import WriteHandle, Writer, check_axes, output_axes
+
+log = logging.getLogger(__name__)
+
+ARRAY_PATH = "0"
+_RESERVED_ATTRS = {
+    "multiscales",
+    "ome",
+    "omero",
+    "labels",
+    "image-label",
+    "plate",
+    "well",
+    "bioformats2raw.layout",
+    "_ARRAY_DIMENSIONS",
+    "axes",
+    "tileseg",
+}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _json_safe(obj: Any, what: str) -> Any:
+    """``obj`` if it survives a JSON round trip, else ``None`` with a warning."""
+    try:
+        return json.loads(json.dumps(obj, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        log.warning("not storing %s: not JSON-serialisable (%s)", what, exc)
+        return None
+
+
+def regular_chunks(data: Any, chunks: Any = None) -> tuple[int, ...]:
+    """Store chunk shape for ``data``: ``chunks`` if given, else its dask chunk size.
+
+    Dask chunks that are regular except a smaller last chunk are used as they
+    are; irregular ones are replaced by their largest size along that axis.
+    """
+    if chunks is not None:
+        if isinstance(chunks, int):
+            chunks = (chunks,) * data.ndim
+        chunks = tuple(chunks)
+        if len(chunks) != data.ndim:
+            raise OutputError(f"chunks {chunks!r} do not match a {data.ndim}-D output")
+        out = []
+        for c, size in zip(chunks, data.shape):
+            c = size if c in (None, -1) else int(c)
+            if c <= 0:
+                raise OutputError(f"chunks {chunks!r} must be positive")
+            out.append(max(1, min(c, size)) if size else 1)
+        return tuple(out)
+    out = []
+    for axis_chunks in data.chunks:
+        if any(isinstance(c, float) and math.isnan(c) for c in axis_chunks):
+            raise OutputError(
+                "cannot write an array with unknown chunk sizes; call compute_chunk_sizes() first"
+            )
+        out.append(max(1, max(axis_chunks)) if axis_chunks else 1)
+    return tuple(out)
+
+
+def align(data: Any, chunks: tuple[int, ...]) -> Any:
+    """``data`` rechunked (only if needed) so each dask block is exactly one store chunk."""
+    from dask.array.core import normalize_chunks
+
+    wanted = normalize_chunks(chunks, data.shape)
+    if tuple(data.chunks) == tuple(wanted):
+        return data
+    log.info("rechunking output from %s to store chunks %s", data.chunksize, chunks)
+    return data.rechunk(wanted)
+
+
+def _spatial_meta(
+    like: Image | None, n_spatial: int, spacing: Any, origin: Any, units: Any, path: str
+) -> tuple[tuple[float, ...], tuple[float, ...], tuple[str | None, ...]]:
+    same = like is not None and like.spatial_ndim == n_spatial
+    if like is not None and not same:
+        log.warning(
+            "%s: output has %d spatial axes, input %d: not carrying spacing",
+            path,
+            n_spatial,
+            like.spatial_ndim,
+        )
+    spacing = tuple(spacing) if spacing is not None else (like.spacing if same else (1.0,) * n_spatial)
+    origin = tuple(origin) if origin is not None else (like.origin if same else (0.0,) * n_spatial)
+    units = tuple(units) if units is not None else (like.units if same else (None,) * n_spatial)
+    for what, vals in (("spacing", spacing), ("origin", origin), ("units", units)):
+        if len(vals) != n_spatial:
+            raise OutputError(f"{path!r}: {what} {vals!r} must have {n_spatial} entries")
+    if not all(math.isfinite(float(s)) and float(s) > 0 for s in spacing):
+        raise OutputError(f"{path!r}: spacing {spacing!r} must be positive and finite")
+    return (
+        tuple(float(s) for s in spacing),
+        tuple(float(o) for o in origin),
+        tuple(None if u is None else str(u) for u in units),
+    )
+
+
+def ome_attrs(
+    version: str,
+    axes: tuple[str, ...],
+    spacing: tuple[float, ...],
+    origin: tuple[float, ...],
+    units: tuple[str | None, ...],
+    *,
+    name: str = "tileseg",
+    image_label: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """OME-NGFF group attributes for a single-level image (``version`` "0.4" or "0.5").
+
+    Parameters
+    ----------
+    version : str
+        "0.4" (Zarr v2 layout) or "0.5" (Zarr v3, under ``"ome"``).
+    axes : tuple of str
+        Output axes (``c`` optional, then spatial).
+    spacing, origin, units : tuple
+        Per spatial axis.
+    name : str
+        Multiscale name.
+    image_label : dict, optional
+        Content of ``image-label`` metadata (``{}`` for a bare label image);
+        ``None`` writes none.
+    """
+    ax_meta: list[dict[str, Any]] = []
+    scale: list[float] = []
+    trans: list[float] = []
+    k = 0
+    for a in axes:
+        if a == "c":
+            ax_meta.append({"name": "c", "type": "channel"})
+            scale.append(1.0)
+            trans.append(0.0)
+            continue
+        entry: dict[str, Any] = {"name": a, "type": "space"}
+        if units[k]:
+            entry["unit"] = units[k]
+        ax_meta.append(entry)
+        scale.append(spacing[k])
+        trans.append(origin[k])
+        k += 1
+    cts: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+    if any(t != 0.0 for t in trans):
+        cts.append({"type": "translation", "translation": trans})
+    ms: dict[str, Any] = {
+        "name": name,
+        "axes": ax_meta,
+        "datasets": [{"path": ARRAY_PATH, "coordinateTransformations": cts}],
+    }
+    if version == "0.4":
+        out: dict[str, Any] = {"multiscales": [{"version": "0.4", **ms}]}
+        if image_label is not None:
+            out["image-label"] = {"version": "0.4", **image_label}
+        return out
+    ome: dict[str, Any] = {"version": version, "multiscales": [ms]}
+    if image_label is not None:
+        ome["image-label"] = dict(image_label)
+    return {"ome": ome}
+
+
+def _status(path: str, storage_options: dict[str, Any] | None) -> str | None:
+    """``"complete"``/``"incomplete"`` for a tileseg output, ``"foreign"`` for another zarr store, None if absent.
+
+    Raises
+    ------
+    OutputError
+        ``path`` exists but is not a Zarr store.
+    """
+    try:
+        raw = RawStore(path, storage_options)
+        if not raw.exists():
+            return None
+        meta = node_metadata(raw, "")
+    except FormatError as exc:
+        raise OutputError(f"{path!r} exists and is not a Zarr store; refusing to replace it ({exc})") from exc
+    status = meta["attrs"].get("tileseg", {})
+    if isinstance(status, dict) and status.get("status") in ("complete", "incomplete"):
+        return str(status["status"])
+    return "foreign"
+
+
+def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``path`` holds a tileseg Zarr output whose write was finalized.
+
+    Parameters
+    ----------
+    path : str
+        Output path or URL.
+    storage_options : dict, optional
+        fsspec options for URLs.
+    """
+    try:
+        return _status(str(path), storage_options) == "complete"
+    except OutputError:
+        return False
+
+
+def _ngff_version(like: Image | None, zarr_format: int | None) -> tuple[int, str, str | None]:
+    """``(zarr_format, NGFF version to write, input NGFF version)``."""
+    ome_in = (
+        like.metadata.get("ome") if like is not None and isinstance(like.metadata, dict) else None
+    ) or None
+    v_in = str(ome_in.get("version")) if isinstance(ome_in, dict) and ome_in.get("version") else None
+    if zarr_format is None:
+        zarr_format = 2 if v_in is not None and _version_tuple(v_in) < (0, 5) else 3
+    if zarr_format not in (2, 3):
+        raise ConfigError(f"zarr_format must be 2 or 3, got {zarr_format!r}")
+    version = "0.4" if zarr_format == 2 else "0.5"
+    if v_in is not None and v_in != version:
+        log.info("input is OME-NGFF %s; writing NGFF %s (zarr_format=%d)", v_in, version, zarr_format)
+    return zarr_format, version, v_in
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in v.split(".")[:2])
+    except ValueError:
+        return (0, 4)
+
+
+class ZarrWriter(Writer):
+    """Write a dask array as a chunk-aligned OME-Zarr group (see the module docstring)."""
+
+    name = "zarr"
+
+    def prepare(
+        self,
+        data: Any,
+        path: str,
+        *,
+        like: Image | None = None,
+        axes: tuple[str, ...] | None = None,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        attrs: dict[str, Any] | None = None,
+        zarr_format: int | None = None,
+        chunks: Any = None,
+        compressors: Any = "auto",
+        fill_value: Any = 0,
+        image_label: bool | dict[str, Any] | None = None,
+        spacing: Any = None,
+        origin: Any = None,
+        units: Any = None,
+        name: str = "tileseg",
+        run_id: str | None = None,
+        **options: Any,
+    ) -> WriteHandle:
+        """Create the empty output group and array, marked incomplete.
+
+        Parameters
+        ----------
+        data : dask.array.Array
+            The data that :meth:`write_task` will write (only its shape,
+            dtype and chunks are used here).
+        path : str
+            Output path or fsspec URL.
+        like : Image, optional
+            The input image: spacing, origin, units, attributes and OME
+            version are carried over.
+        axes : tuple of str, optional
+            Output axes; default from :func:`~tileseg.writers.base.output_axes`.
+        overwrite : bool
+            Replace an existing finished output (never a non-Zarr path).
+        storage_options : dict, optional
+            fsspec options for URLs.
+        attrs : dict, optional
+            Extra group attributes (JSON-serialisable).
+        zarr_format : {2, 3}, optional
+            Default 3, or the input's when it was OME-Zarr.
+        chunks : tuple of int, optional
+            Store chunks (``data`` is rechunked to them); default its dask chunks.
+        compressors : optional
+            Passed to :func:`zarr.create_array` (default zarr's, zstd).
+        fill_value : scalar
+            Array fill value (default 0).
+        image_label : bool or dict, optional
+            Write OME ``image-label`` metadata; default when the input was
+            OME-Zarr and the output is an integer/bool image without channels.
+        spacing, origin, units : tuple, optional
+            Override the values carried from ``like``.
+        name : str
+            OME multiscale name.
+        run_id : str, optional
+            Recorded in the status (default a new uuid).
+
+        Returns
+        -------
+        WriteHandle
+
+        Raises
+        ------
+        OutputError
+            The path holds a finished output (without ``overwrite``) or
+            something that is not a Zarr store; bad axes or chunks.
+        """
+        if options:
+            raise ConfigError(f"unknown zarr writer option(s) {sorted(options)!r}")
+        import zarr
+
+        path = os.fspath(path)
+        store_chunks = regular_chunks(data, chunks)
+        axes = check_axes(tuple(axes) if axes is not None else output_axes(data.ndim, like), data.ndim, path)
+        n_spatial = len(axes) - (1 if axes[0] == "c" else 0)
+        spacing, origin, units = _spatial_meta(like, n_spatial, spacing, origin, units, path)
+        zarr_format, version, v_in = _ngff_version(like, zarr_format)
+        dtype = np.dtype(data.dtype)
+        if dtype.kind not in "biuf":
+            raise OutputError(f"{path!r}: cannot write dtype {str(dtype)!r} (numeric or bool only)")
+
+        if image_label is None:
+            image_label = v_in is not None and dtype.kind in "biu" and "c" not in axes
+        label_meta = None
+        if image_label:
+            label_meta = dict(image_label) if isinstance(image_label, dict) else {}
+
+        run_id = run_id or uuid.uuid4().hex
+        group_attrs: dict[str, Any] = {}
+        carried = like.metadata.get("attrs") if like is not None and isinstance(like.metadata, dict) else None
+        if isinstance(carried, dict):
+            for key, value in carried.items():
+                if key in _RESERVED_ATTRS:
+                    continue
+                safe = _json_safe(value, f"input attribute {key!r}")
+                if safe is not None:
+                    group_attrs[key] = safe
+        if attrs:
+            extra = _json_safe(dict(attrs), "attrs")
+            if extra is None:
+                raise OutputError(f"{path!r}: attrs must be JSON-serialisable")
+            group_attrs.update(extra)
+        group_attrs.update(
+            ome_attrs(version, axes, spacing, origin, units, name=name, image_label=label_meta)
+        )
+        from .. import __version__
+
+        group_attrs["tileseg"] = {
+            "status": "incomplete",
+            "run_id": run_id,
+            "started_at": _now(),
+            "writer": self.name,
+            "version": __version__,
+            "axes": list(axes),
+            "spacing": list(spacing),
+            "origin": list(origin),
+            "units": list(units),
+            "source": like.source if like is not None else None,
+            "source_format": like.format if like is not None else None,
+        }
+
+        existing = _status(path, storage_options)
+        if existing in ("complete", "foreign") and not overwrite:
+            what = "a finished tileseg output" if existing == "complete" else "a Zarr store"
+            raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
+        local = local_path(path)
+        if local is not None:
+            local = os.path.abspath(local.rstrip("/") or local)
+            parent, base = os.path.split(local)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{path!r}: cannot create the output folder {parent!r}: {exc}") from exc
+            target = os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+        else:
+            target = path
+
+        try:
+            store = open_store(target, storage_options, read_only=False)
+            group = zarr.create_group(
+                store=store, zarr_format=zarr_format, overwrite=True, attributes=group_attrs
+            )
+            kwargs: dict[str, Any] = {}
+            if zarr_format == 3:
+                kwargs["dimension_names"] = list(axes)
+            else:
+                kwargs["attributes"] = {"_ARRAY_DIMENSIONS": list(axes)}
+            group.create_array(
+                ARRAY_PATH,
+                shape=tuple(int(s) for s in data.shape),
+                dtype=dtype,
+                chunks=store_chunks,
+                compressors=compressors,
+                fill_value=fill_value,
+                **kwargs,
+            )
+        except OutputError:
+            raise
+        except Exception as exc:
+            if local is not None:
+                shutil.rmtree(target, ignore_errors=True)
+            raise OutputError(f"{path!r}: cannot create the zarr output: {exc}") from exc
+        return WriteHandle(
+            path=path,
+            target=target,
+            writer=self.name,
+            shape=tuple(int(s) for s in data.shape),
+            chunks=store_chunks,
+            dtype=str(dtype),
+            axes=axes,
+            run_id=run_id,
+            storage_options=storage_options,
+            details={
+                "array_path": ARRAY_PATH,
+                "zarr_format": zarr_format,
+                "ome_version": version,
+                "local": local is not None,
+                "overwrite": bool(overwrite),
+            },
+        )
+
+    def write_task(self, handle: WriteHandle, data: Any) -> Any:
+        """A ``Delayed`` writing ``data`` chunk by chunk into the prepared output.
+
+        ``data`` is rechunked (if needed) to the store chunks, so every dask
+        block is one whole zarr chunk; ``lock=False`` is safe because no two
+        blocks touch the same chunk.
+
+        Raises
+        ------
+        OutputError
+            ``data`` does not match the prepared shape or dtype.
+        """
+        import dask.array as da
+        import zarr
+
+        if tuple(data.shape) != handle.shape:
+            raise OutputError(
+                f"{handle.path!r}: data shape {tuple(data.shape)!r} != prepared {handle.shape!r}"
+            )
+        if str(np.dtype(data.dtype)) != handle.dtype:
+            raise OutputError(f"{handle.path!r}: data dtype {str(data.dtype)!r} != prepared {handle.dtype!r}")
+        data = align(data, handle.chunks)
+        try:
+            store = open_store(handle.target, handle.storage_options, read_only=False)
+            arr = zarr.open_array(store=store, path=handle.details.get("array_path", ARRAY_PATH), mode="r+")
+        except Exception as exc:
+            raise OutputError(
+                f"{handle.path!r}: prepared output {handle.target!r} cannot be opened: {exc}"
+            ) from exc
+        if tuple(arr.chunks) != tuple(handle.chunks):  # pragma: no cover - guards a changed store
+            raise OutputError(f"{handle.path!r}: store chunks {arr.chunks!r} != prepared {handle.chunks!r}")
+        return da.store(data, arr, lock=False, compute=False)
+
+    def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
+        """Mark the output complete and (local paths) move it onto the final path.
+
+        Parameters
+        ----------
+        handle : WriteHandle
+            From :meth:`prepare`.
+        info : dict, optional
+            JSON-friendly facts stored under ``attrs["tileseg"]["info"]``.
+
+        Raises
+        ------
+        OutputError
+            The prepared output is gone, or a finished output appeared at the
+            final path meanwhile (without ``overwrite``).
+        """
+        import zarr
+
+        try:
+            store = open_store(handle.target, handle.storage_options, read_only=False)
+            group = zarr.open_group(store=store, mode="r+")
+            status = dict(group.attrs.get("tileseg") or {})
+        except Exception as exc:
+            raise OutputError(
+                f"{handle.path!r}: prepared output {handle.target!r} cannot be opened: {exc}"
+            ) from exc
+        status.update(status="complete", completed_at=_now(), run_id=handle.run_id)
+        if info:
+            safe = _json_safe(dict(info), "finalize info")
+            if safe is not None:
+                status["info"] = safe
+        if handle.details.get("local"):
+            final = os.path.abspath(local_path(handle.path) or handle.path)
+            if os.path.lexists(final):
+                existing = _status(final, None)
+                if existing in ("complete", "foreign") and not handle.details.get("overwrite"):
+                    raise OutputError(
+                        f"{handle.path!r} was created by someone else while writing; "
+                        f"left the new output at {handle.target!r}"
+                    )
+        group.attrs["tileseg"] = status
+        if handle.details.get("local"):
+            _move_into_place(handle.target, final)
+        log.info("finished %s", handle.path)
+
+    def abort(self, handle: WriteHandle) -> None:
+        """Remove a local partial output (remote outputs stay marked incomplete)."""
+        if handle.details.get("local"):
+            shutil.rmtree(handle.target, ignore_errors=True)
+        else:
+            log.warning("%s left incomplete after a failure", handle.path)
+
+    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
+        """See :func:`is_complete`."""
+        return is_complete(path, storage_options)
+
+
+def _move_into_place(src: str, dst: str) -> None:
+    """Rename ``src`` onto ``dst``, replacing an existing ``dst`` (a Zarr store)."""
+    parent, base = os.path.split(dst)
+    if os.path.lexists(dst):
+        old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(dst, old)
+        try:
+            os.rename(src, dst)
+        except OSError:
+            os.rename(old, dst)
+            raise
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+    else:
+        os.rename(src, dst)
+
+
+def read_status(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``attrs["tileseg"]`` record of an output, or ``None``."""
+    try:
+        raw = RawStore(path, storage_options)
+        meta = node_metadata(raw, "")
+    except (FormatError, OSError):
+        return None
+    status = meta["attrs"].get("tileseg")
+    return status if isinstance(status, dict) else None
+
+
+__all__ = ["ZarrWriter", "is_complete", "ome_attrs", "read_status", "regular_chunks"]
