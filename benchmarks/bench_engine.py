@@ -79,20 +79,30 @@ def variant(name: str, shape, workdir: Path) -> dict:
         starts = np.array([s for o in grid.owners() for s in grid.patches_of(o)])
         with torch.inference_mode():
             for i in range(0, len(starts), BATCH):
-                batch = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, PATCH))] for s in starts[i : i + BATCH]])
+                batch = np.stack(
+                    [x[tuple(slice(a, a + p) for a, p in zip(s, PATCH))] for s in starts[i : i + BATCH]]
+                )
                 net(torch.from_numpy(batch[:, None]))
     elif name == "monai":
         from monai.inferers import sliding_window_inference
 
         with torch.inference_mode():
-            out = sliding_window_inference(torch.from_numpy(x[None, None]), PATCH, BATCH, net, overlap=OVERLAP,
-                                           mode="gaussian")
+            out = sliding_window_inference(
+                torch.from_numpy(x[None, None]), PATCH, BATCH, net, overlap=OVERLAP, mode="gaussian"
+            )
             out.argmax(1).to(torch.uint8).numpy()
     elif name == "segment":
         import tileseg
 
-        tileseg.segment(x, str(model_path), patch_size=PATCH, overlap=OVERLAP, batch_size=BATCH,
-                        output="labels", out_channels=2).compute(scheduler="threads", num_workers=2)
+        tileseg.segment(
+            x,
+            str(model_path),
+            patch_size=PATCH,
+            overlap=OVERLAP,
+            batch_size=BATCH,
+            output="labels",
+            out_channels=2,
+        ).compute(scheduler="threads", num_workers=2)
     elif name == "run":
         pipe = workdir / f"bench_{'x'.join(map(str, shape))}.yaml"
         out = workdir / "out"
@@ -115,12 +125,26 @@ def variant(name: str, shape, workdir: Path) -> dict:
     else:
         raise ValueError(name)
     seconds = time.perf_counter() - t0
-    return {"variant": name, "shape": list(shape), "n_patches": n_patches, "seconds": seconds,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "variant": name,
+        "shape": list(shape),
+        "n_patches": n_patches,
+        "seconds": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def run_sub(name: str, shape, workdir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--variant", name, "--shape", "x".join(map(str, shape)), "--workdir", str(workdir)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--variant",
+        name,
+        "--shape",
+        "x".join(map(str, shape)),
+        "--workdir",
+        str(workdir),
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
@@ -144,8 +168,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tileseg-bench-") as tmp:
         workdir = Path(tmp)
         main_shape = (64, 128, 128) if args.quick else (128, 128, 128)
-        print(f"# 3D U-Net (depth 4, 16 base features), patch {PATCH}, overlap {OVERLAP}, batch {BATCH}, "
-              f"{os.cpu_count()} CPU cores")
+        print(
+            f"# 3D U-Net (depth 4, 16 base features), patch {PATCH}, overlap {OVERLAP}, batch {BATCH}, "
+            f"{os.cpu_count()} CPU cores"
+        )
         print(f"\n## Throughput on {main_shape}")
         rows = [run_sub(v, main_shape, workdir) for v in ("loop", "monai", "segment", "run")]
         base = rows[0]["seconds"]
@@ -155,11 +181,16 @@ def main() -> None:
             if "error" in r:
                 print(f"| {r['variant']} | - | failed: {r['error']} | | |")
                 continue
-            print(f"| {r['variant']} | {r['n_patches']} | {r['seconds']:.1f} | {base / r['seconds']:.2f}x | "
-                  f"{r['peak_rss_mib']:.0f} |")
+            print(
+                f"| {r['variant']} | {r['n_patches']} | {r['seconds']:.1f} | {base / r['seconds']:.2f}x | "
+                f"{r['peak_rss_mib']:.0f} |"
+            )
 
-        sizes = [(32, 128, 128), (64, 128, 256), (128, 256, 256)] if args.quick else \
-            [(64, 128, 128), (128, 256, 128), (256, 256, 256)]
+        sizes = (
+            [(32, 128, 128), (64, 128, 256), (128, 256, 256)]
+            if args.quick
+            else [(64, 128, 128), (128, 256, 128), (256, 256, 256)]
+        )
         print("\n## Peak RSS as the input grows 4x per step")
         print("| input | voxels | tileseg run (MiB) | MONAI (MiB) | tileseg s | MONAI s |")
         print("|---|---:|---:|---:|---:|---:|")
@@ -168,14 +199,18 @@ def main() -> None:
             t = run_sub("run", shape, workdir)
             m = run_sub("monai", shape, workdir)
             scale.append((t, m))
-            print(f"| {'x'.join(map(str, shape))} | {int(np.prod(shape)):,} | {t.get('peak_rss_mib', float('nan')):.0f} | "
-                  f"{m.get('peak_rss_mib', float('nan')):.0f} | {t.get('seconds', float('nan')):.1f} | "
-                  f"{m.get('seconds', float('nan')):.1f} |")
+            print(
+                f"| {'x'.join(map(str, shape))} | {int(np.prod(shape)):,} | {t.get('peak_rss_mib', float('nan')):.0f} | "
+                f"{m.get('peak_rss_mib', float('nan')):.0f} | {t.get('seconds', float('nan')):.1f} | "
+                f"{m.get('seconds', float('nan')):.1f} |"
+            )
         t0, t2 = scale[0][0], scale[-1][0]
         m0, m2 = scale[0][1], scale[-1][1]
         if "peak_rss_mib" in t0 and "peak_rss_mib" in t2:
-            print(f"\ntileseg peak RSS growth for 16x input: {t2['peak_rss_mib'] / t0['peak_rss_mib'] - 1:+.0%}; "
-                  f"MONAI: {m2['peak_rss_mib'] / m0['peak_rss_mib'] - 1:+.0%}")
+            print(
+                f"\ntileseg peak RSS growth for 16x input: {t2['peak_rss_mib'] / t0['peak_rss_mib'] - 1:+.0%}; "
+                f"MONAI: {m2['peak_rss_mib'] / m0['peak_rss_mib'] - 1:+.0%}"
+            )
         if args.json:
             Path(args.json).write_text(json.dumps({"throughput": rows, "scaling": scale}, indent=2))
 

@@ -1,0 +1,288 @@
+"""Pipeline schema and loader: every error names its YAML path and reason."""
+
+from __future__ import annotations
+
+import copy
+import os
+import textwrap
+
+import pytest
+
+from tileseg.config import PipelineConfig, load_pipeline
+from tileseg.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """A file standing in for model weights (the loader only checks it exists)."""
+    path = tmp_path_factory.mktemp("w") / "model.pt"
+    path.write_bytes(b"not read by the schema")
+    return str(path)
+
+
+@pytest.fixture
+def base(weights) -> dict:
+    return {
+        "version": 1,
+        "input": {"path": "data/*.zarr", "array": "image"},
+        "tiling": {"patch_size": [64, 64]},
+        "model": {"torchscript": weights, "batch_size": 4},
+        "postprocess": ["argmax"],
+        "output": {"path": "out/{stem}_seg.zarr"},
+    }
+
+
+def errors_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(data)
+    return str(info.value)
+
+
+def changed(base: dict, fn) -> dict:
+    data = copy.deepcopy(base)
+    fn(data)
+    return data
+
+
+def test_valid_pipeline_gets_defaults_and_absolute_paths(base, tmp_path):
+    cfg = load_pipeline(base, base_dir=tmp_path)
+    assert isinstance(cfg, PipelineConfig)
+    assert cfg.tiling.overlap == 0.25 and cfg.tiling.overlap_px is None
+    assert cfg.tiling.blend == "gaussian" and cfg.execution.scheduler == "threads"
+    assert cfg.input.path == [str(tmp_path / "data" / "*.zarr")]
+    assert cfg.output.path == str(tmp_path / "out" / "{stem}_seg.zarr")
+    assert cfg.model_output() == ("labels", None, [])
+
+
+def test_relative_paths_resolve_against_the_pipeline_file(tmp_path, weights):
+    sub = tmp_path / "pipelines"
+    sub.mkdir()
+    os.symlink(weights, sub / "m.pt")
+    (sub / "p.yaml").write_text(textwrap.dedent("""
+        version: 1
+        input: {path: ../data/a.zarr}
+        tiling: {patch_size: [32, 32, 32], overlap_px: [8, 8, 8]}
+        model: {torchscript: m.pt}
+        output: {path: "s3://bucket/{name}"}
+        evaluate: {reference: {path: "../gt/{stem}.zarr", array: labels}}
+    """))
+    cfg = load_pipeline(sub / "p.yaml")
+    assert cfg.input.path == [str(tmp_path / "data" / "a.zarr")]
+    assert cfg.model.torchscript == str(sub / "m.pt")
+    assert cfg.output.path == "s3://bucket/{name}"  # URLs untouched
+    assert cfg.evaluate.reference.path == str(tmp_path / "gt" / "{stem}.zarr")
+    assert cfg.tiling.overlap is None and cfg.tiling.overlap_px == [8, 8, 8]
+    # no argmax: the engine writes probabilities
+    assert cfg.model_output()[0] == "probabilities"
+
+
+def test_unknown_key_is_named_with_suggestion(base):
+    msg = errors_of(changed(base, lambda d: d["model"].update(batch_sise=3)))
+    assert "model.batch_sise: unknown key; did you mean 'batch_size'?" in msg
+
+
+def test_unknown_top_level_section(base):
+    msg = errors_of(changed(base, lambda d: d.update(tilling={})))
+    assert "tilling: unknown key; did you mean 'tiling'?" in msg
+
+
+def test_wrong_type_is_named_and_not_coerced(base):
+    msg = errors_of(changed(base, lambda d: d["model"].update(batch_size="16")))
+    assert "model.batch_size: wrong type" in msg and "'16'" in msg
+    msg = errors_of(changed(base, lambda d: d["tiling"].update(patch_size=[64, "64"])))
+    assert "tiling.patch_size[1]: wrong type" in msg
+
+
+def test_negative_overlap(base):
+    msg = errors_of(changed(base, lambda d: d["tiling"].update(overlap=-0.1)))
+    assert "tiling.overlap: must be >= 0 and < 1 (got -0.1)" in msg
+
+
+def test_overlap_one_is_rejected(base):
+    assert "tiling.overlap: must be >= 0 and < 1 (got 1.0)" in errors_of(
+        changed(base, lambda d: d["tiling"].update(overlap=1.0)))
+
+
+def test_overlap_and_overlap_px_together(base):
+    msg = errors_of(changed(base, lambda d: d["tiling"].update(overlap=0.25, overlap_px=[8, 8])))
+    assert "tiling: overlap and overlap_px are mutually exclusive" in msg
+
+
+def test_overlap_px_must_be_smaller_than_patch(base):
+    msg = errors_of(changed(base, lambda d: d["tiling"].update(overlap_px=[8, 64])))
+    assert "tiling: overlap_px entries must be >= 0 and < the patch size" in msg
+
+
+@pytest.mark.parametrize("patch, reason", [
+    ([64], "must have 2 (2D) or 3 (3D) entries"),
+    ([64, 64, 64, 64], "must have 2 (2D) or 3 (3D) entries"),
+    ([64, 0], "every entry must be > 0"),
+    ([-1, 64], "every entry must be > 0"),
+])
+def test_bad_patch_size(base, patch, reason):
+    msg = errors_of(changed(base, lambda d: d["tiling"].update(patch_size=patch)))
+    assert f"tiling.patch_size: {reason}" in msg
+
+
+def test_every_problem_is_listed(base):
+    def bad(d):
+        d["tiling"]["overlap"] = 2
+        d["model"]["batch_size"] = 0
+        d["model"]["precision"] = "fp8"
+        d["output"]["extra"] = 1
+    msg = errors_of(changed(base, bad))
+    assert "4 problems" in msg
+    for path in ("tiling.overlap:", "model.batch_size:", "model.precision:", "output.extra: unknown key"):
+        assert path in msg
+
+
+def test_unknown_postprocess_name_suggests(base):
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmx"])))
+    assert "postprocess[0]: unknown postprocess step 'argmx'; did you mean 'argmax'?" in msg
+
+
+def test_registered_postprocess_name_is_checked_against_registry(base, monkeypatch):
+    from tileseg import registry
+
+    def my_open(data, *, spacing=None, radius=1):
+        return data
+
+    monkeypatch.setitem(registry._EXTRA["postprocess"], "my_opening", my_open)
+    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=["argmax", {"my_opening": {"radius": 2}}])))
+    assert cfg.model_output() == ("labels", None, [("my_opening", {"radius": 2})])
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmax", "my_openin"])))
+    assert "postprocess[1]: unknown postprocess step 'my_openin'; did you mean 'my_opening'?" in msg
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmax", {"my_opening": {"radios": 2}}])))
+    assert "postprocess[1]: unknown parameter 'radios' for postprocess step 'my_opening'; did you mean 'radius'?" in msg
+
+
+def test_argmax_must_come_first_and_needs_a_model(base, monkeypatch):
+    from tileseg import registry
+
+    monkeypatch.setitem(registry._EXTRA["postprocess"], "noop", lambda data, *, spacing=None: data)
+    registry.available("postprocess")  # the classical steps are registered (argmax among them)
+    # the engine's own argmax: first step only, model only
+    monkeypatch.delitem(registry._EXTRA["postprocess"], "argmax", raising=False)
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["noop", "argmax"])))
+    assert "postprocess[1]: 'argmax' must be the first postprocess step" in msg
+    def method(d):
+        d.pop("model")
+        d["method"] = "otsu"
+    msg = errors_of(changed(base, method))
+    assert "postprocess[0]: 'argmax' applies to model outputs only" in msg
+
+
+def test_registered_argmax_runs_as_a_step(base):
+    pytest.importorskip("tileseg.postprocess")
+    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"argmax": {"min_prob": 0.6}}])))
+    assert cfg.model_output() == ("probabilities", None, [("argmax", {"min_prob": 0.6})])
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"argmax": {"min_prb": 0.6}}])))
+    assert "postprocess[0]: unknown parameter 'min_prb' for postprocess step 'argmax'; did you mean 'min_prob'?" in msg
+
+
+def test_threshold_semantics(base):
+    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"threshold": {"value": 0.7}}])))
+    assert cfg.model_output() == ("probabilities", 0.7, [])
+    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"threshold": {}}])))
+    assert cfg.model_output() == ("labels", None, [])
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"threshold": {"value": 2}}])))
+    assert "postprocess[0]: threshold value must be a number > 0 and < 1 (got 2)" in msg
+
+
+def test_unknown_template_placeholder(base):
+    msg = errors_of(changed(base, lambda d: d["output"].update(path="out/{sten}_seg.zarr")))
+    assert "output.path: unknown placeholder {sten}" in msg and "did you mean 'stem'?" in msg
+    msg = errors_of(changed(base, lambda d: d["output"].update(path="out/{0}.zarr")))
+    assert "output.path: unknown placeholder {0}" in msg
+    # format specs on allowed fields are fine
+    cfg = load_pipeline(changed(base, lambda d: d["output"].update(path="out/{index:04d}_{name}")))
+    assert cfg.output.path.endswith("{index:04d}_{name}")
+
+
+def test_model_xor_method(base):
+    msg = errors_of(changed(base, lambda d: d.pop("model")))
+    assert "give exactly one of model: or method:" in msg
+
+
+def test_unknown_method_is_named(base):
+    def bad(d):
+        d.pop("model")
+        d["method"] = {"no_such_method": {}}
+    msg = errors_of(changed(base, bad))
+    assert "method: unknown method 'no_such_method'" in msg
+
+
+def test_version_must_be_one(base):
+    assert "version: must be 1 (got 2)" in errors_of(changed(base, lambda d: d.update(version=2)))
+    assert "version: required key is missing" in errors_of(changed(base, lambda d: d.pop("version")))
+
+
+def test_missing_weights_file(base, tmp_path):
+    msg = errors_of(changed(base, lambda d: d["model"].update(torchscript=str(tmp_path / "nope.pt"))))
+    assert "model.torchscript: weights file not found" in msg and "nope.pt" in msg
+
+
+def test_scheduler_names(base):
+    msg = errors_of(changed(base, lambda d: d.update(execution={"scheduler": "thread"})))
+    assert "execution.scheduler:" in msg and "did you mean 'threads'?" in msg
+    cfg = load_pipeline(changed(base, lambda d: d.update(execution={"scheduler": "tcp://10.0.0.1:8786"})))
+    assert cfg.execution.scheduler == "tcp://10.0.0.1:8786"
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("version: 1\ninput:\n  path: [a, b\noutput: {path: x}\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    msg = str(info.value)
+    assert str(path) in msg and "invalid YAML" in msg
+    assert f"{path}:4:" in msg  # the unclosed flow sequence is detected on line 4
+
+
+def test_yaml_tab_error_line(tmp_path):
+    path = tmp_path / "tab.yaml"
+    path.write_text("version: 1\ninput:\n\tpath: a\n")
+    msg = str(pytest.raises(ConfigError, load_pipeline, path).value)
+    assert f"{path}:3:" in msg
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    assert "top level must be a mapping" in str(pytest.raises(ConfigError, load_pipeline, path).value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert "empty" in str(pytest.raises(ConfigError, load_pipeline, empty).value)
+
+
+def test_missing_pipeline_file(tmp_path):
+    assert "pipeline file not found" in str(pytest.raises(ConfigError, load_pipeline, tmp_path / "x.yaml").value)
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("version: !!python/object/apply:os.system ['true']\n")
+    msg = str(pytest.raises(ConfigError, load_pipeline, path).value)
+    assert "invalid YAML" in msg
+
+
+def test_repository_pipelines_are_valid():
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "pipelines")
+    if not os.path.isdir(root):
+        pytest.skip("no pipelines/ folder")
+    names = sorted(n for n in os.listdir(root) if n.endswith(".yaml"))
+    assert names
+    for name in names:
+        load_pipeline(os.path.join(root, name))
+
+
+def test_preprocess_steps_and_parameters_are_checked(base):
+    pytest.importorskip("tileseg.preprocess")
+    cfg = load_pipeline(changed(base, lambda d: d.update(preprocess=["zscore", {"percentile": {"lower": 1}}])))
+    assert cfg.preprocess == [{"zscore": {}}, {"percentile": {"lower": 1}}]
+    msg = errors_of(changed(base, lambda d: d.update(preprocess=[{"zscore": {"nodat": 0}}])))
+    assert "preprocess[0]: unknown parameter 'nodat' for preprocess step 'zscore'; did you mean 'nodata'?" in msg
+    msg = errors_of(changed(base, lambda d: d.update(preprocess=["zscore", {"fixed": {"mean": 1}}])))
+    assert "preprocess[1]: preprocess step 'fixed' needs parameter(s) std" in msg
+    msg = errors_of(changed(base, lambda d: d.update(preprocess=["zcore"])))
+    assert "preprocess[0]: unknown preprocess step 'zcore'; did you mean 'zscore'?" in msg

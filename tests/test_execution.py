@@ -1,0 +1,97 @@
+"""Scheduler selection for pipeline runs."""
+
+from __future__ import annotations
+
+import sys
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+
+from tileseg.errors import ConfigError, MissingDependencyError
+from tileseg.execution import compute, model_annotations, scheduler_context
+
+
+def test_threads_sets_worker_count_and_restores():
+    before = dask.config.get("scheduler", None)
+    with scheduler_context({"scheduler": "threads", "workers": 3}) as info:
+        assert dask.config.get("scheduler") == "threads" and dask.config.get("num_workers") == 3
+        assert not info.distributed
+        x = da.arange(100, chunks=7)
+        assert compute(info, x.sum())[0] == 4950
+    assert dask.config.get("scheduler", None) == before
+
+
+def test_override_wins_over_config():
+    with scheduler_context({"scheduler": "threads", "workers": 2}, override="synchronous") as info:
+        assert info.name == "synchronous" and dask.config.get("scheduler") == "synchronous"
+
+
+def test_progress_bar_prints(capsys):
+    import time
+
+    def slow(block):
+        time.sleep(0.2)
+        return block
+
+    with scheduler_context({"scheduler": "synchronous"}) as info:
+        x = da.from_array(np.ones((16, 16)), chunks=8).map_blocks(slow)
+        (total,) = compute(info, x.sum(), progress=True)
+    assert total == 256
+    assert "100% Completed" in capsys.readouterr().out
+    with scheduler_context({"scheduler": "synchronous"}) as info:
+        compute(info, x.sum(), progress=False)
+    assert "Completed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["thread", "tcp:/nohost", "gpu"])
+def test_invalid_scheduler_is_config_error(bad):
+    with pytest.raises(ConfigError, match="execution.scheduler"):
+        with scheduler_context({"scheduler": "threads"}, override=bad):
+            pass
+
+
+def test_missing_distributed_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "distributed", None)  # makes `import distributed` fail
+    with pytest.raises(MissingDependencyError, match=r"tileseg\[distributed\]"):
+        with scheduler_context({"scheduler": "local"}):
+            pass
+
+
+def test_unreachable_address_is_config_error():
+    pytest.importorskip("distributed")
+    with pytest.raises(ConfigError, match="cannot connect"):
+        with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+            with scheduler_context({"scheduler": "threads"}, override="tcp://127.0.0.1:9"):
+                pass
+
+
+def test_annotations_only_on_distributed_with_resources():
+    with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}}) as info:
+        assert info.resources == {}  # ignored by the local schedulers
+        with model_annotations(info):
+            x = da.ones(4, chunks=2) + 1
+        assert not any(layer.annotations for layer in x.dask.layers.values())
+
+
+def test_processes_reuse_one_pool_for_the_run():
+    import os
+
+    with scheduler_context({"scheduler": "processes", "workers": 1}) as info:
+        first = compute(info, dask.delayed(os.getpid)())[0]
+        second = compute(info, dask.delayed(os.getpid)())[0]
+    assert first == second != os.getpid()  # same worker process both times, not this one
+
+
+def test_existing_scheduler_address():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, processes=False, protocol="tcp://", dashboard_address=None) as cluster:
+        with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}},
+                               override=cluster.scheduler_address) as info:
+            assert info.distributed and info.name == cluster.scheduler_address
+            assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
+            with model_annotations(info):
+                x = da.ones(4, chunks=2) + 1
+            assert any(layer.annotations == {"resources": {"GPU": 1}} for layer in x.dask.layers.values())
+        assert info.client.status == "closed"

@@ -1,0 +1,297 @@
+"""Pipeline runs end to end: outputs, report, failures per item, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tileseg.errors import ConfigError
+from tileseg.run import Manifest, render_output, run_pipeline
+from tileseg.writers import is_complete
+
+pytest.importorskip("torch")
+
+# shared generators (tests/pipeline_helpers.py); the suite uses --import-mode=importlib
+sys.path.insert(0, str(Path(__file__).parent))
+from pipeline_helpers import dice_numpy, n_patches, save_pointwise_model, write_pipeline, write_scene  # noqa: E402
+
+
+def read_output(path: str) -> np.ndarray:
+    return zarr.open_group(path, mode="r")["0"][...]
+
+
+@pytest.fixture
+def scenes(tmp_path):
+    save_pointwise_model(tmp_path / "model.pt")
+    a = write_scene(tmp_path / "a.zarr", shape=(70, 90), seed=1)
+    b = write_scene(tmp_path / "b.zarr", shape=(50, 33), seed=2)
+    return tmp_path, {"a": a, "b": b}
+
+
+def test_run_writes_labels_report_and_dice(scenes):
+    root, data = scenes
+    pipe = write_pipeline(root / "p.yaml", "*.zarr")
+    report = run_pipeline(pipe)
+    assert [i.status for i in report.items] == ["ok", "ok"]
+    for item in report.items:
+        stem = os.path.basename(item.input)[:-5]
+        image, labels = data[stem]
+        assert item.output == str(root / "out" / f"{stem}_seg.zarr")
+        assert is_complete(item.output)
+        pred = read_output(item.output)
+        np.testing.assert_array_equal(pred, image > 0.5)  # the model is argmax(0, x - 0.5)
+        assert item.shape == list(image.shape)
+        assert item.n_patches == n_patches(image.shape, (32, 32), 0.25)
+        for c, name in enumerate(["background", "object"]):
+            assert item.dice[name] == pytest.approx(dice_numpy(image > 0.5, labels, c), abs=1e-12)
+        assert item.dice["object"] < 1.0
+        assert set(item.timings) >= {"open", "graph", "compute_write", "finalize", "evaluate"}
+        assert item.pixels_per_s > 0 and item.peak_rss_bytes > 0
+    # the report on disk says the same
+    saved = json.loads((root / "out" / "tileseg-report.json").read_text())
+    assert report.report_path == str(root / "out" / "tileseg-report.json")
+    assert [i["status"] for i in saved["items"]] == ["ok", "ok"]
+    assert saved["summary"] == {"ok": 2, "skipped": 0, "failed": 0}
+    assert saved["pipeline"]["tiling"]["patch_size"] == [32, 32]
+    assert saved["pipeline"]["model"]["torchscript"] == str(root / "model.pt")
+    assert {"tileseg", "dask", "zarr", "numpy", "torch"} <= set(saved["versions"])
+    assert saved["items"][0]["timings"]["compute_write"] >= 0
+
+
+def test_probabilities_without_argmax(scenes):
+    root, data = scenes
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"], post="[]", extra="")
+    text = pipe.read_text().replace("evaluate: {reference: {array: labels}}\n", "")
+    pipe.write_text(text)
+    report = run_pipeline(pipe)
+    assert report.ok
+    prob = read_output(report.items[0].output)
+    image = data["a"][0]
+    logits = np.stack([np.zeros_like(image), image - 0.5])
+    expected = np.exp(logits) / np.exp(logits).sum(0)
+    assert prob.shape == (2,) + image.shape and prob.dtype == np.float32
+    np.testing.assert_allclose(prob, expected, atol=1e-5)
+
+
+def test_threshold_other_than_half(tmp_path):
+    save_pointwise_model(tmp_path / "one.pt", classes=1)  # logit 10x - 5
+    image, _ = write_scene(tmp_path / "a.zarr", values=(0.1, 0.55, 0.9), seed=3)
+    pipe = write_pipeline(tmp_path / "p.yaml", ["a.zarr"], model="one.pt",
+                          post="[{threshold: {value: 0.7}}]")
+    report = run_pipeline(pipe)
+    assert report.ok, report.items[0].error
+    pred = read_output(report.items[0].output)
+    # sigmoid(10x - 5) > 0.7 <=> x > 0.5847: only the 0.9 pixels (0.55 would pass at 0.5)
+    np.testing.assert_array_equal(pred, (image > 0.6).astype(np.uint8))
+    assert pred.dtype == np.uint8
+
+
+def test_bad_items_fail_alone(scenes):
+    root, data = scenes
+    # corrupt: metadata that is not JSON; missing: a path that does not exist
+    (root / "corrupt.zarr").mkdir()
+    (root / "corrupt.zarr" / "zarr.json").write_text("{not json")
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr", "missing.zarr", "corrupt.zarr", "b.zarr"])
+    report = run_pipeline(pipe)
+    status = {os.path.basename(i.input): i for i in report.items}
+    assert status["a.zarr"].status == "ok" and status["b.zarr"].status == "ok"
+    assert status["missing.zarr"].status == "failed" and "missing.zarr" in status["missing.zarr"].error
+    assert status["corrupt.zarr"].status == "failed" and "corrupt.zarr" in status["corrupt.zarr"].error
+    assert not report.ok and report.n_failed == 2
+    np.testing.assert_array_equal(read_output(status["a.zarr"].output), data["a"][0] > 0.5)
+    assert is_complete(status["b.zarr"].output)
+    assert not os.path.exists(root / "out" / "corrupt_seg.zarr")
+    saved = json.loads((root / "out" / "tileseg-report.json").read_text())
+    assert saved["summary"] == {"ok": 2, "skipped": 0, "failed": 2}
+    failed = [i for i in saved["items"] if i["status"] == "failed"]
+    assert all(i["error"] for i in failed)
+    manifest = Manifest(str(root / "out" / "tileseg-run.json"))
+    assert manifest.get(str(root / "out" / "a_seg.zarr"))["status"] == "complete"
+    assert manifest.get(str(root / "out" / "corrupt_seg.zarr")) is None  # never opened, never written
+
+
+def test_failure_while_computing_leaves_no_complete_output(scenes):
+    root, _ = scenes
+    # a chunk file that exists but cannot be decoded fails only at compute time
+    chunk = next(p for p in (root / "b.zarr" / "image").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"garbage" * 10)
+    pipe = write_pipeline(root / "p.yaml", "*.zarr")
+    report = run_pipeline(pipe)
+    a, b = report.items
+    assert a.status == "ok" and b.status == "failed"
+    assert "b.zarr" in b.error
+    assert not is_complete(b.output) and not os.path.exists(b.output)
+    manifest = Manifest(report.manifest_path)
+    assert manifest.get(b.output)["status"] == "failed"
+    assert manifest.get(a.output)["status"] == "complete"
+
+
+def test_resume_skips_complete_and_reruns_incomplete(scenes):
+    root, data = scenes
+    pipe = write_pipeline(root / "p.yaml", "*.zarr")
+    first = run_pipeline(pipe)
+    assert first.ok
+    a_out, b_out = (i.output for i in first.items)
+    a_run_id = zarr.open_group(a_out, mode="r").attrs["tileseg"]["run_id"]
+    # b's output disappears (e.g. deleted by hand): the manifest alone must not make it count as done
+    shutil.rmtree(b_out)
+    second = run_pipeline(pipe)
+    assert [i.status for i in second.items] == ["skipped", "ok"]
+    assert second.items[0].dice is not None  # evaluation still reported for skipped items
+    assert zarr.open_group(a_out, mode="r").attrs["tileseg"]["run_id"] == a_run_id  # not rewritten
+    assert is_complete(b_out)
+    np.testing.assert_array_equal(read_output(b_out), data["b"][0] > 0.5)
+    # a manifest saying "running" (a crash) reruns the item even though the output exists
+    manifest = Manifest(second.manifest_path)
+    rec = manifest.get(a_out)
+    manifest.set(a_out, item=rec["input"], config_hash=rec["config_hash"], status="running")
+    third = run_pipeline(pipe)
+    assert [i.status for i in third.items] == ["ok", "skipped"]
+    # no resume: everything recomputed
+    assert [i.status for i in run_pipeline(pipe, resume=False).items] == ["ok", "ok"]
+
+
+def test_changed_config_is_not_skipped(scenes):
+    root, _ = scenes
+    pipe = write_pipeline(root / "p.yaml", "*.zarr")
+    first = run_pipeline(pipe)
+    write_pipeline(root / "p.yaml", "*.zarr", overlap=0.5)
+    second = run_pipeline(pipe)
+    assert [i.status for i in second.items] == ["ok", "ok"]
+    assert {i.config_hash for i in second.items}.isdisjoint({i.config_hash for i in first.items})
+    # execution settings do not change the hash
+    text = pipe.read_text().replace("workers: 2", "workers: 1")
+    pipe.write_text(text)
+    assert [i.status for i in run_pipeline(pipe).items] == ["skipped", "skipped"]
+
+
+def test_foreign_output_is_not_overwritten(scenes):
+    root, _ = scenes
+    import dask.array as da
+
+    from tileseg.writers import get_writer
+
+    target = root / "out" / "a_seg.zarr"
+    get_writer("zarr").write(da.full((4, 4), 7, dtype="uint8", chunks=2), str(target), axes=("y", "x"))
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
+    report = run_pipeline(pipe)
+    assert report.items[0].status == "failed" and "already exists" in report.items[0].error
+    assert read_output(str(target)).tolist() == [[7] * 4] * 4  # untouched
+    # overwrite: true replaces it
+    write_pipeline(root / "p.yaml", ["a.zarr"], output='"out/{stem}_seg.zarr", overwrite: true')
+    assert run_pipeline(pipe).ok
+    assert read_output(str(target)).shape == (70, 90)
+
+
+def test_output_collisions_and_empty_inputs_are_config_errors(scenes):
+    root, _ = scenes
+    pipe = write_pipeline(root / "p.yaml", "*.zarr", output='"out/seg.zarr"')
+    with pytest.raises(ConfigError, match="both write to"):
+        run_pipeline(pipe)
+    pipe = write_pipeline(root / "p.yaml", "nothing_here_*.zarr")
+    with pytest.raises(ConfigError, match="input.path"):
+        run_pipeline(pipe)
+
+
+def test_3d_volume(tmp_path):
+    save_pointwise_model(tmp_path / "m3.pt", ndim=3)
+    image, labels = write_scene(tmp_path / "v.zarr", shape=(20, 24, 18), chunks=(8, 8, 8), seed=4)
+    pipe = write_pipeline(tmp_path / "p.yaml", ["v.zarr"], patch=(8, 16, 8), overlap=0.5,
+                          chunks=(10, 10, 10), model="m3.pt")
+    report = run_pipeline(pipe)
+    item = report.items[0]
+    assert item.status == "ok", item.error
+    np.testing.assert_array_equal(read_output(item.output), image > 0.5)
+    assert item.n_patches == n_patches(image.shape, (8, 16, 8), 0.5)
+    assert item.dice["object"] == pytest.approx(dice_numpy(image > 0.5, labels, 1))
+
+
+def test_method_pipeline_with_registered_steps(tmp_path, monkeypatch):
+    from tileseg import registry
+
+    def above(data, *, spacing=None, value=0.5):
+        return (data > value).astype(np.uint8)
+
+    def invert(data, *, spacing=None):
+        return (1 - data).astype(np.uint8)
+
+    monkeypatch.setitem(registry._EXTRA["methods"], "test_above", above)
+    monkeypatch.setitem(registry._EXTRA["postprocess"], "test_invert", invert)
+    image, _ = write_scene(tmp_path / "a.zarr", seed=5)
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: a.zarr, array: image}\nmethod: {test_above: {value: 0.5}}\n"
+        "postprocess: [test_invert]\noutput: {path: 'out/{stem}.zarr'}\ntiling: {patch_size: [8, 8], chunks: [16, 16]}\n")
+    report = run_pipeline(tmp_path / "p.yaml", scheduler="synchronous")
+    assert report.ok, report.items[0].error
+    out = report.items[0].output
+    np.testing.assert_array_equal(read_output(out), (image <= 0.5).astype(np.uint8))
+    assert zarr.open_group(out, mode="r")["0"].chunks == (16, 16)
+
+
+def test_classical_pipeline_matches_scikit_image(tmp_path):
+    skimage = pytest.importorskip("skimage")
+    from skimage.filters import threshold_otsu
+    from skimage.measure import label
+
+    rng = np.random.default_rng(6)
+    image = (rng.normal(100, 20, size=(61, 77)) + 60 * (rng.random((61, 77)) > 0.7)).clip(0, 255).astype(np.uint8)
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    group.create_array("image", shape=image.shape, chunks=(16, 16), dtype="uint8")[:] = image
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: s.zarr, array: image}\nmethod: otsu\npostprocess: [{label: {connectivity: 1}}]\n"
+        "tiling: {chunks: [20, 30]}\noutput: {path: 'out/{stem}.zarr'}\n")
+    report = run_pipeline(tmp_path / "p.yaml")
+    assert report.ok, report.items[0].error
+    assert report.items[0].n_patches is None
+    expected = label(image > threshold_otsu(image), connectivity=1)
+    got = read_output(report.items[0].output)
+    assert got.max() == expected.max() > 10
+    np.testing.assert_array_equal(got, expected)
+    assert skimage  # the module was importable
+
+
+def test_local_cluster_scheduler(scenes):
+    pytest.importorskip("distributed")
+    root, data = scenes
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
+    # one worker process (faster start) declaring a GPU resource that the model tasks ask for
+    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}"))
+    report = run_pipeline(pipe, scheduler="local")
+    assert report.ok, report.items[0].error
+    assert report.scheduler["scheduler"] == "local" and report.scheduler["resources"] == {"GPU": 1}
+    assert report.scheduler["n_workers"] == 1
+    np.testing.assert_array_equal(read_output(report.items[0].output), data["a"][0] > 0.5)
+
+
+def test_render_output_fields():
+    assert render_output("/o/{stem}/{name}-{index:02d}", "/d/scan.ome.zarr", 3) == "/o/scan/scan.ome.zarr-03"
+
+
+def test_class_names_must_match_the_model(scenes):
+    root, _ = scenes
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
+    pipe.write_text(pipe.read_text().replace("classes: [background, object]", "classes: [a, b, c]"))
+    item = run_pipeline(pipe).items[0]
+    assert item.status == "failed"
+    assert "model.classes lists 3 classes" in item.error and "outputs 2 channels" in item.error
+    assert not os.path.exists(item.output)
+
+
+def test_reference_from_a_path_template(scenes):
+    root, data = scenes
+    image, labels = data["a"]
+    gt = zarr.open_group(str(root / "gt_a.zarr"), mode="w")
+    gt.create_array("mask", shape=labels.shape, chunks=(25, 25), dtype="uint8")[:] = 1 - labels
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
+    pipe.write_text(pipe.read_text().replace("evaluate: {reference: {array: labels}}",
+                                             "evaluate: {reference: {path: 'gt_{stem}.zarr', array: mask}}"))
+    item = run_pipeline(pipe).items[0]
+    assert item.status == "ok", item.error
+    assert item.dice["object"] == pytest.approx(dice_numpy(image > 0.5, 1 - labels, 1))

@@ -1,0 +1,246 @@
+"""The ``tileseg`` command: a thin shell over :mod:`tileseg.run` and :mod:`tileseg.config`.
+
+Commands::
+
+    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--no-resume] [--quiet]
+    tileseg validate PIPELINE.yaml
+    tileseg plan PIPELINE.yaml [--json]
+    tileseg info PATH [--array NAME] [--level N]
+    tileseg evaluate PRED REF [--pred-array NAME] [--ref-array NAME] [--n-classes N] [--json]
+
+Exit codes: 0 success; 1 some items failed (the others finished) or a
+runtime error; 2 usage or configuration errors (invalid pipeline, unknown
+plugin, missing optional dependency, no inputs).
+
+Only this module configures logging handlers (``-v`` / ``-q``); the library
+just logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ConfigError, MissingDependencyError, PluginError, TilesegError
+
+log = logging.getLogger("tileseg")
+
+#: Exit codes.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _configure_logging(verbose: int, quiet: int) -> None:
+    level = logging.WARNING - 10 * verbose + 10 * quiet
+    level = min(max(level, logging.DEBUG), logging.CRITICAL)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("tileseg")
+    for h in list(root.handlers):
+        if getattr(h, "_tileseg_cli", False):
+            root.removeHandler(h)
+    handler._tileseg_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _fail(exc: BaseException) -> None:
+    """Print an error and exit with the matching code."""
+    code = EXIT_USAGE if isinstance(exc, (ConfigError, PluginError, MissingDependencyError)) else EXIT_FAILED
+    text = str(exc) or type(exc).__name__
+    click.echo(f"error: {text}", err=True)
+    if log.isEnabledFor(logging.DEBUG):
+        import traceback
+
+        click.echo("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", "quiet_log", count=True, help="Less log output.")
+@click.version_option(__version__, prog_name="tileseg")
+def main(verbose: int, quiet_log: int) -> None:
+    """tileseg: memory-bounded tiled segmentation on Dask."""
+    _configure_logging(verbose, quiet_log)
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--scheduler", default=None, metavar="NAME|ADDR",
+              help="threads, processes, synchronous, local or tcp://host:port (overrides execution.scheduler).")
+@click.option("--no-resume", is_flag=True, help="Recompute items an earlier run already completed.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> None:
+    """Run PIPELINE over all its inputs; print a summary table and the report path."""
+    from .run import run_pipeline
+
+    try:
+        report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
+    except (TilesegError, OSError) as exc:
+        _fail(exc)
+        return
+    click.echo(report.summary_table())
+    for item in report.items:
+        if item.dice:
+            scores = ", ".join(f"{k}={'-' if v is None else f'{v:.4f}'}" for k, v in item.dice.items())
+            click.echo(f"dice [{item.index}] {item.input}: {scores}")
+    for item in report.items:
+        if item.error:
+            click.echo(f"failed [{item.index}] {item.error}", err=True)
+    counts = report.counts()
+    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete), {counts['failed']} failed "
+               f"in {report.duration_s:.1f} s")
+    click.echo(f"report: {report.report_path}")
+    sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _summary(cfg: Any) -> list[str]:
+    lines = [f"input: {', '.join(cfg.input.path)} (reader {cfg.input.reader})"]
+    if cfg.model is not None:
+        t = cfg.tiling
+        overlap = f"overlap_px {t.overlap_px}" if t.overlap_px is not None else f"overlap {t.overlap}"
+        lines.append(f"model: {cfg.model.weights} (batch {cfg.model.batch_size}, {cfg.model.precision})")
+        lines.append(f"tiling: patch {t.patch_size}, {overlap}, blend {t.blend}")
+        output, thr, _ = cfg.model_output()
+        lines.append(f"engine output: {output}" + (f" then threshold {thr}" if thr is not None else ""))
+    else:
+        name, params = cfg.method_step()
+        lines.append(f"method: {name} {params or ''}".rstrip())
+    if cfg.preprocess:
+        lines.append("preprocess: " + ", ".join(next(iter(s)) for s in cfg.preprocess))
+    if cfg.postprocess:
+        lines.append("postprocess: " + ", ".join(next(iter(s)) for s in cfg.postprocess))
+    lines.append(f"output: {cfg.output.path} (writer {cfg.output.writer})")
+    lines.append(f"execution: {cfg.execution.scheduler}"
+                 + (f", {cfg.execution.workers} workers" if cfg.execution.workers else ""))
+    if cfg.evaluate is not None:
+        lines.append(f"evaluate: Dice against {cfg.evaluate.reference.path or 'the input'}"
+                     f" array {cfg.evaluate.reference.array}")
+    return lines
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+def validate(pipeline: str) -> None:
+    """Check PIPELINE against the schema and the installed plugins (exit 2 on errors)."""
+    from .config import load_pipeline
+
+    try:
+        cfg = load_pipeline(pipeline)
+    except TilesegError as exc:
+        _fail(exc)
+        return
+    click.echo(f"valid: {pipeline}")
+    for line in _summary(cfg):
+        click.echo(f"  {line}")
+
+
+def _mib(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(pipeline: str, as_json: bool) -> None:
+    """Per item: shape, chunks, patches and estimated peak memory per task (computes nothing heavy)."""
+    from .run import plan_pipeline
+
+    try:
+        rows = plan_pipeline(pipeline)
+    except TilesegError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        table = [["#", "input", "shape", "channels", "chunks", "n_patches", "n_blocks", "est_peak_task"]]
+        for r in rows:
+            if "error" in r:
+                table.append([str(r["index"]), r["input"], "error: " + r["error"], "", "", "", "", ""])
+                continue
+            table.append([
+                str(r["index"]), r["input"], "x".join(map(str, r["shape"])), str(r.get("channels", "-")),
+                "x".join(map(str, r["chunks"])), str(r.get("n_patches") if r.get("n_patches") is not None else "-"),
+                str(r.get("n_blocks", "-")), _mib(r.get("est_peak_task_bytes")),
+            ])
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        for j, row in enumerate(table):
+            click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+            if j == 0:
+                click.echo("  ".join("-" * w for w in widths))
+    sys.exit(EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--array", default=None, help="Array inside a container (e.g. labels).")
+@click.option("--level", default=None, type=int, help="Multiscale level (0 = full resolution).")
+@click.option("--reader", default="auto", show_default=True, help="Reader name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def info(path: str, array: str | None, level: int | None, reader: str, as_json: bool) -> None:
+    """Show what tileseg sees in PATH: shape, axes, dtype, chunks, spacing, levels (reads no pixels)."""
+    from .inspect import describe, format_description
+
+    opts: dict[str, Any] = {"reader": reader}
+    if array is not None:
+        opts["array"] = array
+    if level is not None:
+        opts["level"] = level
+    try:
+        desc = describe(path, **opts)
+    except (TilesegError, OSError) as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(desc, indent=2, default=str) if as_json else format_description(desc))
+
+
+@main.command()
+@click.argument("pred")
+@click.argument("ref")
+@click.option("--pred-array", default=None, help="Array inside PRED.")
+@click.option("--ref-array", default=None, help="Array inside REF (e.g. labels).")
+@click.option("--n-classes", default=None, type=click.IntRange(min=1),
+              help="Classes are 0..N-1 (default: 1 + the largest label).")
+@click.option("--ignore-index", default=None, type=int, help="Reference label to leave out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(pred: str, ref: str, pred_array: str | None, ref_array: str | None, n_classes: int | None,
+             ignore_index: int | None, as_json: bool) -> None:
+    """Dice, IoU and accuracy per class of the labels PRED against the reference labels REF."""
+    from .metrics import evaluate as evaluate_paths
+
+    try:
+        scores = evaluate_paths(
+            pred, ref, n_classes=n_classes, ignore_index=ignore_index,
+            pred_options={"array": pred_array} if pred_array else None,
+            ref_options={"array": ref_array} if ref_array else None,
+        )
+    except (TilesegError, OSError) as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(scores, indent=2))
+        return
+    click.echo(f"prediction: {scores.get('prediction')}\nreference: {scores.get('reference')}")
+    click.echo(f"pixels: {scores['n_pixels']}, pixel accuracy: {_num(scores['pixel_accuracy'])}, "
+               f"mean Dice (foreground): {_num(scores['mean_dice'])}, mean IoU: {_num(scores['mean_iou'])}")
+    rows = [["class", "dice", "iou", "accuracy", "ref_pixels", "pred_pixels"]]
+    for c, v in scores["classes"].items():
+        rows.append([c, _num(v["dice"]), _num(v["iou"]), _num(v["accuracy"]), str(v["ref_pixels"]),
+                     str(v["pred_pixels"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

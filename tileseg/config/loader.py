@@ -1,0 +1,240 @@
+"""Load a pipeline file: ``yaml.safe_load``, validate, resolve relative paths.
+
+Every problem becomes one line of a single :class:`~tileseg.errors.ConfigError`,
+written as the YAML path and the reason::
+
+    pipeline.yaml: 2 problems
+      tiling.overlap: must be >= 0 and < 1 (got -0.1)
+      model.batch_sise: unknown key; did you mean 'batch_size'?
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import ConfigError
+from .schema import PipelineConfig
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``s3://...``, ``https://...``) rather than a local path."""
+    return bool(_URL.match(path))
+
+
+def load_pipeline(source: Any, *, base_dir: str | os.PathLike[str] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, dict or PipelineConfig
+        A YAML file, an already parsed mapping, or a validated pipeline
+        (returned unchanged).
+    base_dir : path, optional
+        Directory that relative paths are resolved against; defaults to the
+        pipeline file's directory (or the current directory for a mapping).
+
+    Returns
+    -------
+    PipelineConfig
+        The validated pipeline with absolute local paths.
+
+    Raises
+    ------
+    ConfigError
+        If the file cannot be read, is not valid YAML (file, line and column
+        are named) or does not match the schema (every problem is listed with
+        its YAML path).
+
+    Examples
+    --------
+    >>> cfg = load_pipeline("pipelines/demo.yaml")  # doctest: +SKIP
+    >>> cfg.tiling.patch_size  # doctest: +SKIP
+    [256, 256]
+    """
+    if isinstance(source, PipelineConfig):
+        return source
+    if isinstance(source, dict):
+        return parse_pipeline(source, base_dir=base_dir or os.getcwd(), source="<mapping>")
+    path = Path(os.fspath(source)).expanduser()
+    data = read_yaml(path)
+    return parse_pipeline(data, base_dir=base_dir or path.resolve().parent, source=str(path))
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file with ``yaml.safe_load``; syntax errors name line and column."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: pipeline file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read pipeline file: {exc}") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ConfigError(f"{where}: invalid YAML: {detail} (line {mark.line + 1 if mark else '?'})") from None
+
+
+def parse_pipeline(data: Any, *, base_dir: str | os.PathLike[str], source: str = "<pipeline>") -> PipelineConfig:
+    """Validate a parsed mapping and resolve its relative paths against ``base_dir``.
+
+    Raises
+    ------
+    ConfigError
+        Listing every problem as ``yaml.path: reason``.
+    """
+    if data is None:
+        raise ConfigError(f"{source}: the pipeline is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (got {type(data).__name__})")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = format_errors(exc)
+        raise ConfigError(_join(source, lines)) from None
+    cfg = resolve_paths(cfg, Path(base_dir))
+    missing = _missing_files(cfg)
+    if missing:
+        raise ConfigError(_join(source, missing))
+    return cfg
+
+
+def _join(source: str, lines: list[str]) -> str:
+    n = len(lines)
+    head = f"{source}: {n} problem{'s' if n != 1 else ''}"
+    return head + "".join(f"\n  {line}" for line in lines)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def yaml_path(loc: tuple[Any, ...]) -> str:
+    """``('postprocess', 1, 'opening')`` -> ``postprocess[1].opening``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that holds the key at ``loc`` (None if not a model)."""
+    cls: Any = PipelineConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        cls = _model_in(field.annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One ``path: reason`` line per pydantic error, deduplicated, in order."""
+    import difflib
+
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err.get("loc", ()))
+        kind = err.get("type", "")
+        msg = str(err.get("msg", ""))
+        got = err.get("input")
+        if kind == "extra_forbidden":
+            section = _section_at(loc[:-1])
+            hint = ""
+            if section is not None:
+                near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                hint += f" (allowed: {', '.join(section.model_fields)})"
+            lines.append(f"{yaml_path(loc)}: unknown key{hint}")
+            continue
+        if kind == "missing":
+            lines.append(f"{yaml_path(loc)}: required key is missing")
+            continue
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif msg.startswith("Assertion failed, "):
+            msg = msg[len("Assertion failed, "):]
+        elif kind.endswith("_type") or kind in ("literal_error", "enum"):
+            msg = f"wrong type or value: {msg[0].lower()}{msg[1:]} (got {got!r})"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            msg = f"{msg[0].lower()}{msg[1:]} (got {got!r})"
+        path = yaml_path(loc)
+        step = re.match(r"step (\d+): ", msg)
+        if step:  # list validators name the offending entry this way
+            path, msg = f"{path}[{step.group(1)}]", msg[step.end():]
+        for part in msg.split("\n"):
+            line = f"{path}: {part}" if path else part
+            if line not in lines:
+                lines.append(line)
+    return lines
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _resolve(path: str, base: Path) -> str:
+    if is_url(path):
+        return path
+    p = Path(os.path.expanduser(path))
+    if not p.is_absolute():
+        p = base / p
+    return os.path.normpath(str(p))
+
+
+def resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
+    """A copy of ``cfg`` with input, weights, output and reference paths made absolute."""
+    base = Path(base_dir).expanduser().resolve()
+    updates: dict[str, Any] = {
+        "input": cfg.input.model_copy(update={"path": [_resolve(p, base) for p in cfg.input.path]}),
+        "output": cfg.output.model_copy(update={"path": _resolve(cfg.output.path, base)}),
+    }
+    if cfg.model is not None:
+        m = {k: _resolve(getattr(cfg.model, k), base)
+             for k in ("torchscript", "state_dict") if getattr(cfg.model, k) is not None}
+        updates["model"] = cfg.model.model_copy(update=m)
+    if cfg.evaluate is not None and cfg.evaluate.reference.path is not None:
+        ref = cfg.evaluate.reference.model_copy(update={"path": _resolve(cfg.evaluate.reference.path, base)})
+        updates["evaluate"] = cfg.evaluate.model_copy(update={"reference": ref})
+    return cfg.model_copy(update=updates)
+
+
+def _missing_files(cfg: PipelineConfig) -> list[str]:
+    problems = []
+    if cfg.model is not None:
+        for key in ("torchscript", "state_dict"):
+            p = getattr(cfg.model, key)
+            if p is not None and not is_url(p) and not os.path.isfile(p):
+                problems.append(f"model.{key}: weights file not found: {p!r}")
+    return problems

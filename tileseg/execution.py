@@ -1,0 +1,236 @@
+"""Which Dask scheduler runs a pipeline, as one context manager.
+
+``execution.scheduler`` in a pipeline (or ``--scheduler`` on the CLI) picks:
+
+``threads`` (default)
+    dask's threaded scheduler with ``workers`` threads.
+``processes``
+    dask's multiprocessing scheduler with ``workers`` processes, one pool
+    kept for the whole run (the model is loaded once per process).
+``synchronous``
+    everything in the calling thread (debugging, profiling).
+``local``
+    a ``distributed.LocalCluster`` of ``workers`` processes with
+    ``threads_per_worker`` threads each, every worker declaring
+    ``resources`` (e.g. ``{GPU: 1}``); closed when the run ends.
+``tcp://host:port`` / ``tls://host:port``
+    an existing distributed scheduler; its workers declare their own
+    resources (``dask worker ... --resources GPU=1``).
+
+The last two need the ``distributed`` extra (``pip install 'tileseg[distributed]'``).
+
+GPU tasks: when ``resources`` is set and the scheduler is distributed, the
+runner builds the model-inference part of the graph inside
+``dask.annotate(resources=...)`` (see :func:`model_annotations`), so at most
+one inference task per declared ``GPU`` unit runs at a time on each worker,
+while reading, writing and post-processing tasks are scheduled freely.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerInfo:
+    """The scheduler a run uses.
+
+    Attributes
+    ----------
+    name : str
+        ``threads``, ``processes``, ``synchronous``, ``local`` or an address.
+    workers : int or None
+        Number of workers requested (``None``: dask's default).
+    resources : dict
+        Resources model tasks are annotated with (distributed only).
+    client : distributed.Client or None
+        The client for ``local`` and addresses.
+    """
+
+    name: str
+    workers: int | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    client: Any = None
+
+    @property
+    def distributed(self) -> bool:
+        """Whether a distributed client runs the graph."""
+        return self.client is not None
+
+    def describe(self) -> dict[str, Any]:
+        """Short description for run reports."""
+        out: dict[str, Any] = {"scheduler": self.name, "workers": self.workers}
+        if self.client is not None:
+            try:
+                out["dashboard"] = self.client.dashboard_link
+                out["n_workers"] = len(self.client.scheduler_info().get("workers", {}))
+            except Exception:  # pragma: no cover - a scheduler that went away
+                pass
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        return out
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+@contextlib.contextmanager
+def scheduler_context(execution_cfg: Any = None, override: str | None = None) -> Iterator[SchedulerInfo]:
+    """Set up the Dask scheduler for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    execution_cfg : ExecutionConfig or dict, optional
+        ``scheduler``, ``workers``, ``threads_per_worker``, ``resources``.
+    override : str, optional
+        A scheduler name or address that replaces ``execution_cfg.scheduler``
+        (the CLI's ``--scheduler``).
+
+    Yields
+    ------
+    SchedulerInfo
+        What runs the graph; ``info.client`` is the distributed client if any.
+
+    Raises
+    ------
+    ConfigError
+        If the scheduler name is invalid or the address cannot be reached.
+    MissingDependencyError
+        If ``local`` or an address is asked for without ``distributed``.
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> with scheduler_context({"scheduler": "threads", "workers": 2}) as info:
+    ...     int(da.ones(10, chunks=5).sum().compute())
+    10
+    """
+    import dask
+
+    from .config.schema import check_scheduler
+
+    name = override or _get(execution_cfg, "scheduler", "threads")
+    try:
+        check_scheduler(name)
+    except ValueError as exc:
+        raise ConfigError(f"execution.scheduler: {exc}") from None
+    workers = _get(execution_cfg, "workers", None)
+    threads = _get(execution_cfg, "threads_per_worker", 1)
+    resources = dict(_get(execution_cfg, "resources", None) or {})
+
+    if name in ("threads", "processes", "synchronous"):
+        if resources:
+            log.debug("execution.resources %r ignored by the %s scheduler", resources, name)
+        settings: dict[str, Any] = {"scheduler": name}
+        if workers is not None and name != "synchronous":
+            settings["num_workers"] = workers
+        pool = _process_pool(workers) if name == "processes" else None
+        if pool is not None:
+            settings["pool"] = pool
+        try:
+            with dask.config.set(settings):
+                yield SchedulerInfo(name=name, workers=workers)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return
+
+    distributed = _require_distributed()
+    if name == "local":
+        cluster = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            resources=resources or None,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        )
+        try:
+            with distributed.Client(cluster, set_as_default=True) as client:
+                yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+        finally:
+            cluster.close()
+        return
+
+    try:
+        client = distributed.Client(name, set_as_default=True)  # timeout: distributed.comm.timeouts.connect
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"execution.scheduler: cannot connect to {name!r}: {exc}") from exc
+    with client:
+        yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+
+
+def _process_pool(workers: int | None) -> Any:
+    """One process pool for the whole run, so worker processes (and the model
+    each one caches) are reused by every item instead of respawned per compute."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    import dask
+    from dask.multiprocessing import initialize_worker_process
+
+    context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
+    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=context,
+                               initializer=initialize_worker_process)
+
+
+def _require_distributed() -> Any:
+    from .errors import require
+
+    return require("distributed", "distributed")
+
+
+def model_annotations(info: SchedulerInfo | None) -> contextlib.AbstractContextManager[Any]:
+    """``dask.annotate(resources=...)`` for model tasks on a distributed scheduler, else a no-op."""
+    if info is None or not info.distributed or not info.resources:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=dict(info.resources))
+
+
+def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = False) -> tuple[Any, ...]:
+    """Compute dask collections on the active scheduler, with an optional progress bar.
+
+    Parameters
+    ----------
+    info : SchedulerInfo or None
+        From :func:`scheduler_context`; ``None`` uses dask's current default.
+    *collections
+        Dask arrays/delayed objects.
+    progress : bool
+        Show ``dask.diagnostics.ProgressBar`` (local schedulers) or
+        ``distributed.progress`` (distributed) on the terminal.
+
+    Returns
+    -------
+    tuple
+        One result per collection.
+    """
+    import dask
+
+    if info is not None and info.client is not None:
+        futures = info.client.compute(list(collections))
+        if progress:
+            _require_distributed().progress(futures)
+        return tuple(info.client.gather(futures))
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(minimum=0.5):
+            return dask.compute(*collections)
+    return dask.compute(*collections)

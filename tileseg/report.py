@@ -1,0 +1,291 @@
+"""Run reports: per-item results, package versions, a JSON file and a summary table."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+#: Item statuses.
+OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+
+
+@dataclass
+class ItemResult:
+    """What happened to one input item.
+
+    Attributes
+    ----------
+    index : int
+        Position of the item in the expanded input list.
+    input, output : str
+        Input path/URL and rendered output path (``None`` if never rendered).
+    status : {"ok", "failed", "skipped"}
+        ``skipped`` means an earlier run already completed this output with the
+        same configuration (resume).
+    shape, chunks : list of int
+        Spatial shape of the input and output chunk sizes.
+    n_patches : int
+        Patches predicted (model pipelines).
+    timings : dict
+        Seconds per stage: ``open``, ``graph``, ``compute_write``, ``finalize``,
+        ``evaluate``.
+    pixels_per_s : float
+        Spatial pixels divided by the ``compute_write`` time.
+    peak_rss_bytes : int
+        Peak resident memory of this process and its children during the item.
+    error : str
+        ``ExceptionType: message`` naming the file, for failed items.
+    dice : dict
+        Dice per class (``None`` where a class is absent from both images).
+    """
+
+    index: int
+    input: str
+    output: str | None = None
+    status: str = FAILED
+    shape: list[int] | None = None
+    chunks: list[int] | None = None
+    n_patches: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    pixels_per_s: float | None = None
+    peak_rss_bytes: int | None = None
+    error: str | None = None
+    dice: dict[str, float | None] | None = None
+    config_hash: str | None = None
+
+
+@dataclass
+class RunReport:
+    """The result of :func:`tileseg.run.run_pipeline`.
+
+    Attributes
+    ----------
+    pipeline : dict
+        The fully resolved pipeline (defaults filled in, absolute paths).
+    versions : dict
+        Versions of tileseg, Python and the libraries that did the work.
+    scheduler : dict
+        The scheduler that ran the graph.
+    items : list of ItemResult
+    report_path, manifest_path : str
+        Where the JSON report and the resume manifest were written.
+    """
+
+    pipeline: dict[str, Any]
+    versions: dict[str, str]
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    items: list[ItemResult] = field(default_factory=list)
+    started: str = ""
+    finished: str | None = None
+    duration_s: float | None = None
+    report_path: str | None = None
+    manifest_path: str | None = None
+
+    @property
+    def n_failed(self) -> int:
+        """Number of failed items."""
+        return sum(i.status == FAILED for i in self.items)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every item succeeded or was already complete."""
+        return self.n_failed == 0
+
+    def counts(self) -> dict[str, int]:
+        """Items per status."""
+        return {s: sum(i.status == s for i in self.items) for s in (OK, SKIPPED, FAILED)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dictionary."""
+        out = asdict(self)
+        out["summary"] = self.counts()
+        return _jsonable(out)
+
+    def write(self, path: str) -> str:
+        """Write the report as JSON (atomically) and remember where."""
+        self.report_path = path
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        return path
+
+    def summary_table(self) -> str:
+        """A plain-text table with one row per item."""
+        return summary_table(self.items)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return _jsonable(obj.item())
+    return obj
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of tileseg, Python and the libraries used (torch only if loaded)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    out = {"tileseg": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    names = ["dask", "zarr", "numpy", "pydantic"]
+    names += [n for n in ("torch", "distributed", "scikit-image", "scipy", "onnxruntime")
+              if n.replace("scikit-image", "skimage") in sys.modules]
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # pragma: no cover - odd installs
+            mod = sys.modules.get(name)
+            out[name] = str(getattr(mod, "__version__", "unknown"))
+    return out
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (URLs via fsspec)."""
+    from .config.loader import is_url
+
+    if is_url(path) and not path.startswith("file://"):
+        import fsspec
+
+        with fsspec.open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return
+    path = path[len("file://"):] if path.startswith("file://") else path
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON file (local or fsspec URL); ``None`` if it does not exist."""
+    from .config.loader import is_url
+
+    if is_url(path) and not path.startswith("file://"):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        if not fs.exists(p):
+            return None
+        with fs.open(p, "r") as fh:
+            return json.load(fh)
+    path = path[len("file://"):] if path.startswith("file://") else path
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.0f}M"
+
+
+def _short(text: str | None, width: int) -> str:
+    if not text:
+        return "-"
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def summary_table(items: list[ItemResult]) -> str:
+    """Format items as an aligned text table.
+
+    Columns: status, input, shape, patches, total seconds, Mpx/s of the
+    compute+write stage, peak RSS, mean foreground Dice, error.
+    """
+    header = ["#", "status", "input", "shape", "patches", "time s", "Mpx/s", "peak RSS", "dice fg", "error"]
+    rows = [header]
+    for it in items:
+        total = sum(it.timings.values()) if it.timings else None
+        dice = None
+        if it.dice:  # mean over the foreground classes (all but the first), like metrics.mean_dice
+            vals = list(it.dice.values())
+            vals = [v for v in (vals[1:] if len(vals) > 1 else vals) if v is not None]
+            dice = f"{sum(vals) / len(vals):.3f}" if vals else "-"
+        rows.append([
+            str(it.index),
+            it.status,
+            _short(os.path.basename(it.input.rstrip("/")) or it.input, 28),
+            "x".join(map(str, it.shape)) if it.shape else "-",
+            "-" if it.n_patches is None else str(it.n_patches),
+            "-" if total is None else f"{total:.2f}",
+            "-" if not it.pixels_per_s else f"{it.pixels_per_s / 1e6:.2f}",
+            _fmt_bytes(it.peak_rss_bytes),
+            dice or "-",
+            _short(it.error, 60),
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class PeakRSS:
+    """Sample the resident memory of this process and its children in a thread.
+
+    Examples
+    --------
+    >>> with PeakRSS() as mem:
+    ...     _ = bytearray(10_000_000)
+    >>> mem.peak > 0
+    True
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        proc = psutil.Process()
+        while True:
+            try:
+                rss = proc.memory_info().rss
+                for child in proc.children(recursive=True):
+                    try:
+                        rss += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak = max(self.peak, rss)
+            except psutil.Error:  # pragma: no cover
+                pass
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._sample, name="tileseg-rss", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
