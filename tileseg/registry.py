@@ -30,7 +30,9 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
     },
-    "models": {},
+    "models": {
+        "unet": "tileseg.predictors.unet:UNet",
+    },
     "methods": {},
     "postprocess": {},
 }
