@@ -34,7 +34,23 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "unet": "tileseg.predictors.unet:UNet",
     },
     "methods": {},
-    "postprocess": {},
+    "postprocess": {
+        "argmax": "tileseg.postprocess.classes:argmax",
+        "threshold": "tileseg.postprocess.classes:threshold",
+        "erosion": "tileseg.postprocess.morphology:binary_erosion",
+        "dilation": "tileseg.postprocess.morphology:binary_dilation",
+        "opening": "tileseg.postprocess.morphology:binary_opening",
+        "closing": "tileseg.postprocess.morphology:binary_closing",
+        "grey_erosion": "tileseg.postprocess.morphology:grey_erosion",
+        "grey_dilation": "tileseg.postprocess.morphology:grey_dilation",
+        "grey_opening": "tileseg.postprocess.morphology:grey_opening",
+        "grey_closing": "tileseg.postprocess.morphology:grey_closing",
+        "fill_holes": "tileseg.postprocess.objects:fill_holes",
+        "remove_small_objects": "tileseg.postprocess.objects:remove_small_objects",
+        "remove_small_holes": "tileseg.postprocess.objects:remove_small_holes",
+        "keep_largest": "tileseg.postprocess.objects:keep_largest",
+        "label": "tileseg.postprocess.objects:label_step",
+    },
 }
 _EXTRA: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
 

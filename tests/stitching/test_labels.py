@@ -1,0 +1,216 @@
+"""Chunked connected-component labelling equals scipy.ndimage.label on the whole image."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tileseg.errors import ConfigError, InputError
+from tileseg.stitching.labels import components, label
+
+SETTINGS = settings(max_examples=30, deadline=None)
+
+
+@st.composite
+def chunkings(draw, shape):
+    """Irregular chunk sizes per axis (1 to 4 cuts, any position)."""
+    out = []
+    for s in shape:
+        cuts = draw(st.lists(st.integers(1, s - 1), max_size=4, unique=True)) if s > 1 else []
+        bounds = [0, *sorted(cuts), s]
+        out.append(tuple(int(v) for v in np.diff(bounds)))
+    return tuple(out)
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.sampled_from([2, 3]))
+    shape = tuple(draw(st.lists(st.integers(3, 28 if ndim == 2 else 12), min_size=ndim, max_size=ndim)))
+    chunks = draw(chunkings(shape))
+    seed = draw(st.integers(0, 2**16))
+    sigma = draw(st.sampled_from([0.0, 0.7, 1.5, 3.0]))
+    frac = draw(st.sampled_from([0.2, 0.5, 0.7]))
+    connectivity = draw(st.integers(1, ndim))
+    rng = np.random.default_rng(seed)
+    img = rng.random(shape)
+    if sigma:
+        img = ndi.gaussian_filter(img, sigma)
+    mask = img > np.quantile(img, 1 - frac)
+    return mask, chunks, connectivity
+
+
+def _ref(mask, connectivity):
+    return ndi.label(mask, ndi.generate_binary_structure(mask.ndim, connectivity))
+
+
+@SETTINGS
+@given(cases())
+def test_sequential_labels_equal_scipy_exactly(case):
+    mask, chunks, connectivity = case
+    ref, n_ref = _ref(mask, connectivity)
+    lab, n = label(da.from_array(mask, chunks=chunks), connectivity=connectivity)
+    assert n == n_ref
+    assert lab.dtype == np.int64
+    assert lab.chunks == chunks
+    np.testing.assert_array_equal(lab.compute(), ref)
+
+
+@SETTINGS
+@given(cases())
+def test_non_sequential_labels_equal_up_to_permutation(case):
+    mask, chunks, connectivity = case
+    ref, n_ref = _ref(mask, connectivity)
+    lab, n = label(da.from_array(mask, chunks=chunks), connectivity=connectivity, sequential=False)
+    got = lab.compute()
+    assert n == n_ref
+    np.testing.assert_array_equal(got == 0, ref == 0)
+    pairs = set(zip(ref[mask].tolist(), got[mask].tolist()))
+    # A bijection between reference and computed labels.
+    assert len(pairs) == n_ref == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+    assert set(np.unique(got[mask]).tolist()) == set(range(1, n + 1))
+
+
+@pytest.mark.parametrize("connectivity,expected", [(1, 2), (2, 2), (3, 1)])
+def test_objects_touching_only_at_a_3d_chunk_corner(connectivity, expected):
+    mask = np.zeros((8, 8, 8), bool)
+    mask[2:4, 2:4, 2:4] = True  # ends at the corner of chunk (0, 0, 0)
+    mask[4:6, 4:6, 4:6] = True  # starts at the corner of chunk (1, 1, 1)
+    lab, n = label(da.from_array(mask, chunks=4), connectivity=connectivity)
+    assert n == expected
+    np.testing.assert_array_equal(lab.compute(), _ref(mask, connectivity)[0])
+
+
+@pytest.mark.parametrize("connectivity,expected", [(1, 2), (2, 1), (3, 1)])
+def test_objects_touching_only_along_a_3d_chunk_edge(connectivity, expected):
+    mask = np.zeros((8, 8, 8), bool)
+    mask[3, 3, :] = True  # chunk column (0, 0, *)
+    mask[4, 4, :] = True  # chunk column (1, 1, *): touches across the z-parallel edge only
+    lab, n = label(da.from_array(mask, chunks=4), connectivity=connectivity)
+    assert n == expected
+    np.testing.assert_array_equal(lab.compute(), _ref(mask, connectivity)[0])
+
+
+def test_blob_much_larger_than_the_chunks_is_one_object():
+    zz, yy, xx = np.mgrid[:30, :30, :30]
+    mask = (zz - 15) ** 2 + (yy - 15) ** 2 + (xx - 15) ** 2 < 13**2  # spans 27+ chunks
+    mask[15, 15, :] = False  # a cut that does not split it
+    lab, n = label(da.from_array(mask, chunks=(5, 7, 6)), connectivity=1)
+    assert n == 1
+    np.testing.assert_array_equal(lab.compute(), mask.astype(np.int64))
+
+
+def test_spiral_connected_through_many_chunks():
+    # A serpentine path: one component whose pieces in each chunk are disjoint.
+    mask = np.zeros((21, 21), bool)
+    mask[::4, :] = True
+    for i, r in enumerate(range(0, 17, 4)):
+        mask[r : r + 5, 20 if i % 2 == 0 else 0] = True
+    ref, n_ref = _ref(mask, 1)
+    assert n_ref == 1
+    lab, n = label(da.from_array(mask, chunks=3))
+    assert n == 1
+    np.testing.assert_array_equal(lab.compute(), ref)
+
+
+def test_empty_and_full_masks():
+    empty = da.zeros((10, 12), dtype=bool, chunks=4)
+    lab, n = label(empty)
+    assert n == 0 and not lab.compute().any()
+    full = da.ones((10, 12, 5), dtype=bool, chunks=(3, 5, 2))
+    lab, n = label(full, connectivity=2)
+    assert n == 1 and (lab.compute() == 1).all()
+
+
+def test_integer_input_means_nonzero_foreground():
+    img = np.array([[0, 3, 3, 0, 7], [0, 0, 2, 0, 7]])
+    lab, n = label(da.from_array(img, chunks=2))
+    assert n == 2
+    np.testing.assert_array_equal(lab.compute(), ndi.label(img != 0)[0])
+
+
+@SETTINGS
+@given(st.integers(0, 2**16), st.integers(1, 2), st.sampled_from([(3, 4), (5, 5), (7, 2)]))
+def test_by_value_labels_each_class_separately(seed, connectivity, chunks):
+    rng = np.random.default_rng(seed)
+    cls = ndi.zoom(rng.integers(0, 4, (6, 7)), 4, order=0)[:23, :26]
+    lab, n = label(da.from_array(cls, chunks=chunks), connectivity=connectivity, by_value=True)
+    got = lab.compute()
+    struct = ndi.generate_binary_structure(2, connectivity)
+    n_ref = 0
+    for v in range(1, 4):
+        ref, k = ndi.label(cls == v, struct)
+        n_ref += k
+        sel = cls == v
+        pairs = set(zip(ref[sel].tolist(), got[sel].tolist()))
+        assert len(pairs) == k == len({b for _, b in pairs})
+    assert n == n_ref
+    assert (got[cls == 0] == 0).all()
+    # Sequential in raster order over all classes.
+    firsts = [np.flatnonzero(got.ravel() == i)[0] for i in range(1, n + 1)]
+    assert firsts == sorted(firsts)
+
+
+def test_component_summaries_match_whole_image():
+    rng = np.random.default_rng(3)
+    mask = ndi.gaussian_filter(rng.random((30, 34)), 1.5) > 0.5
+    comps = components(da.from_array(mask, chunks=(7, 9)), connectivity=2)
+    ref, n = _ref(mask, 2)
+    rank = comps.raster_rank()
+    sizes = np.zeros(n, np.int64)
+    sizes[rank] = comps.sizes
+    np.testing.assert_array_equal(sizes, np.bincount(ref.ravel())[1:])
+    border_ref = np.zeros(n + 1, bool)
+    for ax in range(2):
+        border_ref[np.take(ref, 0, axis=ax)] = True
+        border_ref[np.take(ref, -1, axis=ax)] = True
+    border = np.zeros(n, bool)
+    border[rank] = comps.border
+    np.testing.assert_array_equal(border, border_ref[1:])
+
+
+def test_graph_grows_with_blocks_not_pixels():
+    mask = da.zeros((64, 64), dtype=bool, chunks=16)
+    lab, _ = label(mask)
+    small = len(lab.__dask_graph__())
+    mask = da.zeros((640, 640), dtype=bool, chunks=160)
+    lab, _ = label(mask)
+    assert len(lab.__dask_graph__()) == small
+
+
+def test_many_chunks_along_one_axis():
+    # Provisional labels are block_index * block_size + local; many thin chunks exercise the decoding.
+    mask = np.zeros((4, 402), bool)
+    mask[0, ::2] = True
+    mask[2, :] = True
+    mask[2, ::9] = False
+    lab, n = label(da.from_array(mask, chunks=(2, 4)), connectivity=2)
+    ref, n_ref = _ref(mask, 2)
+    assert n == n_ref
+    np.testing.assert_array_equal(lab.compute(), ref)
+
+
+@pytest.mark.parametrize("connectivity", [0, 3, 1.5])
+def test_bad_connectivity_is_a_config_error(connectivity):
+    with pytest.raises(ConfigError, match="connectivity"):
+        label(da.zeros((4, 4), dtype=bool, chunks=2), connectivity=connectivity)
+
+
+def test_float_input_is_rejected():
+    with pytest.raises(InputError, match="float64"):
+        label(da.zeros((4, 4), chunks=2))
+
+
+def test_empty_chunks_and_empty_arrays():
+    rng = np.random.default_rng(5)
+    mask = rng.random((30, 30)) > 0.5
+    x = da.from_array(mask, chunks=((10, 0, 20), (7, 0, 0, 23)))
+    lab, n = label(x, connectivity=2)
+    ref, n_ref = _ref(mask, 2)
+    assert n == n_ref
+    np.testing.assert_array_equal(lab.compute(), ref)
+    lab, n = label(da.zeros((0, 5), dtype=bool, chunks=2))
+    assert n == 0 and lab.compute().shape == (0, 5)
