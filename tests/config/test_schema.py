@@ -163,6 +163,7 @@ def test_argmax_must_come_first_and_needs_a_model(base, monkeypatch):
     registry.available("postprocess")  # the classical steps are registered (argmax among them)
     # the engine's own argmax: first step only, model only
     monkeypatch.delitem(registry._EXTRA["postprocess"], "argmax", raising=False)
+    monkeypatch.delitem(registry._BUILTINS["postprocess"], "argmax", raising=False)
     msg = errors_of(changed(base, lambda d: d.update(postprocess=["noop", "argmax"])))
     assert "postprocess[1]: 'argmax' must be the first postprocess step" in msg
     def method(d):

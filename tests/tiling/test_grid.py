@@ -29,7 +29,7 @@ def test_window_starts_match_monai(size, patch, overlap):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    shape=st.lists(st.integers(1, 120), min_size=2, max_size=3),
+    shape=st.lists(st.integers(1, 60), min_size=2, max_size=3),
     patch=st.integers(1, 40),
     overlap=st.floats(0, 0.9),
     chunk=st.integers(1, 70),
