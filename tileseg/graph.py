@@ -5,16 +5,17 @@ Graph shape (one task per block, never one per patch):
 
 ``owner`` tasks
     one per output block that holds the start corner of at least one patch;
-    predicts those patches in batches and overlap-adds them into a
-    ``(K + 1) x region`` accumulator (region = block plus at most one patch
-    margin). Every patch of the grid is predicted exactly once.
+    predicts those patches in batches and overlap-adds ``prediction x
+    window`` into a ``K x region`` accumulator (region = block plus at most
+    one patch margin). Every patch of the grid is predicted exactly once.
 ``piece`` tasks
     cut each owner's accumulator into the parts falling in each output block
     (its own block and the spill-over into following blocks), so an owner's
     buffer is released as soon as it has been cut.
 ``final`` tasks
-    one per output block: add the pieces, divide by the summed weight, apply
-    the activation/argmax. Peak memory is bounded by the chunk size, not by
+    one per output block: add the pieces, divide by the summed weight of the
+    patches covering the block (recomputed from the geometry, so weights
+    never travel between tasks), apply the activation/argmax. Peak memory is bounded by the chunk size, not by
     the image size.
 """
 
@@ -105,7 +106,7 @@ def plan(
         ``shape`` (spatial), ``channels``, ``chunks`` (output chunk sizes per
         axis), ``n_patches``, ``n_blocks``, ``n_owner_tasks`` and
         ``est_peak_task_bytes`` (largest owner task: input region, one batch,
-        the ``(K + 1) x region`` accumulator, plus one output chunk).
+        the ``K x region`` accumulator, plus one output chunk).
     """
     img = _prepare_input(image, patch_size)
     grid = _grid_for(img, patch_size, overlap, overlap_px, chunks)
@@ -116,7 +117,7 @@ def plan(
     largest = max((int(np.prod([b - a for a, b in grid.region(o)])) for o in owners), default=0)
     block_px = int(np.prod([max(c) for c in grid.chunks]))
     out_bytes = block_px * (k * 4 if output != "labels" else label_dtype(k).itemsize)
-    est = 4 * (largest * (n_ch + k + 1) + batch_size * patch_px * (n_ch + k)) + out_bytes
+    est = 4 * (largest * (n_ch + k) + batch_size * patch_px * (n_ch + k)) + out_bytes
     return {
         "shape": tuple(img.spatial_shape),
         "channels": n_ch,
@@ -285,7 +286,10 @@ def segment(
 
     lead = () if output == "labels" else (0,)
     final_dsk = {
-        (final_name,) + lead + t: (oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, *keys)
+        (final_name,) + lead + t: (
+            oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t),
+            window_key, *keys,
+        )
         for t, keys in sources.items()
     }
     token_dsk = {(token_name,) + t: (_done, (final_name,) + lead + t) for t in sources} if lookahead else {}

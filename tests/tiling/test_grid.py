@@ -92,3 +92,19 @@ def test_impossible_patch_sizes():
         make_grid((100, 100, 100), (1024, 1024, 1024))
     with pytest.raises(TilingError, match="2 values but the patch has 3"):
         make_grid((10, 10, 10), (4, 4, 4), overlap=(0.1, 0.1))
+
+
+@pytest.mark.parametrize("shape, patch, overlap", [((1300, 3000), (256, 256), 0.25), ((300, 500, 410), (64, 64, 64), 0.25),
+                                                    ((200, 200, 200), (48, 64, 80), 0.5)])
+def test_default_chunks_align_blocks_with_window_starts(shape, patch, overlap):
+    grid = make_grid(shape, patch, overlap=overlap)
+    for axis in grid.axes:
+        if axis.n_blocks == 1:
+            continue
+        chunk = axis.bounds[1]
+        assert chunk % axis.stride == 0 and chunk >= axis.patch
+        for b in range(axis.n_blocks - 1):
+            lo, hi = axis.region(b)
+            assert lo == axis.bounds[b]  # the block starts on a window start
+            # spills only the overlap (or reaches the image end with the flush last window)
+            assert hi - axis.bounds[b + 1] <= axis.patch - axis.stride or hi == axis.size

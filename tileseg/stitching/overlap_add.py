@@ -5,8 +5,9 @@ geometry tuples; :mod:`tileseg.graph` wires them together. A *box* is a tuple
 of ``(start, stop)`` pairs in padded-image pixel coordinates.
 
 Memory per task: an owner task holds its input region, one batch of patches
-and a ``(K + 1) x region`` float32 accumulator (the extra channel is the
-summed blending weight); a finalise task holds ``(K + 1) x block``.
+and a ``K x region`` float32 accumulator; a finalise task holds ``K x block``
+plus the summed blending weight of its block, which it recomputes from the
+geometry (so the weight never travels between tasks).
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ def predict_owner(
     Returns
     -------
     (Box, numpy.ndarray)
-        ``region`` and the ``(K + 1) x region`` float32 accumulator whose last
-        channel is the summed weight.
+        ``region`` and the ``K x region`` float32 accumulator of weighted
+        predictions.
     """
     x = assemble(region, boxes, blocks[: len(boxes)])  # extra deps are ordering tokens
     if x.dtype != np.float32:
@@ -100,7 +101,7 @@ def predict_owner(
             "fix the input, mask it as nodata, or set nan_policy='fill'"
         )
     shape = tuple(b - a for a, b in region)
-    acc = np.zeros((n_classes + 1,) + shape, dtype=np.float32)
+    acc = np.zeros((n_classes,) + shape, dtype=np.float32)
     origin = np.array([a for a, _ in region])
     local = starts - origin
     for i in range(0, len(local), batch_size):
@@ -114,14 +115,12 @@ def predict_owner(
         for j, c in enumerate(idx):
             if crop_boxes is None:
                 sl = tuple(slice(s, s + p) for s, p in zip(c, patch))
-                acc[(slice(None, n_classes),) + sl] += pred[j] * window
-                acc[(n_classes,) + sl] += window
+                acc[(slice(None),) + sl] += pred[j] * window
             else:
                 keep = crop_boxes[i + j] - origin[:, None]
                 sl = tuple(slice(a, b) for a, b in keep)
                 inner = tuple(slice(a - s, b - s) for (a, b), s in zip(keep, c))
-                acc[(slice(None, n_classes),) + sl] += pred[j][(slice(None),) + inner]
-                acc[(n_classes,) + sl] += 1.0
+                acc[(slice(None),) + sl] += pred[j][(slice(None),) + inner]
     return region, acc
 
 
@@ -133,10 +132,36 @@ def take_piece(owner: tuple[Box, np.ndarray], target: Box) -> tuple[Box, np.ndar
     return part, acc[(slice(None),) + _rel(part, region)].copy()
 
 
+def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Summed blending weight over ``block`` of the patches starting at ``starts``."""
+    patch = window.shape
+    out = np.zeros(tuple(b - a for a, b in block), dtype=np.float32)
+    for s in starts:
+        part = intersect(block, tuple((int(a), int(a) + p) for a, p in zip(s, patch)))
+        if part is not None:
+            out[_rel(part, block)] += window[tuple(slice(a - int(o), b - int(o)) for (a, b), o in zip(part, s))]
+    return out
+
+
 def finalize_block(
-    block: Box, n_classes: int, output: str, dtype: str, *pieces: tuple[Box, np.ndarray]
+    block: Box, n_classes: int, output: str, dtype: str, starts: np.ndarray, window: np.ndarray | None,
+    *pieces: tuple[Box, np.ndarray],
 ) -> np.ndarray:
     """Sum the pieces falling in one output block, normalise and reduce.
+
+    Parameters
+    ----------
+    block : Box
+        The output block.
+    n_classes, output, dtype
+        K, the output kind and the label dtype.
+    starts : numpy.ndarray
+        ``(n, ndim)`` start corners of every patch covering part of the block.
+    window : numpy.ndarray or None
+        Blending window; None for ``crop``, where every pixel has exactly one
+        contribution and needs no normalisation.
+    pieces
+        ``(box, K x box)`` weighted predictions from the owner tasks.
 
     Returns
     -------
@@ -146,13 +171,14 @@ def finalize_block(
     """
     shape = tuple(b - a for a, b in block)
     if len(pieces) == 1 and pieces[0][0] == block:
-        acc = pieces[0][1]
+        # never modify an input in place: Dask may hand it to a rerun of this task
+        logits = pieces[0][1] if window is None else pieces[0][1] / weight_sum(block, starts, window)
     else:
-        acc = np.zeros((n_classes + 1,) + shape, dtype=np.float32)
+        logits = np.zeros((n_classes,) + shape, dtype=np.float32)
         for box, arr in pieces:
-            acc[(slice(None),) + _rel(box, block)] += arr
-    logits = acc[:n_classes]
-    logits /= acc[n_classes]
+            logits[(slice(None),) + _rel(box, block)] += arr
+        if window is not None:
+            logits /= weight_sum(block, starts, window)
     return reduce_logits(logits, output, dtype)
 
 

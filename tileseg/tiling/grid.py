@@ -216,6 +216,15 @@ class PatchGrid:
         mesh = np.meshgrid(*ranges, indexing="ij")
         return np.stack([m.ravel() for m in mesh], axis=1)
 
+    def patches_overlapping(self, block: Sequence[int]) -> np.ndarray:
+        """Start corners ``(n, ndim)`` of every patch that covers part of ``block``."""
+        ranges = []
+        for a, b in zip(self.axes, block):
+            lo, hi = a.bounds[b], a.bounds[b + 1]
+            ranges.append(a.starts[(a.starts < hi) & (a.starts + a.patch > lo)])
+        mesh = np.meshgrid(*ranges, indexing="ij")
+        return np.stack([m.ravel() for m in mesh], axis=1)
+
     def region(self, block: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """Pixel box covered by the patches owned by ``block``."""
         return tuple(a.region(b) for a, b in zip(self.axes, block))  # type: ignore[misc]
@@ -278,8 +287,11 @@ def make_grid(
         Overlap in pixels (``0 <= overlap_px < patch``); excludes ``overlap``.
     chunks : int, sequence, or None
         Output chunk size per axis (int per axis, or explicit dask-style
-        chunk tuples). Default: ``max(patch, 1024)`` in 2D, ``max(patch, 128)``
-        in 3D. Axes shorter than the patch always form a single chunk.
+        chunk tuples). Default: the smallest multiple of the stride that is at
+        least ``max(patch, 1024)`` in 2D or ``max(patch, 128)`` in 3D (e.g. 144
+        for a 64^3 patch with overlap 0.25), so blocks start on window starts and
+        spill only the overlap into their neighbours. Axes shorter than the
+        patch always form a single chunk.
 
     Returns
     -------
@@ -323,7 +335,10 @@ def make_grid(
         strides = tuple(stride_for(p, overlap=o) for p, o in zip(patch, ovf))
 
     if chunks is None:
-        chunks = tuple(max(p, DEFAULT_CHUNK[n]) for p in patch)
+        # A multiple of the stride: every block then starts on a window start, so a
+        # block's windows spill only ``patch - stride`` (the overlap) into the next block,
+        # which keeps the spill-over carried between tasks as small as it can be.
+        chunks = tuple(s * math.ceil(max(p, DEFAULT_CHUNK[n]) / s) for p, s in zip(patch, strides))
     chunk_per_axis = _per_axis(chunks, n, "chunks") if not _is_nested(chunks) else tuple(chunks)
     if len(chunk_per_axis) != n:
         raise TilingError(f"chunks {chunks!r} do not match {n} spatial dimensions")
