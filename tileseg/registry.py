@@ -33,46 +33,17 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "models": {
         "unet": "tileseg.predictors.unet:UNet",
     },
-    "methods": {
-        "otsu": "tileseg.methods.thresholds:otsu",
-        "multi_otsu": "tileseg.methods.thresholds:multi_otsu",
-        "li": "tileseg.methods.thresholds:li",
-        "yen": "tileseg.methods.thresholds:yen",
-        "triangle": "tileseg.methods.thresholds:triangle",
-        "isodata": "tileseg.methods.thresholds:isodata",
-        "mean": "tileseg.methods.thresholds:mean",
-        "fixed": "tileseg.methods.thresholds:fixed",
-        "fixed_physical": "tileseg.methods.thresholds:fixed_physical",
-        "local": "tileseg.methods.filters:local",
-        "gaussian": "tileseg.methods.filters:gaussian",
-        "median": "tileseg.methods.filters:median",
-        "sobel": "tileseg.methods.filters:sobel",
-        "scharr": "tileseg.methods.filters:scharr",
-        "canny": "tileseg.methods.filters:canny",
-        "kmeans": "tileseg.methods.clustering:kmeans",
-        "gmm": "tileseg.methods.clustering:gmm",
-        "region_growing": "tileseg.methods.regions:region_growing",
-        "watershed": "tileseg.methods.regions:watershed_method",
-    },
-    "postprocess": {
-        "argmax": "tileseg.postprocess.classes:argmax",
-        "threshold": "tileseg.postprocess.classes:threshold",
-        "erosion": "tileseg.postprocess.morphology:binary_erosion",
-        "dilation": "tileseg.postprocess.morphology:binary_dilation",
-        "opening": "tileseg.postprocess.morphology:binary_opening",
-        "closing": "tileseg.postprocess.morphology:binary_closing",
-        "grey_erosion": "tileseg.postprocess.morphology:grey_erosion",
-        "grey_dilation": "tileseg.postprocess.morphology:grey_dilation",
-        "grey_opening": "tileseg.postprocess.morphology:grey_opening",
-        "grey_closing": "tileseg.postprocess.morphology:grey_closing",
-        "fill_holes": "tileseg.postprocess.objects:fill_holes",
-        "remove_small_objects": "tileseg.postprocess.objects:remove_small_objects",
-        "remove_small_holes": "tileseg.postprocess.objects:remove_small_holes",
-        "keep_largest": "tileseg.postprocess.objects:keep_largest",
-        "label": "tileseg.postprocess.objects:label_step",
-    },
+    "methods": {},
+    "postprocess": {},
 }
 _EXTRA: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+# Packages whose import registers a whole table of built-ins (cheap: they
+# register "module:attr" strings and import nothing heavy).
+_BUILTIN_PACKAGES = {
+    "models": "tileseg.predictors",
+    "methods": "tileseg.methods",
+    "postprocess": "tileseg.postprocess",
+}
 
 
 def register(kind: str, name: str, target: Any) -> None:
@@ -94,6 +65,9 @@ def register(kind: str, name: str, target: Any) -> None:
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise PluginError(f"unknown plugin kind {kind!r}; expected one of {KINDS}")
+    package = _BUILTIN_PACKAGES.get(kind)
+    if package is not None:
+        importlib.import_module(package)  # registers its built-ins once
 
 
 @cache
