@@ -338,12 +338,16 @@ def _align_input(data, grid: PatchGrid):
 
     Owner tasks paste their region from the input blocks it overlaps, so the
     input's own chunks are used as they are unless they are much smaller
-    (many tiny dependencies) or much larger (one block pinned by many
-    owners) than the output chunks; those axes are rechunked to the output grid.
+    (more than 4x: many tiny dependencies) or much larger (one block pinned
+    by many owners) than the output chunks; those axes are rechunked to the
+    output grid. Keeping the store's chunks matters for memory: only the
+    input blocks under the overlap strip between two owners stay alive
+    between their tasks, where merged output-sized blocks would keep a
+    whole slab of input.
     """
     new = {0: -1}
     for d, (have, want) in enumerate(zip(data.chunks[1:], grid.chunks), start=1):
-        if max(have) * 2 < max(want) or max(have) > 4 * max(want):
+        if max(have) * 4 < max(want) or max(have) > 4 * max(want):
             new[d] = want
     return data.rechunk(new)
 
