@@ -67,9 +67,6 @@ def _fail(exc: BaseException) -> None:
 def main(verbose: int, quiet_log: int) -> None:
     """tileseg: memory-bounded tiled segmentation on Dask."""
     _configure_logging(verbose, quiet_log)
-    from .memory import tune_allocator
-
-    tune_allocator()  # the CLI owns its process; see tileseg.memory
 
 
 @main.command()
