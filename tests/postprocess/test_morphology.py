@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from tileseg.errors import ConfigError
 from tileseg.postprocess import morphology as M
+from tileseg.testing.strategies import chunkings
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -29,15 +30,6 @@ GREY = {
     "grey_opening": skm.opening,
     "grey_closing": skm.closing,
 }
-
-
-@st.composite
-def chunkings(draw, shape):
-    out = []
-    for s in shape:
-        cuts = draw(st.lists(st.integers(1, s - 1), max_size=3, unique=True)) if s > 1 else []
-        out.append(tuple(int(v) for v in np.diff([0, *sorted(cuts), s])))
-    return tuple(out)
 
 
 @st.composite

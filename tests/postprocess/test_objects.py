@@ -14,17 +14,9 @@ from hypothesis import strategies as st
 
 from tileseg.errors import ConfigError, InputError
 from tileseg.postprocess import objects as O
+from tileseg.testing.strategies import chunkings
 
 SETTINGS = settings(max_examples=25, deadline=None)
-
-
-@st.composite
-def chunkings(draw, shape):
-    out = []
-    for s in shape:
-        cuts = draw(st.lists(st.integers(1, s - 1), max_size=3, unique=True)) if s > 1 else []
-        out.append(tuple(int(v) for v in np.diff([0, *sorted(cuts), s])))
-    return tuple(out)
 
 
 @st.composite

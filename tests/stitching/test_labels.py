@@ -11,26 +11,16 @@ from hypothesis import strategies as st
 
 from tileseg.errors import ConfigError, InputError
 from tileseg.stitching.labels import components, label
+from tileseg.testing.strategies import chunkings
 
 SETTINGS = settings(max_examples=30, deadline=None)
-
-
-@st.composite
-def chunkings(draw, shape):
-    """Irregular chunk sizes per axis (1 to 4 cuts, any position)."""
-    out = []
-    for s in shape:
-        cuts = draw(st.lists(st.integers(1, s - 1), max_size=4, unique=True)) if s > 1 else []
-        bounds = [0, *sorted(cuts), s]
-        out.append(tuple(int(v) for v in np.diff(bounds)))
-    return tuple(out)
 
 
 @st.composite
 def cases(draw):
     ndim = draw(st.sampled_from([2, 3]))
     shape = tuple(draw(st.lists(st.integers(3, 28 if ndim == 2 else 12), min_size=ndim, max_size=ndim)))
-    chunks = draw(chunkings(shape))
+    chunks = draw(chunkings(shape, max_cuts=4))
     seed = draw(st.integers(0, 2**16))
     sigma = draw(st.sampled_from([0.0, 0.7, 1.5, 3.0]))
     frac = draw(st.sampled_from([0.2, 0.5, 0.7]))
