@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .allocator import limit_arenas
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
     workers = _get(execution_cfg, "workers", None)
     threads = _get(execution_cfg, "threads_per_worker", 1)
     resources = dict(_get(execution_cfg, "resources", None) or {})
+    arenas = _get(execution_cfg, "malloc_arenas", None)
+    if arenas and name in ("threads", "synchronous"):
+        limit_arenas(int(arenas))
 
     if name in ("threads", "processes", "synchronous"):
         if resources:
@@ -137,7 +141,7 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
         settings: dict[str, Any] = {"scheduler": name}
         if workers is not None and name != "synchronous":
             settings["num_workers"] = workers
-        pool = _process_pool(workers) if name == "processes" else None
+        pool = _process_pool(workers, arenas) if name == "processes" else None
         if pool is not None:
             settings["pool"] = pool
         try:
@@ -150,14 +154,16 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
 
     distributed = _require_distributed()
     if name == "local":
-        cluster = distributed.LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads,
-            processes=True,
-            resources=resources or None,
-            dashboard_address=None,
-            silence_logs=logging.WARNING,
-        )
+        spawn_env = {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": int(arenas)} if arenas else {}
+        with dask.config.set(spawn_env):
+            cluster = distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads,
+                processes=True,
+                resources=resources or None,
+                dashboard_address=None,
+                silence_logs=logging.WARNING,
+            )
         try:
             with distributed.Client(cluster, set_as_default=True) as client:
                 yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
@@ -173,7 +179,7 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
         yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
 
 
-def _process_pool(workers: int | None) -> Any:
+def _process_pool(workers: int | None, arenas: int | None = None) -> Any:
     """One process pool for the whole run, so worker processes (and the model
     each one caches) are reused by every item instead of respawned per compute."""
     import multiprocessing
@@ -181,11 +187,18 @@ def _process_pool(workers: int | None) -> Any:
     from concurrent.futures import ProcessPoolExecutor
 
     import dask
-    from dask.multiprocessing import initialize_worker_process
 
     context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
     return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=context,
-                               initializer=initialize_worker_process)
+                               initializer=_init_worker_process, initargs=(arenas,))
+
+
+def _init_worker_process(arenas: int | None) -> None:
+    from dask.multiprocessing import initialize_worker_process
+
+    if arenas:
+        limit_arenas(int(arenas))
+    initialize_worker_process()
 
 
 def _require_distributed() -> Any:

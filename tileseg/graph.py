@@ -31,9 +31,11 @@ import numpy as np
 
 from .errors import InputError, ModelError, TilingError
 from .image import Image, as_image
+from .stitching import buffers
 from .stitching import overlap_add as oa
 from .stitching.weights import blend_window, check_blend
 from .tiling.grid import PatchGrid, make_grid
+from .tiling.reads import private_reads
 
 log = logging.getLogger(__name__)
 
@@ -240,9 +242,21 @@ def segment(
         data = data.astype(np.float32)
     n_ch = data.shape[0]
     if any(p != (0, 0) for p in grid.pad):
-        kw = {"constant_values": fill_value} if pad_mode == "constant" else {}
-        data = da.pad(data, ((0, 0),) + grid.pad, mode=pad_mode, **kw)
+        data = pad(data, ((0, 0),) + grid.pad, pad_mode, fill_value)
     data = _align_input(data, grid)
+    in_bounds = [np.concatenate([[0], np.cumsum(c)]).tolist() for c in data.chunks[1:]]
+    reads: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
+    for owner in grid.owners():
+        in_idx = list(product(*(_blocks_overlapping(b, span) for b, span in zip(in_bounds, grid.region(owner)))))
+        boxes = [tuple((b[i], b[i + 1]) for b, i in zip(in_bounds, idx)) for idx in in_idx]
+        reads[owner] = (boxes, [(0,) + idx for idx in in_idx])
+    readers = (
+        private_reads(data.__dask_graph__(), {o: [(data.name,) + i for i in idx] for o, (_, idx) in reads.items()})
+        if _small_input_chunks(data, grid) else None
+    )
+    if readers is None:
+        # shared input blocks wait for every owner that overlaps them: keep them off the heap
+        data = data.map_blocks(buffers.copy, dtype=data.dtype, name=f"tileseg-input-{uuid.uuid4().hex}")
 
     predictor = load_predictor(model, device=device, precision=precision)
     n_classes = _n_classes(predictor, out_channels, n_ch, grid.patch_size, source)
@@ -253,20 +267,19 @@ def segment(
     owner_name, piece_name, final_name, token_name = (
         f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done")
     )
-    in_bounds = [np.concatenate([[0], np.cumsum(c)]).tolist() for c in data.chunks[1:]]
     window = None if blend == "crop" else blend_window(grid.patch_size, blend)
     crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
     dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
 
     owner_dsk: dict[Any, Any] = {model_key: predictor, window_key: window}
     piece_dsk: dict[Any, Any] = {}
-    sources: dict[tuple[int, ...], list[Any]] = {}
-    for owner in grid.owners():
+    sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
+    cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
+    for owner, (boxes, in_idx) in reads.items():
         region = grid.region(owner)
         targets = list(grid.targets(owner))
-        in_idx = list(product(*(_blocks_overlapping(b, span) for b, span in zip(in_bounds, region))))
-        boxes = [tuple((b[i], b[i + 1]) for b, i in zip(in_bounds, idx)) for idx in in_idx]
-        in_keys = [(data.name, 0) + idx for idx in in_idx]
+        read = readers[owner] if readers is not None else None
+        in_keys = [] if read is not None else [(data.name,) + idx for idx in in_idx]
         if lookahead:
             rank = int(np.ravel_multi_index(owner, grid.n_blocks))
             if rank >= lookahead:
@@ -277,12 +290,13 @@ def segment(
             crop_boxes = np.stack([crop[d][idx[:, d]] for d in range(grid.ndim)], axis=1)
         owner_dsk[(owner_name,) + owner] = (
             oa.predict_owner, model_key, region, grid.patches_of(owner), crop_boxes, grid.patch_size,
-            n_classes, int(batch_size), window_key, nan_policy, source, boxes, *in_keys,
+            n_classes, int(batch_size), window_key, nan_policy, source, boxes, read, *in_keys,
         )
         for t in targets:
             key = (piece_name,) + owner + t
             piece_dsk[key] = (oa.take_piece, (owner_name,) + owner, grid.block_box(t))
             sources.setdefault(t, []).append(key)
+            cut.setdefault(owner, []).append(key)
 
     lead = () if output == "labels" else (0,)
     final_dsk = {
@@ -292,17 +306,23 @@ def segment(
         )
         for t, keys in sources.items()
     }
-    token_dsk = {(token_name,) + t: (_done, (final_name,) + lead + t) for t in sources} if lookahead else {}
+    # block t is done when its output is final and its owner's buffer has been cut up (freed)
+    token_dsk = (
+        {(token_name,) + t: (_done, (final_name,) + lead + t, *cut.get(t, ())) for t in sources} if lookahead else {}
+    )
     # One layer: with lookahead edges the owner -> piece -> final -> token
     # dependencies would form a cycle between separate layers.
     layer = MaterializedLayer(
         {**owner_dsk, **piece_dsk, **final_dsk, **token_dsk},
         annotations={"resources": _owner_resources(owner_name, resources)} if resources else None,
     )
-    layers = dict(data.dask.layers)
-    deps = {k: set(v) for k, v in data.dask.dependencies.items()}
-    layers[final_name] = layer
-    deps[final_name] = {data.name}
+    if readers is not None:  # owners read their input themselves
+        layers, deps = {final_name: layer}, {final_name: set()}
+    else:
+        layers = dict(data.dask.layers)
+        deps = {k: set(v) for k, v in data.dask.dependencies.items()}
+        layers[final_name] = layer
+        deps[final_name] = {data.name}
     out_chunks = grid.chunks if output == "labels" else ((n_classes,),) + grid.chunks
     result = da.Array(HighLevelGraph(layers, deps), final_name, out_chunks, dtype=dtype)
 
@@ -322,9 +342,39 @@ class _owner_resources:
         return self.resources if isinstance(key, tuple) and key[0] == self.owner_name else None
 
 
-def _done(_chunk) -> None:
+def _done(*_finished) -> None:
     """Token task: an output block is finished (used for lookahead edges)."""
     return None
+
+
+def pad(data, width: Sequence[tuple[int, int]], mode: str, fill_value: float = 0.0):
+    """``numpy.pad`` for dask arrays, also when the padding is wider than the axis.
+
+    ``dask.array.pad`` reflects only once: asked for more padding than a
+    ``reflect``/``symmetric`` axis can mirror, it silently returns a shorter
+    array. Here each axis is padded in steps of at most one period, which is
+    what ``numpy.pad`` does (checked against it in the tests).
+    """
+    import dask.array as da
+
+    if mode == "constant":
+        return da.pad(data, tuple(width), mode="constant", constant_values=fill_value)
+    if mode not in ("reflect", "symmetric"):
+        return da.pad(data, tuple(width), mode=mode)
+    for axis, (before, after) in enumerate(width):
+        n = data.shape[axis]
+        period = n if mode == "symmetric" else n - 1
+        if n == 1:  # a single pixel mirrors onto itself
+            period, step_mode = max(before, after, 1), "edge"
+        else:
+            step_mode = mode
+        while before or after:
+            b, a = min(before, period), min(after, period)
+            step = [(0, 0)] * data.ndim
+            step[axis] = (b, a)
+            data = da.pad(data, tuple(step), mode=step_mode)
+            before, after = before - b, after - a
+    return data
 
 
 def _blocks_overlapping(bounds: list[int], span: tuple[int, int]) -> range:
@@ -350,6 +400,16 @@ def _align_input(data, grid: PatchGrid):
         if max(have) * 4 < max(want) or max(have) > 4 * max(want):
             new[d] = want
     return data.rechunk(new)
+
+
+def _small_input_chunks(data, grid: PatchGrid) -> bool:
+    """Whether owners read their own copy of the input (see :mod:`tiling.reads`).
+
+    Worth it when input chunks are no larger than output chunks: each owner
+    then re-reads at most a thin layer of extra chunks. With larger input
+    chunks every owner would decode whole big chunks again, so they are shared.
+    """
+    return all(max(have) <= max(want) for have, want in zip(data.chunks[1:], grid.chunks))
 
 
 def _n_classes(predictor, out_channels, n_ch: int, patch: tuple[int, ...], source: str) -> int:

@@ -435,6 +435,7 @@ class ExecutionConfig(_Section):
     workers: int | None = Field(default=None, gt=0)
     threads_per_worker: int = Field(default=1, gt=0)
     resources: dict[str, float] = Field(default_factory=dict)
+    malloc_arenas: int | None = Field(default=1, gt=0)
 
     @field_validator("scheduler")
     @classmethod

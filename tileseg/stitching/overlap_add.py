@@ -12,11 +12,12 @@ geometry (so the weight never travels between tasks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..errors import InputError, ModelError
+from . import buffers
 
 Box = tuple[tuple[int, int], ...]
 
@@ -56,6 +57,7 @@ def predict_owner(
     nan_policy: str,
     source: str,
     boxes: Sequence[Box],
+    read: Callable[[], Sequence[np.ndarray]] | None,
     *blocks: np.ndarray,
 ) -> tuple[Box, np.ndarray]:
     """Predict every patch owned by one block and overlap-add it.
@@ -83,8 +85,13 @@ def predict_owner(
         ``"error"`` raises on NaN input; ``"fill"`` (already applied upstream) passes.
     source : str
         Image name for error messages.
-    boxes, blocks
-        Input blocks (``C x box``) that cover ``region``.
+    boxes : sequence of Box
+        Pixel boxes of the input blocks that cover ``region``.
+    read : callable or None
+        Returns those input blocks (``C x box``); None when they are passed
+        in ``blocks`` instead (extra ``blocks`` are ordering tokens).
+    blocks : numpy.ndarray
+        The input blocks, when ``read`` is None.
 
     Returns
     -------
@@ -92,7 +99,9 @@ def predict_owner(
         ``region`` and the ``K x region`` float32 accumulator of weighted
         predictions.
     """
-    x = assemble(region, boxes, blocks[: len(boxes)])  # extra deps are ordering tokens
+    inputs = read() if read is not None else blocks[: len(boxes)]
+    x = assemble(region, boxes, inputs)
+    del inputs
     if x.dtype != np.float32:
         x = x.astype(np.float32)
     if nan_policy == "error" and np.isnan(x).any():
@@ -101,7 +110,7 @@ def predict_owner(
             "fix the input, mask it as nodata, or set nan_policy='fill'"
         )
     shape = tuple(b - a for a, b in region)
-    acc = np.zeros((n_classes,) + shape, dtype=np.float32)
+    acc = buffers.zeros((n_classes,) + shape, np.float32)  # handed to the piece tasks
     origin = np.array([a for a, _ in region])
     local = starts - origin
     for i in range(0, len(local), batch_size):
@@ -129,7 +138,7 @@ def take_piece(owner: tuple[Box, np.ndarray], target: Box) -> tuple[Box, np.ndar
     region, acc = owner
     part = intersect(region, target)
     assert part is not None, (region, target)
-    return part, acc[(slice(None),) + _rel(part, region)].copy()
+    return part, buffers.copy(acc[(slice(None),) + _rel(part, region)])  # may wait for a whole slab
 
 
 def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray:
