@@ -77,7 +77,7 @@ def _channels_first(img: Image):
     return data if img.has_channels else data[None]
 
 
-def _grid_for(img: Image, patch_size, overlap, overlap_px, chunks) -> PatchGrid:
+def _grid_for(img: Image, patch_size, overlap, overlap_px, chunks, batch_size: int | None = None) -> PatchGrid:
     n = img.spatial_ndim
     if np.isscalar(patch_size):
         patch_size = (int(patch_size),) * n
@@ -86,7 +86,8 @@ def _grid_for(img: Image, patch_size, overlap, overlap_px, chunks) -> PatchGrid:
             f"patch_size {tuple(patch_size)!r} has {len(tuple(patch_size))} axes but "
             f"{img.source or 'the image'} has {n} spatial axes {img.axes!r}"
         )
-    return make_grid(img.spatial_shape, patch_size, overlap=overlap, overlap_px=overlap_px, chunks=chunks)
+    return make_grid(img.spatial_shape, patch_size, overlap=overlap, overlap_px=overlap_px, chunks=chunks,
+                     batch_size=batch_size)
 
 
 def plan(
@@ -111,7 +112,7 @@ def plan(
         the ``K x region`` accumulator, plus one output chunk).
     """
     img = _prepare_input(image, patch_size)
-    grid = _grid_for(img, patch_size, overlap, overlap_px, chunks)
+    grid = _grid_for(img, patch_size, overlap, overlap_px, chunks, int(batch_size))
     n_ch = img.data.shape[0] if img.has_channels else 1
     k = int(out_channels)
     patch_px = int(np.prod(grid.patch_size))
@@ -177,6 +178,8 @@ def segment(
         softmax/sigmoid of the blended logits, or the blended logits.
     chunks : int, sequence or None
         Output chunk size per spatial axis; the result does not depend on it.
+        Default: a multiple of the stride of about 1024 px (2D) or 128 (3D),
+        grown so that a block owns whole batches (see :func:`make_grid`).
     pad_mode : str
         Padding of axes shorter than the patch (``reflect``, ``constant`` ...).
     device, precision : str, optional
@@ -228,7 +231,7 @@ def segment(
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     check_blend(blend)
     img = _prepare_input(image, patch_size)
-    grid = _grid_for(img, patch_size, overlap, overlap_px, chunks)
+    grid = _grid_for(img, patch_size, overlap, overlap_px, chunks, int(batch_size))
     source = img.source or "image"
 
     data = _channels_first(img)

@@ -108,3 +108,30 @@ def test_default_chunks_align_blocks_with_window_starts(shape, patch, overlap):
             assert lo == axis.bounds[b]  # the block starts on a window start
             # spills only the overlap (or reaches the image end with the flush last window)
             assert hi - axis.bounds[b + 1] <= axis.patch - axis.stride or hi == axis.size
+
+
+@pytest.mark.parametrize("shape, patch, overlap, batch", [((3000, 4000), (256, 256), 0.25, 16),
+                                                          ((500, 520, 530), (64, 64, 64), 0.25, 4),
+                                                          ((5000, 5000), (100, 100), 0.5, 6),
+                                                          ((700, 600, 600), (64, 64, 64), 0.5, 8)])
+def test_default_chunks_give_full_batches(shape, patch, overlap, batch):
+    grid = make_grid(shape, patch, overlap=overlap, batch_size=batch)
+    plain = make_grid(shape, patch, overlap=overlap)
+    # owners away from the far border (the last full block may also own the flush last window)
+    interior = [o for o in grid.owners() if all(i < n - 2 for i, n in zip(o, grid.n_blocks))]
+    assert interior
+    for o in interior:
+        assert len(grid.patches_of(o)) % batch == 0
+    for a, b in zip(grid.axes, plain.axes):  # still window-aligned, grown by at most half
+        assert a.bounds[1] % a.stride == 0 and b.bounds[1] <= a.bounds[1] <= 1.5 * b.bounds[1]
+    assert grid.n_patches == plain.n_patches
+
+
+def test_fill_batches_examples():
+    from tileseg.tiling.grid import fill_batches
+
+    assert fill_batches((3, 3, 3), 4) == (3, 3, 4)
+    assert fill_batches((6, 6), 16) == (6, 8)
+    assert fill_batches((5, 5), 7) == (5, 7)
+    assert fill_batches((3, 3), 1) == (3, 3)
+    assert fill_batches((2, 2), 97) == (2, 2)  # impossible within the growth limit: unchanged

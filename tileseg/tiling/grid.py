@@ -272,6 +272,7 @@ def make_grid(
     overlap: float | Sequence[float] | None = 0.25,
     overlap_px: int | Sequence[int] | None = None,
     chunks=None,
+    batch_size: int | None = None,
 ) -> PatchGrid:
     """Build the patch grid for an image.
 
@@ -292,6 +293,10 @@ def make_grid(
         for a 64^3 patch with overlap 0.25), so blocks start on window starts and
         spill only the overlap into their neighbours. Axes shorter than the
         patch always form a single chunk.
+    batch_size : int, optional
+        With default chunks: grow the chunk by whole strides (at most 1.5x
+        per axis) until a full block owns a multiple of ``batch_size``
+        patches, so owner tasks send only full batches to the model.
 
     Returns
     -------
@@ -338,7 +343,10 @@ def make_grid(
         # A multiple of the stride: every block then starts on a window start, so a
         # block's windows spill only ``patch - stride`` (the overlap) into the next block,
         # which keeps the spill-over carried between tasks as small as it can be.
-        chunks = tuple(s * math.ceil(max(p, DEFAULT_CHUNK[n]) / s) for p, s in zip(patch, strides))
+        counts = tuple(math.ceil(max(p, DEFAULT_CHUNK[n]) / s) for p, s in zip(patch, strides))
+        if batch_size and batch_size > 1:
+            counts = fill_batches(counts, int(batch_size))
+        chunks = tuple(s * m for s, m in zip(strides, counts))
     chunk_per_axis = _per_axis(chunks, n, "chunks") if not _is_nested(chunks) else tuple(chunks)
     if len(chunk_per_axis) != n:
         raise TilingError(f"chunks {chunks!r} do not match {n} spatial dimensions")
@@ -354,6 +362,25 @@ def make_grid(
             bounds = _bounds(size, c)
         axes.append(AxisGrid(size=max(size, p), patch=p, stride=s, bounds=bounds))
     return PatchGrid(shape=shape, axes=tuple(axes), pad=tuple(pad))
+
+
+def fill_batches(counts: Sequence[int], batch_size: int, growth: float = 1.5) -> tuple[int, ...]:
+    """Smallest per-axis window counts, each at most ``growth`` x the given one,
+    whose product is a multiple of ``batch_size``; the given counts if none is.
+
+    Examples
+    --------
+    >>> fill_batches((3, 3, 3), 4), fill_batches((6, 6), 16), fill_batches((5, 5), 7)
+    ((3, 3, 4), (6, 8), (5, 7))
+    """
+    counts = tuple(int(c) for c in counts)
+    ranges = [range(c, max(c, math.floor(c * growth)) + 1) for c in counts]
+    best = None
+    for cand in product(*ranges):
+        total = math.prod(cand)
+        if total % batch_size == 0 and (best is None or (total, cand) < (math.prod(best), best)):
+            best = cand
+    return best if best is not None else counts
 
 
 def _is_nested(chunks) -> bool:
