@@ -246,20 +246,7 @@ def segment(
     n_ch = data.shape[0]
     if any(p != (0, 0) for p in grid.pad):
         data = pad(data, ((0, 0),) + grid.pad, pad_mode, fill_value)
-    data = _align_input(data, grid)
-    in_bounds = [np.concatenate([[0], np.cumsum(c)]).tolist() for c in data.chunks[1:]]
-    reads: dict[tuple[int, ...], tuple[list[Any], list[Any]]] = {}
-    for owner in grid.owners():
-        in_idx = list(product(*(_blocks_overlapping(b, span) for b, span in zip(in_bounds, grid.region(owner)))))
-        boxes = [tuple((b[i], b[i + 1]) for b, i in zip(in_bounds, idx)) for idx in in_idx]
-        reads[owner] = (boxes, [(0,) + idx for idx in in_idx])
-    readers = (
-        private_reads(data.__dask_graph__(), {o: [(data.name,) + i for i in idx] for o, (_, idx) in reads.items()})
-        if _small_input_chunks(data, grid) else None
-    )
-    if readers is None:
-        # shared input blocks wait for every owner that overlaps them: keep them off the heap
-        data = data.map_blocks(buffers.copy, dtype=data.dtype, name=f"tileseg-input-{uuid.uuid4().hex}")
+    data, reads, readers = _owner_inputs(_align_input(data, grid), grid)
 
     predictor = load_predictor(model, device=device, precision=precision)
     n_classes = _n_classes(predictor, out_channels, n_ch, grid.patch_size, source)
@@ -403,6 +390,30 @@ def _align_input(data, grid: PatchGrid):
         if max(have) * 4 < max(want) or max(have) > 4 * max(want):
             new[d] = want
     return data.rechunk(new)
+
+
+def _owner_inputs(data, grid: PatchGrid):
+    """Which input blocks each owner reads, and how.
+
+    Returns ``(data, reads, readers)``: ``reads[owner] = (boxes, block
+    indices)`` of the input blocks under the owner's region; ``readers`` maps
+    owners to the :class:`~tileseg.tiling.reads.RegionRead` they run
+    themselves, or is None when the input blocks are shared tasks of ``data``
+    (input chunks larger than the output's, or in-memory data in the graph),
+    in which case ``data`` is returned with its blocks copied off the heap.
+    """
+    bounds = [np.concatenate([[0], np.cumsum(c)]).tolist() for c in data.chunks[1:]]
+    reads: dict[tuple[int, ...], tuple[list[Any], list[tuple[int, ...]]]] = {}
+    for owner in grid.owners():
+        idx = list(product(*(_blocks_overlapping(b, span) for b, span in zip(bounds, grid.region(owner)))))
+        reads[owner] = ([tuple((b[j], b[j + 1]) for b, j in zip(bounds, i)) for i in idx], [(0,) + i for i in idx])
+    readers = None
+    if _small_input_chunks(data, grid):
+        readers = private_reads(data.__dask_graph__(), {o: [(data.name,) + i for i in idx] for o, (_, idx) in reads.items()})
+    if readers is None:
+        # shared input blocks wait for every owner that overlaps them: keep them off the heap
+        data = data.map_blocks(buffers.copy, dtype=data.dtype, name=f"tileseg-input-{uuid.uuid4().hex}")
+    return data, reads, readers
 
 
 def _small_input_chunks(data, grid: PatchGrid) -> bool:
