@@ -80,9 +80,11 @@ def variant(name: str, shape, workdir: Path) -> dict:
     if name == "monai":
         from monai.inferers import sliding_window_inference
     elif name in ("segment", "run"):
+        import dask.array  # noqa: F401 - imported lazily by tileseg.segment (about 0.4 s)
         from click.testing import CliRunner
 
         import tileseg
+        import tileseg.graph  # noqa: F401
         import tileseg.run  # noqa: F401 - imported lazily by the CLI
         from tileseg.cli import main
     t0 = time.perf_counter()
