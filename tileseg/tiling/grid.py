@@ -375,12 +375,8 @@ def fill_batches(counts: Sequence[int], batch_size: int, growth: float = 1.5) ->
     """
     counts = tuple(int(c) for c in counts)
     ranges = [range(c, max(c, math.floor(c * growth)) + 1) for c in counts]
-    best = None
-    for cand in product(*ranges):
-        total = math.prod(cand)
-        if total % batch_size == 0 and (best is None or (total, cand) < (math.prod(best), best)):
-            best = cand
-    return best if best is not None else counts
+    fits = [c for c in product(*ranges) if math.prod(c) % batch_size == 0]
+    return min(fits, key=lambda c: (math.prod(c), c)) if fits else counts
 
 
 def _is_nested(chunks) -> bool:
