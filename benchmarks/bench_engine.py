@@ -85,7 +85,7 @@ def variant(name: str, shape, workdir: Path) -> dict:
 
         import tileseg
         import tileseg.graph  # noqa: F401
-        import tileseg.run  # noqa: F401 - imported lazily by the CLI
+        import tileseg.runner  # noqa: F401 - imported lazily by the CLI
         from tileseg.cli import main
     t0 = time.perf_counter()
     if name in ("loop", "monai", "segment"):

@@ -12,9 +12,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tileseg.errors import InputError, ModelError, TilingError
-from tileseg.graph import label_dtype, plan, segment
-from tileseg.image import as_image
+import tileseg
+from tileseg.graph import plan
+from tileseg.image import as_image, label_dtype
+from tileseg.options import TilingOptions
 from tileseg.tiling.grid import make_grid
+
+
+def segment(*args, **kwargs):
+    """The engine's lazy array (``tileseg.segment`` returns it inside an Image)."""
+    return tileseg.segment(*args, **kwargs).data
 
 
 def identity(batch):
@@ -243,7 +250,7 @@ def test_model_with_wrong_output_shape():
 
 def test_plan_counts_patches_without_computing():
     x = da.zeros((1000, 700), chunks=100, dtype=np.uint8)
-    p = plan(x, patch_size=(128, 128), overlap=0.25, chunks=256, out_channels=2)
+    p = plan(as_image(x), TilingOptions(patch_size=(128, 128), overlap=0.25, chunks=256), out_channels=2)
     grid = make_grid((1000, 700), (128, 128), overlap=0.25)
     assert p["n_patches"] == grid.n_patches == 11 * 7  # ceil((1000-128)/96)+1, ceil((700-128)/96)+1
     assert p["chunks"] == (256, 256) and p["n_blocks"] == 4 * 3

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 from tileseg.errors import ConfigError
-from tileseg.run import Manifest, render_output, run_pipeline
+from tileseg.runner import Manifest, render_output, run_pipeline
 from tileseg.writers import is_complete
 
 pytest.importorskip("torch")

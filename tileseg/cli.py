@@ -1,11 +1,11 @@
-"""The ``tileseg`` command: a thin shell over :mod:`tileseg.run` and :mod:`tileseg.config`.
+"""The ``tileseg`` command: a thin shell over :mod:`tileseg.runner` and :mod:`tileseg.config`.
 
 Commands::
 
     tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--no-resume] [--quiet]
     tileseg validate PIPELINE.yaml
     tileseg plan PIPELINE.yaml [--json]
-    tileseg info PATH [--array NAME] [--level N]
+    tileseg info PATH [--array NAME] [--level N] [--axes cyx]
     tileseg evaluate PRED REF [--pred-array NAME] [--ref-array NAME] [--n-classes N] [--json]
 
 Exit codes: 0 success; 1 some items failed (the others finished) or a
@@ -26,7 +26,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError, MissingDependencyError, PluginError, TilesegError
+from .errors import PIPELINE_KEYS, ConfigError, MissingDependencyError, PluginError, TilesegError, reword
 
 log = logging.getLogger("tileseg")
 
@@ -48,10 +48,10 @@ def _configure_logging(verbose: int, quiet: int) -> None:
     root.setLevel(level)
 
 
-def _fail(exc: BaseException) -> None:
-    """Print an error and exit with the matching code."""
+def _fail(exc: BaseException, options: dict[str, str] | None = None) -> None:
+    """Print an error (library keyword hints named as this command's ``options``) and exit with the matching code."""
     code = EXIT_USAGE if isinstance(exc, (ConfigError, PluginError, MissingDependencyError)) else EXIT_FAILED
-    text = str(exc) or type(exc).__name__
+    text = reword(str(exc) or type(exc).__name__, options or PIPELINE_KEYS)
     click.echo(f"error: {text}", err=True)
     if log.isEnabledFor(logging.DEBUG):
         import traceback
@@ -77,7 +77,7 @@ def main(verbose: int, quiet_log: int) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> None:
     """Run PIPELINE over all its inputs; print a summary table and the report path."""
-    from .run import run_pipeline
+    from .runner import run_pipeline
 
     try:
         report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
@@ -104,10 +104,10 @@ def _summary(cfg: Any) -> list[str]:
     if cfg.model is not None:
         t = cfg.tiling
         overlap = f"overlap_px {t.overlap_px}" if t.overlap_px is not None else f"overlap {t.overlap}"
-        lines.append(f"model: {cfg.model.weights} (batch {cfg.model.batch_size}, {cfg.model.precision})")
+        files = ", ".join(cfg.model.files().values())
+        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision})")
         lines.append(f"tiling: patch {t.patch_size}, {overlap}, blend {t.blend}")
-        output, thr, _ = cfg.model_output()
-        lines.append(f"engine output: {output}" + (f" then threshold {thr}" if thr is not None else ""))
+        lines.append(f"engine output: {cfg.model.output}")
     else:
         name, params = cfg.method_step()
         lines.append(f"method: {name} {params or ''}".rstrip())
@@ -115,7 +115,8 @@ def _summary(cfg: Any) -> list[str]:
         lines.append("preprocess: " + ", ".join(next(iter(s)) for s in cfg.preprocess))
     if cfg.postprocess:
         lines.append("postprocess: " + ", ".join(next(iter(s)) for s in cfg.postprocess))
-    lines.append(f"output: {cfg.output.path} (writer {cfg.output.writer})")
+    for o in cfg.all_outputs():
+        lines.append(f"output: {o.path} (writer {o.writer}, {o.content})")
     lines.append(f"execution: {cfg.execution.scheduler}"
                  + (f", {cfg.execution.workers} workers" if cfg.execution.workers else ""))
     if cfg.evaluate is not None:
@@ -149,7 +150,7 @@ def _mib(n: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(pipeline: str, as_json: bool) -> None:
     """Per item: shape, chunks, patches and estimated peak memory per task (computes nothing heavy)."""
-    from .run import plan_pipeline
+    from .runner import plan_pipeline
 
     try:
         rows = plan_pipeline(pipeline)
@@ -181,9 +182,10 @@ def plan(pipeline: str, as_json: bool) -> None:
 @click.argument("path")
 @click.option("--array", default=None, help="Array inside a container (e.g. labels).")
 @click.option("--level", default=None, type=int, help="Multiscale level (0 = full resolution).")
+@click.option("--axes", default=None, help="Axis names of the stored array, e.g. cyx (overrides the file).")
 @click.option("--reader", default="auto", show_default=True, help="Reader name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def info(path: str, array: str | None, level: int | None, reader: str, as_json: bool) -> None:
+def info(path: str, array: str | None, level: int | None, axes: str | None, reader: str, as_json: bool) -> None:
     """Show what tileseg sees in PATH: shape, axes, dtype, chunks, spacing, levels (reads no pixels)."""
     from .inspect import describe, format_description
 
@@ -192,10 +194,13 @@ def info(path: str, array: str | None, level: int | None, reader: str, as_json: 
         opts["array"] = array
     if level is not None:
         opts["level"] = level
+    if axes is not None:
+        opts["axes"] = axes
     try:
         desc = describe(path, **opts)
     except (TilesegError, OSError) as exc:
-        _fail(exc)
+        _fail(exc, {"array": "--array", "level": "--level", "axes": "--axes", "max_pixels": "max_pixels",
+                    "max_bytes": "max_bytes"})
         return
     click.echo(json.dumps(desc, indent=2, default=str) if as_json else format_description(desc))
 

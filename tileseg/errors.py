@@ -74,3 +74,27 @@ def require(module: str, extra: str):
         raise MissingDependencyError(
             f"{module!r} is required for this feature: pip install 'tileseg[{extra}]'"
         ) from exc
+
+
+#: Reader/engine keyword arguments named in error hints, by where the user sets them.
+PIPELINE_KEYS = {"array": "input.array", "level": "input.level", "axes": "input.axes",
+                 "nan_policy": "input.nan_policy", "fill_value": "input.fill_value", "max_pixels": "input.options.max_pixels",
+                 "max_bytes": "input.options.max_bytes"}
+
+
+def reword(text: str, names: dict[str, str]) -> str:
+    """Replace the library's keyword hints (``array=...``, ``nan_policy='fill'``) in ``text``
+    by what the user writes where they are (``--array NAME``, ``input.nan_policy: fill``).
+
+    >>> reword("choose one with array=...", {"array": "--array"})
+    'choose one with --array ...'
+    >>> reword("or set nan_policy='fill'", PIPELINE_KEYS)
+    'or set input.nan_policy: fill'
+    """
+    import re
+
+    for key, where in names.items():
+        sep = " " if where.startswith("-") else ": "
+        text = re.sub(rf"(?<![\w.]){key}=(['\"]?)([^'\"\s,;)]*)\1",
+                      lambda m, w=where + sep: w + m.group(2), text)
+    return text

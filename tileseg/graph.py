@@ -1,5 +1,9 @@
-"""The only module that knows the stage order: image -> preprocess -> tiles ->
-predictor -> overlap-add -> per-chunk reduction, as one lazy Dask graph.
+"""The only module that knows the stage order: image -> model input -> patch grid ->
+predictor -> overlap-add -> per-chunk reduction -> result image, as one lazy Dask graph.
+
+:func:`segment_image` is that order as a short sequence of named stages, each
+taking the :class:`~tileseg.options.TilingOptions` /
+:class:`~tileseg.options.InferenceOptions` it needs.
 
 Graph shape (one task per block, never one per patch):
 
@@ -15,8 +19,8 @@ Graph shape (one task per block, never one per patch):
 ``final`` tasks
     one per output block: add the pieces, divide by the summed weight of the
     patches covering the block (recomputed from the geometry, so weights
-    never travel between tasks), apply the activation/argmax. Peak memory is bounded by the chunk size, not by
-    the image size.
+    never travel between tasks), apply the activation/argmax. Peak memory is
+    bounded by the chunk size, not by the image size.
 """
 
 from __future__ import annotations
@@ -30,78 +34,200 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ModelError, TilingError
-from .image import Image, as_image
+from .image import Image, label_dtype
+from .options import InferenceOptions, TilingOptions
 from .stitching import buffers
 from .stitching import overlap_add as oa
-from .stitching.weights import blend_window, check_blend
+from .stitching.weights import blend_window
 from .tiling.grid import PatchGrid, make_grid
 from .tiling.reads import private_reads
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("labels", "probabilities", "logits")
-NAN_POLICIES = ("error", "fill")
-PAD_MODES = ("reflect", "constant", "edge", "symmetric")
+
+# --------------------------------------------------------------------------- stages
 
 
-def label_dtype(n_classes: int) -> np.dtype:
-    """Smallest unsigned integer dtype holding labels ``0 .. n_classes - 1``."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if max(n_classes - 1, 1) <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.uint64)
+def segment_image(image: Image, predictor: Any, tiling: TilingOptions, inference: InferenceOptions) -> Image:
+    """Segment ``image`` patch by patch into a lazy result :class:`Image`.
+
+    Parameters
+    ----------
+    image : Image
+        2D/3D image, optional leading channel axis.
+    predictor : Predictor
+        Maps ``(N, C, *patch)`` float32 to ``(N, K, *patch)``
+        (see :func:`tileseg.predictors.load_predictor`).
+    tiling, inference : TilingOptions, InferenceOptions
+        How to cut and stitch; how to run the model and what to return.
+
+    Returns
+    -------
+    Image
+        The input's geometry around labels ``(*spatial)`` (a class map with
+        ``class_names``) or ``(K, *spatial)`` float32; pixels the input marks
+        invalid (``nodata``/``mask``) are the result's ``nodata``.
+    """
+    img = check_input(image)
+    grid = plan_grid(img, tiling, inference.batch_size)
+    data = model_input(img, grid, tiling, inference)
+    n_classes = model_classes(predictor, inference.out_channels, int(data.shape[0]), grid.patch_size,
+                              img.source or "image")
+    stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image")
+    return result_image(img, crop_padding(stitched, grid), n_classes, inference)
 
 
-def _spatial_ndim(image: Any, patch_size: Any) -> int | None:
-    if isinstance(image, Image):
-        return image.spatial_ndim
-    if np.isscalar(patch_size):
-        return None
-    return len(tuple(patch_size))
+def check_input(image: Image) -> Image:
+    """Refuse pixel types a model cannot take (the message names the image)."""
+    if image.dtype.kind not in "biuf":
+        raise InputError(f"{image.source or 'image'}: unsupported dtype {image.dtype!s}; "
+                         "expected bool, integer or float pixels")
+    return image
 
 
-def _prepare_input(image: Any, patch_size: Any) -> Image:
-    nd = _spatial_ndim(image, patch_size)
-    try:
-        img = as_image(image, spatial_ndim=nd)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    dt = img.dtype
-    if dt.kind not in "biuf":
-        raise InputError(f"{img.source or 'image'}: unsupported dtype {dt!s}; expected bool, integer or float pixels")
-    return img
-
-
-def _channels_first(img: Image):
-    data = img.data
-    return data if img.has_channels else data[None]
-
-
-def _grid_for(img: Image, patch_size, overlap, overlap_px, chunks, batch_size: int | None = None) -> PatchGrid:
-    n = img.spatial_ndim
+def plan_grid(image: Image, tiling: TilingOptions, batch_size: int | None = None) -> PatchGrid:
+    """The patch grid of ``image`` (patch axes must match its spatial axes)."""
+    n = image.spatial_ndim
+    patch_size = tiling.patch_size
     if np.isscalar(patch_size):
         patch_size = (int(patch_size),) * n
     if len(tuple(patch_size)) != n:
         raise TilingError(
             f"patch_size {tuple(patch_size)!r} has {len(tuple(patch_size))} axes but "
-            f"{img.source or 'the image'} has {n} spatial axes {img.axes!r}"
+            f"{image.source or 'the image'} has {n} spatial axes {image.axes!r}"
         )
-    return make_grid(img.spatial_shape, patch_size, overlap=overlap, overlap_px=overlap_px, chunks=chunks,
-                     batch_size=batch_size)
+    return make_grid(image.spatial_shape, patch_size, overlap=tiling.overlap, overlap_px=tiling.overlap_px,
+                     chunks=tiling.chunks, batch_size=batch_size)
 
 
-def plan(
-    image: Any,
-    *,
-    patch_size: Sequence[int] | int,
-    overlap: float | Sequence[float] | None = 0.25,
-    overlap_px: int | Sequence[int] | None = None,
-    chunks: Any = None,
-    out_channels: int = 1,
-    batch_size: int = 8,
-    output: str = "labels",
-) -> dict[str, Any]:
-    """Describe the work :func:`segment` would do, without computing anything.
+def model_input(image: Image, grid: PatchGrid, tiling: TilingOptions, inference: InferenceOptions):
+    """``(C, *padded)`` float32 dask array: NaN policy, preprocessing, padding, chunks that suit the grid."""
+    import dask.array as da
+
+    data = image.data if image.has_channels else image.data[None]
+    if data.dtype.kind == "f" and inference.nan_policy == "fill":
+        data = da.where(da.isnan(data), inference.fill_value, data)
+    if inference.preprocess:
+        from .preprocess import apply_preprocess
+
+        data = apply_preprocess(data, list(inference.preprocess))
+    if data.dtype != np.float32:
+        data = data.astype(np.float32)
+    if any(p != (0, 0) for p in grid.pad):
+        data = pad(data, ((0, 0),) + grid.pad, tiling.pad_mode, inference.fill_value)
+    return _align_input(data, grid)
+
+
+def model_classes(predictor: Any, out_channels: int | None, n_ch: int, patch: tuple[int, ...], source: str) -> int:
+    """K, the model's output channels: checked input channels, declared or probed with one patch.
+
+    Raises
+    ------
+    ModelError
+        Channel mismatch, or a model that fails on (or returns the wrong shape for) the probe.
+    """
+    expected_in = getattr(predictor, "in_channels", None)
+    if expected_in is not None and int(expected_in) != n_ch:
+        raise ModelError(f"model expects {expected_in} input channels, {source} has {n_ch}")
+    k = out_channels if out_channels is not None else getattr(predictor, "out_channels", None)
+    if k is not None:
+        return int(k)
+    probe = np.zeros((1, n_ch) + tuple(patch), dtype=np.float32)
+    try:
+        out = np.asarray(predictor(probe))
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"model failed on a {probe.shape!r} probe batch for {source} ({n_ch} channels): {exc}") from exc
+    if out.ndim != probe.ndim or out.shape[0] != 1 or out.shape[2:] != tuple(patch):
+        raise ModelError(f"model returned shape {out.shape!r} for a batch of {probe.shape!r}; expected (1, K, *patch)")
+    return int(out.shape[1])
+
+
+def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: str, inference: InferenceOptions,
+                source: str):
+    """The owner / piece / final (and lookahead token) tasks as one dask array over the padded grid."""
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+    data, reads, readers = _owner_inputs(data, grid)
+    token = uuid.uuid4().hex
+    names = _Names(token)
+    output = inference.output
+    window = None if blend == "crop" else blend_window(grid.patch_size, blend)
+    dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
+    owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
+                                           n_classes, inference, source)
+    lead = () if output == "labels" else (0,)
+    final_dsk = {
+        (names.final,) + lead + t: (
+            oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t),
+            names.window, *keys,
+        )
+        for t, keys in sources.items()
+    }
+    # block t is done when its output is final and its owner's buffer has been cut up (freed)
+    token_dsk = ({(names.done,) + t: (_done, (names.final,) + lead + t, *cut.get(t, ())) for t in sources}
+                 if inference.lookahead else {})
+    # One layer: with lookahead edges the owner -> piece -> final -> token
+    # dependencies would form a cycle between separate layers.
+    layer = MaterializedLayer(
+        {**owner_dsk, **final_dsk, **token_dsk},
+        annotations={"resources": _owner_resources(names.predict, inference.resources)} if inference.resources else None,
+    )
+    if readers is not None:  # owners read their input themselves
+        layers, deps = {names.final: layer}, {names.final: set()}
+    else:
+        layers = dict(data.dask.layers)
+        deps = {k: set(v) for k, v in data.dask.dependencies.items()}
+        layers[names.final] = layer
+        deps[names.final] = {data.name}
+    out_chunks = grid.chunks if output == "labels" else ((n_classes,),) + grid.chunks
+    return da.Array(HighLevelGraph(layers, deps), names.final, out_chunks, dtype=dtype)
+
+
+def crop_padding(result, grid: PatchGrid):
+    """Remove the padding added for axes shorter than the patch."""
+    if all(p == (0, 0) for p in grid.pad):
+        return result
+    crop_sl = tuple(slice(b, b + n) for (b, _), n in zip(grid.pad, grid.shape))
+    return result[(slice(None),) * (result.ndim - len(crop_sl)) + crop_sl]
+
+
+def result_image(image: Image, result, n_classes: int, inference: InferenceOptions) -> Image:
+    """Wrap the stitched result in the input's geometry, with class names and nodata.
+
+    Labels of invalid input pixels (``image.valid()``) become the largest
+    value of the label dtype (widened if a class needs it), probabilities
+    and logits NaN; that value is the result's ``nodata``.
+    """
+    import dask.array as da
+
+    names = inference.class_names
+    n_names = max(n_classes, 2) if inference.output == "labels" or n_classes == 1 else n_classes
+    if names is not None and len(names) != n_names:
+        raise ModelError(f"class_names lists {len(names)} classes {list(names)!r} but the model gives "
+                         f"{n_classes} channel(s) ({n_names} classes)")
+    if names is None and inference.output == "labels":
+        names = ("background", "foreground") if n_names == 2 else tuple(f"class_{i}" for i in range(n_names))
+    valid = image.valid()
+    nodata: Any = None
+    if valid is not None:
+        valid = valid.rechunk(result.chunks[-image.spatial_ndim:])
+        if inference.output == "labels":
+            dtype = label_dtype(n_names + 1)
+            nodata = int(np.iinfo(dtype).max)
+            result = da.where(valid, result.astype(dtype), dtype.type(nodata))
+        else:
+            nodata = float("nan")
+            result = da.where(valid[None], result, np.float32(nodata))
+    axes = image.spatial_axes if inference.output == "labels" else ("c",) + image.spatial_axes
+    return image.with_data(result, axes=axes, class_names=names, nodata=nodata)
+
+
+def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_size: int = 8,
+         output: str = "labels") -> dict[str, Any]:
+    """Describe the work :func:`segment_image` would do, without computing anything.
 
     Returns
     -------
@@ -111,8 +237,8 @@ def plan(
         ``est_peak_task_bytes`` (largest owner task: input region, one batch,
         the ``K x region`` accumulator, plus one output chunk).
     """
-    img = _prepare_input(image, patch_size)
-    grid = _grid_for(img, patch_size, overlap, overlap_px, chunks, int(batch_size))
+    img = check_input(image)
+    grid = plan_grid(img, tiling, int(batch_size))
     n_ch = img.data.shape[0] if img.has_channels else 1
     k = int(out_channels)
     patch_px = int(np.prod(grid.patch_size))
@@ -132,194 +258,49 @@ def plan(
     }
 
 
-def segment(
-    image: Any,
-    model: Any,
-    *,
-    patch_size: Sequence[int] | int,
-    overlap: float | Sequence[float] | None = 0.25,
-    overlap_px: int | Sequence[int] | None = None,
-    blend: str = "gaussian",
-    batch_size: int = 8,
-    output: str = "labels",
-    chunks: Any = None,
-    pad_mode: str = "reflect",
-    device: str | None = None,
-    precision: str = "fp32",
-    preprocess: Sequence[Any] | None = None,
-    out_channels: int | None = None,
-    nan_policy: str = "error",
-    fill_value: float = 0.0,
-    resources: dict[str, float] | None = None,
-    lookahead: int | None = None,
-):
-    """Segment an image patch by patch into a lazy dask array.
+# --------------------------------------------------------------------------- tasks
 
-    Parameters
-    ----------
-    image : numpy.ndarray, dask.array.Array or Image
-        2D/3D image, optionally with a leading channel axis (an array with
-        ``len(patch_size) + 1`` dimensions).
-    model : torch.nn.Module, str, dict, Predictor or callable
-        Anything :func:`tileseg.predictors.load_predictor` accepts; maps a
-        batch ``(N, C, *patch)`` to ``(N, K, *patch)``.
-    patch_size : int or sequence of int
-        Patch size per spatial axis.
-    overlap : float, optional
-        Overlap as a fraction of the patch, ``0 <= overlap < 1``.
-    overlap_px : int or sequence of int, optional
-        Overlap in pixels instead of ``overlap``.
-    blend : {"gaussian", "hann", "constant", "crop"}
-        How overlapping predictions are combined.
-    batch_size : int
-        Patches per model call.
-    output : {"labels", "probabilities", "logits"}
-        Argmax labels (``> 0.5`` for one class; smallest unsigned dtype),
-        softmax/sigmoid of the blended logits, or the blended logits.
-    chunks : int, sequence or None
-        Output chunk size per spatial axis; the result does not depend on it.
-        Default: a multiple of the stride of about 1024 px (2D) or 128 (3D),
-        grown so that a block owns whole batches (see :func:`make_grid`).
-    pad_mode : str
-        Padding of axes shorter than the patch (``reflect``, ``constant`` ...).
-    device, precision : str, optional
-        Passed to the predictor loader (``precision`` in fp32/fp16/bf16).
-    preprocess : list, optional
-        Preprocessing steps (see :mod:`tileseg.preprocess`).
-    out_channels : int, optional
-        K; when unknown, one patch of zeros is run through the model here.
-    nan_policy : {"error", "fill"}
-        NaN input raises :class:`InputError` naming the pixel box (``error``,
-        at compute time) or is replaced by ``fill_value`` before preprocessing.
-    resources : dict, optional
-        Dask resources required by model tasks, e.g. ``{"GPU": 1}``.
-    lookahead : int, optional
-        Bound how far (in blocks, raster order) prediction may run ahead of
-        finished output chunks: the owner task of block ``i`` waits for
-        output block ``i - lookahead``. This keeps the working set to about
-        one slab of spill-over margins whatever order the scheduler picks;
-        use it when the whole result is computed or stored (``tileseg run``
-        does). Leave it None when computing only part of the result: the
-        ordering edges would pull in every earlier block.
 
-    Returns
-    -------
-    dask.array.Array
-        ``(*spatial)`` labels, or ``(K, *spatial)`` float32.
+class _Names:
+    """Graph key names of one segmentation."""
 
-    Examples
-    --------
-    >>> import numpy as np
-    >>> identity = lambda batch: batch
-    >>> x = np.random.default_rng(0).random((100, 90), dtype=np.float32)
-    >>> y = segment(x, identity, patch_size=(32, 32), blend="constant", output="logits", chunks=40)
-    >>> bool(np.allclose(y.compute()[0], x))
-    True
-    """
-    import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+    def __init__(self, token: str) -> None:
+        self.model = (f"tileseg-model-{token}", 0)
+        self.window = (f"tileseg-window-{token}", 0)
+        self.predict, self.piece, self.final, self.done = (
+            f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done"))
 
-    from .predictors import load_predictor
 
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-    if pad_mode not in PAD_MODES:
-        raise TilingError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    check_blend(blend)
-    img = _prepare_input(image, patch_size)
-    grid = _grid_for(img, patch_size, overlap, overlap_px, chunks, int(batch_size))
-    source = img.source or "image"
-
-    data = _channels_first(img)
-    if data.dtype.kind == "f" and nan_policy == "fill":
-        data = da.where(da.isnan(data), fill_value, data)
-    if preprocess:
-        from .preprocess import apply_preprocess
-
-        data = apply_preprocess(data, list(preprocess))
-    if data.dtype != np.float32:
-        data = data.astype(np.float32)
-    n_ch = data.shape[0]
-    if any(p != (0, 0) for p in grid.pad):
-        data = pad(data, ((0, 0),) + grid.pad, pad_mode, fill_value)
-    data, reads, readers = _owner_inputs(_align_input(data, grid), grid)
-
-    predictor = load_predictor(model, device=device, precision=precision)
-    n_classes = _n_classes(predictor, out_channels, n_ch, grid.patch_size, source)
-
-    token = uuid.uuid4().hex
-    model_key = (f"tileseg-model-{token}", 0)
-    window_key = (f"tileseg-window-{token}", 0)
-    owner_name, piece_name, final_name, token_name = (
-        f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done")
-    )
-    window = None if blend == "crop" else blend_window(grid.patch_size, blend)
-    crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
-    dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
-
-    owner_dsk: dict[Any, Any] = {model_key: predictor, window_key: window}
-    piece_dsk: dict[Any, Any] = {}
+def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,
+                 readers: dict | None, input_name: str, n_classes: int, inference: InferenceOptions,
+                 source: str) -> tuple[dict, dict, dict]:
+    """Owner (predict) and piece tasks; which pieces fall in each block; which pieces each owner was cut into."""
+    dsk: dict[Any, Any] = {names.model: predictor, names.window: window}
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
     cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
+    crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
+    lookahead = inference.lookahead
     for owner, (boxes, in_idx) in reads.items():
-        region = grid.region(owner)
-        targets = list(grid.targets(owner))
         read = readers[owner] if readers is not None else None
-        in_keys = [] if read is not None else [(data.name,) + idx for idx in in_idx]
+        in_keys = [] if read is not None else [(input_name,) + idx for idx in in_idx]
         if lookahead:
             rank = int(np.ravel_multi_index(owner, grid.n_blocks))
             if rank >= lookahead:
-                in_keys.append((token_name,) + tuple(int(v) for v in np.unravel_index(rank - lookahead, grid.n_blocks)))
+                in_keys.append((names.done,) + tuple(int(v) for v in np.unravel_index(rank - lookahead, grid.n_blocks)))
         crop_boxes = None
         if crop is not None:
             idx = grid.patch_indices_of(owner)
             crop_boxes = np.stack([crop[d][idx[:, d]] for d in range(grid.ndim)], axis=1)
-        owner_dsk[(owner_name,) + owner] = (
-            oa.predict_owner, model_key, region, grid.patches_of(owner), crop_boxes, grid.patch_size,
-            n_classes, int(batch_size), window_key, nan_policy, source, boxes, read, *in_keys,
+        dsk[(names.predict,) + owner] = (
+            oa.predict_owner, names.model, grid.region(owner), grid.patches_of(owner), crop_boxes, grid.patch_size,
+            n_classes, int(inference.batch_size), names.window, inference.nan_policy, source, boxes, read, *in_keys,
         )
-        for t in targets:
-            key = (piece_name,) + owner + t
-            piece_dsk[key] = (oa.take_piece, (owner_name,) + owner, grid.block_box(t))
+        for t in grid.targets(owner):
+            key = (names.piece,) + owner + t
+            dsk[key] = (oa.take_piece, (names.predict,) + owner, grid.block_box(t))
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
-
-    lead = () if output == "labels" else (0,)
-    final_dsk = {
-        (final_name,) + lead + t: (
-            oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t),
-            window_key, *keys,
-        )
-        for t, keys in sources.items()
-    }
-    # block t is done when its output is final and its owner's buffer has been cut up (freed)
-    token_dsk = (
-        {(token_name,) + t: (_done, (final_name,) + lead + t, *cut.get(t, ())) for t in sources} if lookahead else {}
-    )
-    # One layer: with lookahead edges the owner -> piece -> final -> token
-    # dependencies would form a cycle between separate layers.
-    layer = MaterializedLayer(
-        {**owner_dsk, **piece_dsk, **final_dsk, **token_dsk},
-        annotations={"resources": _owner_resources(owner_name, resources)} if resources else None,
-    )
-    if readers is not None:  # owners read their input themselves
-        layers, deps = {final_name: layer}, {final_name: set()}
-    else:
-        layers = dict(data.dask.layers)
-        deps = {k: set(v) for k, v in data.dask.dependencies.items()}
-        layers[final_name] = layer
-        deps[final_name] = {data.name}
-    out_chunks = grid.chunks if output == "labels" else ((n_classes,),) + grid.chunks
-    result = da.Array(HighLevelGraph(layers, deps), final_name, out_chunks, dtype=dtype)
-
-    if any(p != (0, 0) for p in grid.pad):
-        crop_sl = tuple(slice(b, b + n) for (b, _), n in zip(grid.pad, grid.shape))
-        result = result[(slice(None),) * len(lead) + crop_sl]
-    return result
+    return dsk, sources, cut
 
 
 class _owner_resources:
@@ -424,22 +405,3 @@ def _small_input_chunks(data, grid: PatchGrid) -> bool:
     chunks every owner would decode whole big chunks again, so they are shared.
     """
     return all(max(have) <= max(want) for have, want in zip(data.chunks[1:], grid.chunks))
-
-
-def _n_classes(predictor, out_channels, n_ch: int, patch: tuple[int, ...], source: str) -> int:
-    expected_in = getattr(predictor, "in_channels", None)
-    if expected_in is not None and int(expected_in) != n_ch:
-        raise ModelError(f"model expects {expected_in} input channels, {source} has {n_ch}")
-    k = out_channels if out_channels is not None else getattr(predictor, "out_channels", None)
-    if k is not None:
-        return int(k)
-    probe = np.zeros((1, n_ch) + tuple(patch), dtype=np.float32)
-    try:
-        out = np.asarray(predictor(probe))
-    except ModelError:
-        raise
-    except Exception as exc:
-        raise ModelError(f"model failed on a {probe.shape!r} probe batch for {source} ({n_ch} channels): {exc}") from exc
-    if out.ndim != probe.ndim or out.shape[0] != 1 or out.shape[2:] != tuple(patch):
-        raise ModelError(f"model returned shape {out.shape!r} for a batch of {probe.shape!r}; expected (1, K, *patch)")
-    return int(out.shape[1])

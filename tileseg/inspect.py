@@ -48,7 +48,7 @@ def describe(path: Any, **options: Any) -> dict[str, Any]:
     """
     img = open_image(path, **options)
     data = img.data
-    meta = img.metadata if isinstance(img.metadata, dict) else {}
+    meta = img.reader_info
     out: dict[str, Any] = {
         "path": str(path),
         "format": img.format,
@@ -62,6 +62,11 @@ def describe(path: Any, **options: Any) -> dict[str, Any]:
         "units": list(img.units),
         "size_bytes": int(math.prod(data.shape) * data.dtype.itemsize),
     }
+    for key in ("crs", "transform", "nodata", "class_names"):
+        if getattr(img, key) is not None:
+            out[key] = list(getattr(img, key)) if isinstance(getattr(img, key), tuple) else getattr(img, key)
+    if img.direction != tuple(tuple(float(i == j) for j in range(img.spatial_ndim)) for i in range(img.spatial_ndim)):
+        out["direction"] = [list(r) for r in img.direction]
     if "zarr_format" in meta:
         out["zarr_format"] = meta["zarr_format"]
         out["array_path"] = meta.get("array_path", "")
@@ -74,14 +79,13 @@ def describe(path: Any, **options: Any) -> dict[str, Any]:
             levels.append(
                 {
                     "level": i,
-                    "path": lvl.metadata.get("ome", {}).get("dataset_path"),
+                    "path": lvl.reader_info.get("ome", {}).get("dataset_path"),
                     "shape": [int(s) for s in lvl.data.shape],
                     "spacing": list(lvl.spacing),
                 }
             )
         out["ome"] = {"version": ome.get("version"), "level": ome.get("level"), "levels": levels}
-    attrs = meta.get("attrs")
-    status = attrs.get("tileseg") if isinstance(attrs, dict) else None
+    status = meta.get("tileseg")
     if isinstance(status, dict):
         out["tileseg_status"] = status.get("status")
     return out

@@ -6,7 +6,9 @@ that need image statistics (``zscore``, ``percentile``) compute them over the
 returning a few numbers per channel), so tiled results equal whole-image
 preprocessing exactly, whatever the chunking.
 
-Steps (``preprocess:`` in a pipeline file, applied in order)::
+Steps (``preprocess:`` in a pipeline file, applied in order; registered in
+:mod:`tileseg.registry` under the ``preprocess`` kind, so plugins can add
+more through the ``tileseg.preprocess`` entry-point group)::
 
     preprocess:
       - zscore: {}                                  # global mean/std per channel
@@ -33,7 +35,6 @@ Conventions
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ from .errors import ConfigError
 
 __all__ = [
     "apply_preprocess", "zscore", "fixed", "percentile", "clip", "scale",
-    "channel_stats", "channel_percentiles", "STEPS",
+    "channel_stats", "channel_percentiles",
 ]
 
 EXACT_INT_RANGE = 2**20
@@ -380,33 +381,19 @@ def scale(data: Any, *, multiply: float = 1.0, add: float = 0.0) -> da.Array:
     return arr.astype(np.float32) * _bcast(m, arr.ndim) + _bcast(a, arr.ndim)
 
 
-STEPS: dict[str, Callable[..., da.Array]] = {
-    "zscore": zscore, "fixed": fixed, "percentile": percentile, "clip": clip, "scale": scale,
-}
-
-
 def _parse_step(step: Any, index: int) -> tuple[str, dict]:
-    if isinstance(step, str):
-        name, params = step, {}
-    elif isinstance(step, dict) and len(step) == 1:
-        name, params = next(iter(step.items()))
-        params = {} if params is None else params
-    else:
-        raise ConfigError(
-            f"preprocess[{index}]: a step is a name or a one-key mapping like {{'zscore': {{}}}}, got {step!r}")
-    if name not in STEPS:
-        raise ConfigError(f"preprocess[{index}]: unknown step {name!r}; known steps: {sorted(STEPS)}")
-    if not isinstance(params, dict):
-        raise ConfigError(f"preprocess[{index}].{name}: parameters must be a mapping, got {params!r}")
-    sig = inspect.signature(STEPS[name])
-    allowed = [p for p in sig.parameters if p != "data"]
-    bad = [k for k in params if k not in allowed]
-    if bad:
-        raise ConfigError(f"preprocess[{index}].{name}: unknown parameter(s) {bad!r}; allowed: {allowed}")
-    missing = [p.name for p in sig.parameters.values()
-               if p.name != "data" and p.default is inspect.Parameter.empty and p.name not in params]
-    if missing:
-        raise ConfigError(f"preprocess[{index}].{name}: missing parameter(s) {missing!r}")
+    """``(name, params)`` of one step, checked against the ``preprocess`` registry and the step's signature."""
+    from .config.schema import _step_pair, check_call
+    from .registry import available, get, suggest
+
+    try:
+        name, params = _step_pair(step, "preprocess")
+        names = available("preprocess")
+        if name not in names:
+            raise ValueError(f"unknown step {name!r}{suggest(name, names)} (installed: {', '.join(names)})")
+        check_call(get("preprocess", name), "preprocess step", name, params)
+    except ValueError as exc:
+        raise ConfigError(f"preprocess[{index}]: {exc}") from None
     return name, params
 
 
@@ -436,8 +423,10 @@ def apply_preprocess(data: Any, steps: Sequence[Any] | None) -> da.Array:
     if isinstance(steps, (str, dict)):
         steps = [steps]
     parsed = [_parse_step(s, i) for i, s in enumerate(steps or [])]
+    from .registry import get
+
     for name, params in parsed:
-        arr = STEPS[name](arr, **params)
+        arr = get("preprocess", name)(arr, **params)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float32)
     return arr

@@ -2,8 +2,11 @@
 
 Built-ins are listed the same way as third-party plugins (``module:attr``
 strings) and loaded lazily, so ``import tileseg`` stays cheap. Third-party
-packages add entries to the ``tileseg.readers`` / ``tileseg.writers`` /
-``tileseg.models`` / ``tileseg.methods`` entry-point groups.
+packages add entries to the ``tileseg.<kind>`` entry-point groups, one per
+kind: ``readers``, ``writers``, ``models`` (model kinds such as
+``torchscript``: how a model is given, see :mod:`tileseg.predictors.kinds`),
+``architectures`` (networks for ``state_dict`` models), ``preprocess``,
+``methods`` and ``postprocess``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from .errors import PluginError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("readers", "writers", "models", "methods", "postprocess")
+KINDS = ("readers", "writers", "models", "architectures", "preprocess", "methods", "postprocess")
 
 # Built-in plugins, loaded on first use. Other modules add to these tables
 # with :func:`register` (e.g. classical methods register themselves).
@@ -30,8 +33,21 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
     },
+    # model kinds: how a model is given (a file format), each with its own parameters
     "models": {
+        "torchscript": "tileseg.predictors.kinds:TorchScriptModel",
+        "state_dict": "tileseg.predictors.kinds:StateDictModel",
+    },
+    # network architectures a ``state_dict`` model is built from
+    "architectures": {
         "unet": "tileseg.predictors.unet:UNet",
+    },
+    "preprocess": {
+        "zscore": "tileseg.preprocess:zscore",
+        "fixed": "tileseg.preprocess:fixed",
+        "percentile": "tileseg.preprocess:percentile",
+        "clip": "tileseg.preprocess:clip",
+        "scale": "tileseg.preprocess:scale",
     },
     "methods": {},
     "postprocess": {},
@@ -40,7 +56,6 @@ _EXTRA: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
 # Packages whose import registers a whole table of built-ins (cheap: they
 # register "module:attr" strings and import nothing heavy).
 _BUILTIN_PACKAGES = {
-    "models": "tileseg.predictors",
     "methods": "tileseg.methods",
     "postprocess": "tileseg.postprocess",
 }
@@ -104,6 +119,16 @@ def _load_target(target: Any) -> Any:
     return target
 
 
+def suggest(name: str, names: Any) -> str:
+    """``"; did you mean 'x'?"`` for the nearest of ``names``, or ``""`` (the one did-you-mean helper).
+
+    >>> suggest("otsuu", ["otsu", "li"])
+    "; did you mean 'otsu'?"
+    """
+    near = difflib.get_close_matches(str(name), [str(n) for n in names], n=1)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
 def get(kind: str, name: str) -> Any:
     """Load the plugin ``name`` of ``kind``.
 
@@ -117,12 +142,12 @@ def get(kind: str, name: str) -> Any:
     target = _EXTRA[kind].get(name) or _BUILTINS[kind].get(name) or _entry_points(kind).get(name)
     if target is None:
         names = available(kind)
-        near = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise PluginError(f"unknown {kind[:-1]} {name!r}{hint} (installed: {', '.join(names) or 'none'})")
+        what = {"preprocess": "preprocess step", "postprocess": "postprocess step", "models": "model kind"}.get(
+            kind, kind[:-1])
+        raise PluginError(f"unknown {what} {name!r}{suggest(name, names)} (installed: {', '.join(names) or 'none'})")
     try:
         return _load_target(target)
     except ImportError:
         raise
     except Exception as exc:
-        raise PluginError(f"{kind[:-1]} plugin {name!r} failed to load: {exc}") from exc
+        raise PluginError(f"{kind} plugin {name!r} failed to load: {exc}") from exc

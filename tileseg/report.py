@@ -26,7 +26,9 @@ class ItemResult:
     index : int
         Position of the item in the expanded input list.
     input, output : str
-        Input path/URL and rendered output path (``None`` if never rendered).
+        Input path/URL and its first rendered output path.
+    outputs : list of str
+        Every rendered output path of the item (``outputs:`` in the pipeline).
     status : {"ok", "failed", "skipped"}
         ``skipped`` means an earlier run already completed this output with the
         same configuration (resume).
@@ -50,6 +52,7 @@ class ItemResult:
     index: int
     input: str
     output: str | None = None
+    outputs: list[str] | None = None
     status: str = FAILED
     shape: list[int] | None = None
     chunks: list[int] | None = None
@@ -64,7 +67,7 @@ class ItemResult:
 
 @dataclass
 class RunReport:
-    """The result of :func:`tileseg.run.run_pipeline`.
+    """The result of :func:`tileseg.runner.run_pipeline`.
 
     Attributes
     ----------
@@ -158,7 +161,7 @@ def package_versions() -> dict[str, str]:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (URLs via fsspec)."""
-    from .config.loader import is_url
+    from .store import is_url
 
     if is_url(path) and not path.startswith("file://"):
         import fsspec
@@ -184,7 +187,7 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def read_json(path: str) -> Any:
     """Read a JSON file (local or fsspec URL); ``None`` if it does not exist."""
-    from .config.loader import is_url
+    from .store import is_url
 
     if is_url(path) and not path.startswith("file://"):
         import fsspec

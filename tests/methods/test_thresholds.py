@@ -118,14 +118,14 @@ def test_mask_restricts_the_statistic():
     assert t == skf.threshold_otsu(a[m])
 
 
-def test_fixed_physical_hounsfield_from_metadata_and_args():
+def test_fixed_physical_hounsfield_from_attrs_and_args():
     rng = np.random.default_rng(3)
     raw = rng.integers(0, 4096, (20, 24)).astype(np.uint16)
     hu = raw.astype(np.float64) * 1.0 - 1024.0
     img = Image(
         data=da.from_array(raw, chunks=7),
         axes=("y", "x"),
-        metadata={"RescaleSlope": "1", "RescaleIntercept": "-1024"},
+        attrs={"RescaleSlope": "1", "RescaleIntercept": "-1024"},
     )
     out = registry.get("methods", "fixed_physical")(img, threshold=300).compute()
     np.testing.assert_array_equal(out, (hu > 300).astype(np.uint8))
@@ -154,3 +154,32 @@ def test_every_method_is_registered_and_loads():
         func = registry.get("methods", name)
         params = inspect.signature(func).parameters
         assert "spacing" in params and params["spacing"].kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+def test_fixed_physical_reads_the_rescale_from_store_attributes(tmp_path):
+    """A CT-like Zarr store carrying DICOM rescale attributes: no slope/intercept in the pipeline."""
+    import zarr
+
+    import tileseg
+    from tileseg.methods import apply_method
+
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 4096, (3, 30, 26)).astype(np.int16)
+    arr = zarr.create_array(str(tmp_path / "ct.zarr"), shape=raw.shape, chunks=(2, 16, 16), dtype="int16")
+    arr[:] = raw
+    arr.attrs.update({"RescaleSlope": 2.0, "RescaleIntercept": -1024.0})
+    img = tileseg.open(tmp_path / "ct.zarr")
+    out = apply_method(img, "fixed_physical", {"threshold": 300.0})
+    expected = (raw.astype(np.float64) * 2.0 - 1024.0) > 300.0
+    np.testing.assert_array_equal(out.data.compute(), expected.astype(np.uint8))
+    assert out.class_names == ("background", "foreground") and out.is_class_map
+    # the same through a whole pipeline run
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: ct.zarr}\nmethod: {fixed_physical: {threshold: 300.0}}\n"
+        "postprocess: [{remove_small_objects: {min_size_px: 3}}]\noutput: {path: 'out/{stem}.zarr'}\n")
+    report = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous")
+    assert report.ok, report.items[0].error
+    from skimage.morphology import remove_small_objects
+
+    written = tileseg.open(tmp_path / "out" / "ct.zarr").data.compute()
+    np.testing.assert_array_equal(written.astype(bool), remove_small_objects(expected, max_size=2))

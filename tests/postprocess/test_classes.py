@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from tileseg.errors import ConfigError, InputError
-from tileseg.postprocess.classes import argmax, smallest_uint, threshold
+from tileseg.image import label_dtype as smallest_uint
+from tileseg.postprocess.classes import argmax, threshold
 
 
 @pytest.mark.parametrize("spatial", [(13, 17), (5, 6, 7)])

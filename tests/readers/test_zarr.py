@@ -85,8 +85,8 @@ def test_plain_v3_array_is_lazy_with_store_chunks(tmp_path):
     assert img.axes == ("y", "x") and img.format == "zarr" and img.source == str(p)
     assert img.data.chunks == ((16, 16, 16, 2), (32, 32, 6))
     np.testing.assert_array_equal(img.data.compute(), ref)
-    assert img.metadata["zarr_format"] == 3 and img.metadata["chunks"] == (16, 32)
-    assert img.metadata["dtype"] == "uint8"
+    assert img.reader_info["zarr_format"] == 3 and img.reader_info["chunks"] == (16, 32)
+    assert img.reader_info["dtype"] == "uint8"
 
 
 def test_open_reads_no_chunk_data(tmp_path, monkeypatch):
@@ -114,7 +114,7 @@ def test_sharded_array_reads_one_shard_per_block(tmp_path):
     zarr.create_array(str(p), shape=ref.shape, chunks=(8, 8), shards=(32, 16), dtype=ref.dtype)[:] = ref
     img = open_image(p)
     assert img.data.chunksize == (32, 16)
-    assert img.metadata["chunks"] == (8, 8) and img.metadata["shards"] == (32, 16)
+    assert img.reader_info["chunks"] == (8, 8) and img.reader_info["shards"] == (32, 16)
     np.testing.assert_array_equal(img.data.compute(), ref)
 
 
@@ -127,8 +127,8 @@ def test_v2_channel_last_is_moved_first(tmp_path):
     img = open_image(p)
     assert img.axes == ("c", "y", "x")
     np.testing.assert_array_equal(img.data.compute(), ref.transpose(2, 0, 1))
-    assert img.metadata["store_axes"] == ("y", "x", "c")
-    assert img.metadata["zarr_format"] == 2
+    assert img.reader_info["store_axes"] == ("y", "x", "c")
+    assert img.reader_info["zarr_format"] == 2
 
 
 def test_v3_dimension_names_and_default_axes(tmp_path):
@@ -170,10 +170,10 @@ def test_ome04_level_selection_shape_spacing_units(tmp_path):
     assert img1.spacing == (1.0, 0.5)
     np.testing.assert_array_equal(img1.data.compute(), levels[1])
     assert open_image(p, level=-1).data.shape == (2, 20, 15)
-    ome = img1.metadata["ome"]
+    ome = img1.reader_info["ome"]
     assert ome["version"] == "0.4" and ome["level"] == 1 and ome["n_levels"] == 2
     assert ome["multiscales"]["name"] == "img"
-    assert img1.metadata["attrs"]["custom"] == 1
+    assert img1.attrs["custom"] == 1
     with pytest.raises(InputError, match=r"level=2 out of range.*2 level"):
         open_image(p, level=2)
 
@@ -193,7 +193,7 @@ def test_ome05_singleton_time_dropped(tmp_path):
     assert img.axes == ("z", "y", "x")
     assert img.spacing == (2.0, 0.5, 0.5)
     assert img.units == ("millimeter",) * 3
-    assert img.metadata["ome"]["version"] == "0.5"
+    assert img.reader_info["ome"]["version"] == "0.5"
     np.testing.assert_array_equal(img.data.compute(), arr[0])
 
 
@@ -233,7 +233,7 @@ def test_array_inside_group_by_path(tmp_path):
     lab[:] = np.arange(120, dtype=np.uint8).reshape(10, 12)
     img = open_image(p, array="labels/0")
     np.testing.assert_array_equal(img.data.compute(), lab[:])
-    assert img.metadata["array_path"] == "labels/0"
+    assert img.reader_info["array_path"] == "labels/0"
     # a path to the node inside the store works too
     np.testing.assert_array_equal(open_image(p / "labels" / "0").data.compute(), lab[:])
     with pytest.raises(FormatError, match=r"\('raw', 'labels/'\); choose one with array="):

@@ -19,14 +19,8 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
+from ..store import is_url
 from .schema import PipelineConfig
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` is a URL (``s3://...``, ``https://...``) rather than a local path."""
-    return bool(_URL.match(path))
 
 
 def load_pipeline(source: Any, *, base_dir: str | os.PathLike[str] | None = None) -> PipelineConfig:
@@ -62,24 +56,39 @@ def load_pipeline(source: Any, *, base_dir: str | os.PathLike[str] | None = None
     if isinstance(source, PipelineConfig):
         return source
     if isinstance(source, dict):
+        check_size(source, "<mapping>")
         return parse_pipeline(source, base_dir=base_dir or os.getcwd(), source="<mapping>")
     path = Path(os.fspath(source)).expanduser()
     data = read_yaml(path)
     return parse_pipeline(data, base_dir=base_dir or path.resolve().parent, source=str(path))
 
 
+#: A pipeline file larger than this is refused before parsing.
+MAX_YAML_BYTES = 1 << 20
+#: Most values (mappings, lists and scalars, each alias expansion counted again) a pipeline may hold.
+MAX_YAML_NODES = 100_000
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file with ``yaml.safe_load``; syntax errors name line and column."""
+    """Parse a YAML file with ``yaml.safe_load``; syntax errors name line and column.
+
+    Files over :data:`MAX_YAML_BYTES`, and documents whose aliases expand to
+    more than :data:`MAX_YAML_NODES` values (an "alias bomb"), are refused
+    with a :class:`~tileseg.errors.ConfigError` before anything walks them.
+    """
     import yaml
 
     try:
+        if path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: pipeline file is {path.stat().st_size} bytes, over the "
+                              f"{MAX_YAML_BYTES}-byte limit for pipeline files")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: pipeline file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read pipeline file: {exc}") from exc
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -87,6 +96,36 @@ def read_yaml(path: Path) -> Any:
         context = getattr(exc, "context", None)
         detail = f"{problem} ({context})" if context else problem
         raise ConfigError(f"{where}: invalid YAML: {detail} (line {mark.line + 1 if mark else '?'})") from None
+    check_size(data, str(path))
+    return data
+
+
+def check_size(data: Any, source: str, limit: int = MAX_YAML_NODES) -> None:
+    """Refuse parsed YAML that expands to more than ``limit`` values (shared aliases counted each time).
+
+    ``yaml.safe_load`` keeps an aliased node as one shared object, so a few
+    lines can stand for billions of values that later steps (validation,
+    hashing, JSON reports) would walk. The count stops as soon as it passes
+    the limit.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and the limit.
+    """
+    count = 0
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > limit:
+            raise ConfigError(f"{source}: the pipeline expands to more than {limit} values (YAML aliases "
+                              "repeated over and over?); refusing to load it")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
 
 
 def parse_pipeline(data: Any, *, base_dir: str | os.PathLike[str], source: str = "<pipeline>") -> PipelineConfig:
@@ -194,6 +233,9 @@ def format_errors(exc: ValidationError) -> list[str]:
         step = re.match(r"step (\d+): ", msg)
         if step:  # list validators name the offending entry this way
             path, msg = f"{path}[{step.group(1)}]", msg[step.end():]
+        key = re.match(r"(model)\.([\w.]+): ", msg)
+        if key and path == key.group(1):  # model kinds name their parameter this way
+            path, msg = f"{path}.{key.group(2)}", msg[key.end():]
         for part in msg.split("\n"):
             line = f"{path}: {part}" if path else part
             if line not in lines:
@@ -214,16 +256,18 @@ def _resolve(path: str, base: Path) -> str:
 
 
 def resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
-    """A copy of ``cfg`` with input, weights, output and reference paths made absolute."""
+    """A copy of ``cfg`` with input, model file, output and reference paths made absolute."""
     base = Path(base_dir).expanduser().resolve()
     updates: dict[str, Any] = {
         "input": cfg.input.model_copy(update={"path": [_resolve(p, base) for p in cfg.input.path]}),
-        "output": cfg.output.model_copy(update={"path": _resolve(cfg.output.path, base)}),
     }
+    if cfg.output is not None:
+        updates["output"] = cfg.output.model_copy(update={"path": _resolve(cfg.output.path, base)})
+    if cfg.outputs is not None:
+        updates["outputs"] = [o.model_copy(update={"path": _resolve(o.path, base)}) for o in cfg.outputs]
     if cfg.model is not None:
-        m = {k: _resolve(getattr(cfg.model, k), base)
-             for k in ("torchscript", "state_dict") if getattr(cfg.model, k) is not None}
-        updates["model"] = cfg.model.model_copy(update=m)
+        params = {**cfg.model.params, **{k: _resolve(v, base) for k, v in cfg.model.files().items()}}
+        updates["model"] = cfg.model.model_copy(update={"params": params})
     if cfg.evaluate is not None and cfg.evaluate.reference.path is not None:
         ref = cfg.evaluate.reference.model_copy(update={"path": _resolve(cfg.evaluate.reference.path, base)})
         updates["evaluate"] = cfg.evaluate.model_copy(update={"reference": ref})
@@ -233,8 +277,7 @@ def resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
 def _missing_files(cfg: PipelineConfig) -> list[str]:
     problems = []
     if cfg.model is not None:
-        for key in ("torchscript", "state_dict"):
-            p = getattr(cfg.model, key)
-            if p is not None and not is_url(p) and not os.path.isfile(p):
-                problems.append(f"model.{key}: weights file not found: {p!r}")
+        for key, p in cfg.model.files().items():
+            if not is_url(p) and not os.path.isfile(p):
+                problems.append(f"model.{cfg.model.kind}.{key}: file not found: {p!r}")
     return problems

@@ -16,6 +16,10 @@ Schema (version 1)
       reader: auto                  # reader name from the registry, or auto
       array: image                  # array inside a group/container (optional)
       level: 0                      # multiscale level, 0 = full resolution
+      axes: null                    # axis names of the stored array, e.g. cyx (overrides the file)
+      nodata: null                  # pixel value meaning "no data" (overrides the file)
+      nan_policy: error             # error | fill: NaN pixels raise, or become fill_value
+      fill_value: 0.0               # for nan_policy: fill (and pad_mode: constant)
       options: {}                   # extra reader-specific keyword arguments
     preprocess: [zscore]            # steps: a name or a one-key mapping {name: {params}}
     tiling:                         # required with model:; with method: only chunks apply
@@ -26,18 +30,21 @@ Schema (version 1)
       chunks: [1024, 1024]          # output chunk per spatial axis (optional)
       pad_mode: reflect             # reflect | constant | edge | symmetric (axes shorter than the patch)
     model:                          # exactly one of model: / method:
-      torchscript: models/unet2d.pt # or state_dict: weights.pt + architecture: {unet: {in_channels: 1, ...}}
+      torchscript: {path: models/unet2d.pt}   # one model kind with its parameters, or e.g.
+      # state_dict: {path: w.pt, architecture: {unet: {in_channels: 1, out_channels: 2}}}
+      output: labels                # labels | probabilities | logits: what the engine makes
       batch_size: 16                # > 0
       precision: fp32               # fp32 | fp16 | bf16
       device: auto                  # auto (CUDA when present) | cpu | cuda | cuda:N | mps
-      classes: [background, object] # optional names, one per output channel (2 for a 1-channel model)
+      classes: [background, object] # optional names, one per class (2 for a 1-channel model)
     # method: {otsu: {}}            # a registered classical method ("methods" registry)
-    postprocess: [argmax]           # steps: a name or {name: {params}}
-    output:
+    postprocess: []                 # steps: a name or {name: {params}}, applied to the result
+    output:                         # one output, or outputs: [ ... ] for several
       path: "out/{stem}_seg.zarr"   # template: {stem} file name without image suffixes (.zarr, .ome.zarr,
                                     # .nii.gz, ...), {name} full file name, {index} 0-based position in
                                     # the input list (format specs allowed: {index:04d}); unique per item
       writer: zarr                  # writer name from the registry
+      content: result               # result (after postprocess) | raw (model/method output before it)
       overwrite: false              # replace outputs not recorded by an earlier run into this folder
       options: {}                   # extra writer-specific keyword arguments
     execution:
@@ -45,20 +52,19 @@ Schema (version 1)
       workers: 2                    # dask workers (threads or processes)
       threads_per_worker: 1         # for scheduler: local
       resources: {GPU: 1}           # per-worker resources (scheduler: local); model tasks are annotated
+      malloc_arenas: 1              # glibc malloc arenas per process (null: leave the allocator alone)
     evaluate:                       # optional: Dice per class against a reference label image
       reference: {path: null, array: labels}   # path (template fields allowed) defaults to the input;
-                                    # the output must hold labels (argmax/threshold)
+                                    # scored against the first output with content: result
 
-Postprocess semantics with a model: a first step ``argmax`` (no parameters)
-or ``threshold`` (``value: 0.5``, the default) makes the engine reduce each
-output chunk to labels itself (``segment(output="labels")``, the cheapest
-path); ``threshold`` with another scalar ``value`` (0 < value < 1) thresholds
-the foreground probability of a one- or two-class model (uint8 labels). Otherwise the engine writes
-``probabilities`` ``(K, *spatial)`` and every step, a first ``argmax`` /
-``threshold`` with other parameters included, is a registered ``postprocess``
-callable ``f(data, *, spacing, **params)`` applied lazily in order. With a
-method, every step is a registered callable. Step names and parameters are
-checked against :mod:`tileseg.registry` when the pipeline is validated.
+``model.output`` says what the engine makes: ``labels`` (the default; a class
+map, argmax or ``> 0.5`` for one channel, reduced chunk by chunk, the
+cheapest path), ``probabilities`` (softmax/sigmoid) or ``logits``. Every
+``postprocess`` step is a registered callable ``f(data, *, spacing, **params)``
+applied in order to that result; object steps treat class maps per class.
+``argmax``/``threshold`` steps turn probabilities into classes, so they need
+``model.output: probabilities``. Step names and parameters are checked
+against :mod:`tileseg.registry` when the pipeline is validated.
 
 Preprocessing applies before the model or the method. With a method,
 ``tiling.chunks`` (if given) rechunks the input; the other tiling keys are
@@ -68,25 +74,21 @@ Relative paths (input, model weights, output, reference) are resolved against
 the pipeline file's directory by the loader.
 
 Next to the outputs (their common folder) a run writes ``tileseg-run.json``
-(the resume manifest) and ``tileseg-report.json`` (see :mod:`tileseg.run`).
+(the resume manifest) and ``tileseg-report.json`` (see :mod:`tileseg.runner`).
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import re
 import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 #: Placeholders allowed in output / reference path templates.
 TEMPLATE_FIELDS = ("stem", "name", "index")
-#: Postprocess steps the runner implements itself (first step after a model).
-MODEL_REDUCTIONS = ("argmax", "threshold")
-#: Keys of ``model:`` that name the weights.
-MODEL_SOURCES = ("torchscript", "state_dict")
+#: Postprocess steps that turn scores into classes (they need ``model.output: probabilities``).
+CLASSIFY_STEPS = ("argmax", "threshold")
 #: Named schedulers; anything else must be a ``tcp://`` or ``tls://`` address.
 SCHEDULERS = ("threads", "processes", "synchronous", "local")
 
@@ -100,9 +102,10 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------- helpers
 
 
-def _suggest(name: str, names: list[str] | tuple[str, ...]) -> str:
-    near = difflib.get_close_matches(name, list(names), n=1)
-    return f"; did you mean {near[0]!r}?" if near else ""
+def _suggest(name: str, names: Any) -> str:
+    from ..registry import suggest
+
+    return suggest(name, names)
 
 
 def _step_pair(raw: Any, what: str) -> tuple[str, dict[str, Any]]:
@@ -133,7 +136,7 @@ def _load_plugins() -> None:
     """Import the packages whose modules register classical methods/steps."""
     import importlib
 
-    for pkg in ("tileseg.methods", "tileseg.postprocess", "tileseg.predictors"):
+    for pkg in ("tileseg.methods", "tileseg.postprocess"):
         try:
             importlib.import_module(pkg)
         except ImportError:  # pragma: no cover - package missing or its extra not installed
@@ -147,7 +150,7 @@ def _registry_names(kind: str) -> list[str]:
     return registry.available(kind)
 
 
-_SINGULAR = {"methods": "method", "postprocess": "postprocess step"}
+_SINGULAR = {"methods": "method", "postprocess": "postprocess step", "preprocess": "preprocess step"}
 
 
 def _check_params(kind: str, name: str, params: dict[str, Any]) -> None:
@@ -162,35 +165,11 @@ def _check_params(kind: str, name: str, params: dict[str, Any]) -> None:
     check_call(fn, what, name, params)
 
 
-def check_call(fn: Any, what: str, name: str, params: dict[str, Any]) -> None:
-    """Check ``params`` against ``fn(data, **params)``'s signature.
+def check_call(fn: Any, what: str, name: str, params: dict[str, Any], *, takes_data: bool = True) -> None:
+    """Check ``params`` against ``fn(data, **params)`` (see :func:`tileseg.step_call.check_params`)."""
+    from ..step_call import check_params
 
-    Unknown keywords (with the nearest accepted name) and missing required
-    ones are errors; ``spacing`` is supplied by the runner. Callables taking
-    ``**kwargs`` accept anything.
-
-    Raises
-    ------
-    ValueError
-        Naming the parameter and the step.
-    """
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return
-    ps = list(sig.parameters.values())[1:]  # the first parameter is the data
-    if any(p.kind is p.VAR_KEYWORD for p in ps):
-        return
-    accepted = [p.name for p in ps if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "spacing"]
-    for key in params:
-        if key not in accepted:
-            raise ValueError(
-                f"unknown parameter {key!r} for {what} {name!r}{_suggest(key, accepted)} "
-                f"(accepted: {', '.join(accepted) or 'none'})"
-            )
-    missing = [p.name for p in ps if p.name in accepted and p.default is p.empty and p.name not in params]
-    if missing:
-        raise ValueError(f"{what} {name!r} needs parameter(s) {', '.join(missing)}")
+    check_params(fn, what, name, params, skip=1 if takes_data else 0, from_image=takes_data)
 
 
 def check_template(template: str, what: str = "path") -> str:
@@ -233,7 +212,28 @@ class InputConfig(_Section):
     reader: str = "auto"
     array: str | None = None
     level: int = Field(default=0, ge=0)
+    axes: str | None = None
+    nodata: int | float | None = None
+    nan_policy: Literal["error", "fill"] = "error"
+    fill_value: int | float = 0.0
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("axes")
+    @classmethod
+    def _axes(cls, v: str | None) -> str | None:
+        if v is not None:
+            from ..image import parse_axes
+
+            parse_axes(v)
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        own = {"array", "level", "axes", "reader", "nodata"} & set(v)
+        if own:
+            raise ValueError(f"{sorted(own)[0]!r} is an input key of its own: write input.{sorted(own)[0]}")
+        return v
 
     @field_validator("path", mode="before")
     @classmethod
@@ -270,24 +270,6 @@ class TilingConfig(_Section):
     chunks: list[int] | None = None
     pad_mode: Literal["reflect", "constant", "edge", "symmetric"] = "reflect"
 
-    @field_validator("patch_size")
-    @classmethod
-    def _patch(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if len(v) not in (2, 3):
-            raise ValueError(f"must have 2 (2D) or 3 (3D) entries (got {v!r})")
-        if any(p <= 0 for p in v):
-            raise ValueError(f"every entry must be > 0 (got {v!r})")
-        return v
-
-    @field_validator("overlap")
-    @classmethod
-    def _overlap(cls, v: float | None) -> float | None:
-        if v is not None and not (0.0 <= v < 1.0):
-            raise ValueError(f"must be >= 0 and < 1 (got {v!r})")
-        return v
-
     @field_validator("chunks")
     @classmethod
     def _chunks(cls, v: list[int] | None) -> list[int] | None:
@@ -303,22 +285,11 @@ class TilingConfig(_Section):
             if self.overlap_px is not None:
                 raise ValueError("overlap_px needs patch_size")
             return self
+        from ..tiling.grid import tile_steps
+
         n = len(self.patch_size)
-        if self.overlap is not None and self.overlap_px is not None:
-            raise ValueError(
-                f"overlap and overlap_px are mutually exclusive; give one of them "
-                f"(got overlap={self.overlap!r}, overlap_px={self.overlap_px!r})"
-            )
-        if self.overlap_px is not None:
-            if len(self.overlap_px) != n:
-                raise ValueError(f"overlap_px needs {n} entries like patch_size (got {self.overlap_px!r})")
-            for o, p in zip(self.overlap_px, self.patch_size):
-                if not 0 <= o < p:
-                    raise ValueError(
-                        f"overlap_px entries must be >= 0 and < the patch size "
-                        f"(got overlap_px={self.overlap_px!r}, patch_size={self.patch_size!r})"
-                    )
-        elif self.overlap is None:
+        tile_steps(self.patch_size, overlap=self.overlap, overlap_px=self.overlap_px)
+        if self.overlap is None and self.overlap_px is None:
             self.overlap = 0.25
         if self.chunks is not None and len(self.chunks) != n:
             raise ValueError(f"chunks needs {n} entries like patch_size (got {self.chunks!r})")
@@ -326,15 +297,48 @@ class TilingConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """``model:`` a trained network and how to run it."""
+    """``model:`` one model kind with its parameters, and how to run it.
 
-    torchscript: str | None = None
-    state_dict: str | None = None
-    architecture: dict[str, dict[str, Any]] | None = None
+    Written ``{kind: {parameters}, batch_size: ..., ...}``; validated into
+    ``kind`` and ``params`` (see :mod:`tileseg.predictors.kinds`).
+    """
+
+    kind: str
+    params: dict[str, Any]
+    output: Literal["labels", "probabilities", "logits"] = "labels"
     batch_size: int = Field(default=8, gt=0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: str = "auto"
     classes: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        from ..predictors.kinds import parse_spec
+
+        common = set(cls.model_fields) - {"kind", "params"}
+        kinds = [k for k in v if k not in common]
+        if len(kinds) != 1:
+            installed = _registry_names("models")
+            got = ", ".join(map(str, kinds)) or "none"
+            raise ValueError(f"give exactly one model kind ({', '.join(installed)}) with its parameters, e.g. "
+                             f"torchscript: {{path: model.pt}} (got {got})")
+        kind, params = parse_spec({kinds[0]: v[kinds[0]]}, "model")
+        from .. import registry
+
+        try:
+            check_call(registry.get("models", kind), "model kind", kind, params, takes_data=False)
+        except ValueError as exc:
+            raise ValueError(f"model.{kind}: {exc}") from None
+        return {**{k: v[k] for k in v if k in common}, "kind": kind, "params": params}
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        kind, params = data.pop("kind"), data.pop("params")
+        return {kind: params, **data}
 
     @field_validator("device")
     @classmethod
@@ -353,44 +357,16 @@ class ModelConfig(_Section):
                 raise ValueError(f"class names must be unique (got {v!r})")
         return v
 
-    @field_validator("architecture")
-    @classmethod
-    def _arch(cls, v: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
-        if v is not None:
-            if len(v) != 1:
-                raise ValueError(f"must be a one-key mapping {{name: {{params}}}} (got keys {sorted(v)!r})")
-            name = next(iter(v))
-            names = _registry_names("models")
-            if name not in names:
-                raise ValueError(f"unknown architecture {name!r}{_suggest(name, names)} "
-                                 f"(installed: {', '.join(names) or 'none'})")
-        return v
+    def spec(self) -> dict[str, Any]:
+        """The ``{kind: {parameters}}`` spec for :func:`tileseg.predictors.load_predictor`."""
+        return {self.kind: dict(self.params)}
 
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelConfig:
-        given = [k for k in MODEL_SOURCES if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"give exactly one of {', '.join(MODEL_SOURCES)} (got {', '.join(given) or 'none'})"
-            )
-        if self.state_dict is not None and self.architecture is None:
-            raise ValueError("state_dict needs architecture: {unet: {...}} to build the network")
-        if self.torchscript is not None and self.architecture is not None:
-            raise ValueError("architecture only applies to state_dict (a TorchScript file carries its own)")
-        return self
+    def files(self) -> dict[str, str]:
+        """``{parameter: path}`` of the kind's file parameters (weights)."""
+        from .. import registry
 
-    @property
-    def weights(self) -> str:
-        """Path of the weights file."""
-        return self.torchscript if self.torchscript is not None else str(self.state_dict)
-
-    def predictor_spec(self) -> dict[str, Any]:
-        """The spec passed to :func:`tileseg.predictors.load_predictor`."""
-        if self.torchscript is not None:
-            return {"torchscript": self.torchscript}
-        assert self.architecture is not None
-        (name, params), = self.architecture.items()
-        return {name: dict(params), "weights": self.state_dict}
+        names = getattr(registry.get("models", self.kind), "file_params", ())
+        return {p: self.params[p] for p in names if isinstance(self.params.get(p), str)}
 
 
 def _method_before(v: Any) -> Any:
@@ -409,6 +385,7 @@ class OutputConfig(_Section):
 
     path: str
     writer: str = "zarr"
+    content: Literal["result", "raw"] = "result"
     overwrite: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -426,6 +403,15 @@ class OutputConfig(_Section):
         if v not in names:
             raise ValueError(f"unknown writer {v!r}{_suggest(v, names)} (installed: {', '.join(names)})")
         return v
+
+    @model_validator(mode="after")
+    def _writer_options(self) -> OutputConfig:
+        from ..step_call import check_params
+        from ..writers import get_writer
+
+        # prepare(image, path, *, overwrite, storage_options, **writer options)
+        check_params(get_writer(self.writer).prepare, "writer", self.writer, self.options, skip=4, from_image=False)
+        return self
 
 
 class ExecutionConfig(_Section):
@@ -492,7 +478,8 @@ class PipelineConfig(_Section):
     model: ModelConfig | None = None
     method: dict[str, dict[str, Any]] | None = None
     postprocess: list[dict[str, dict[str, Any]]] = Field(default_factory=list)
-    output: OutputConfig
+    output: OutputConfig | None = None
+    outputs: list[OutputConfig] | None = None
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     evaluate: EvaluateConfig | None = None
 
@@ -510,16 +497,15 @@ class PipelineConfig(_Section):
             return []
         if not isinstance(v, list):
             raise ValueError(f"must be a list of steps (got {v!r})")
-        known = _preprocess_steps()
+        names = _registry_names("preprocess")
         out = []
         for i, raw in enumerate(v):
             try:
                 name, params = _step_pair(raw, "preprocess")
-                if known is not None and name not in known:
-                    raise ValueError(f"unknown preprocess step {name!r}{_suggest(name, sorted(known))} "
-                                     f"(known: {', '.join(sorted(known))})")
-                if known is not None:
-                    check_call(known[name], "preprocess step", name, params)
+                if name not in names:
+                    raise ValueError(f"unknown preprocess step {name!r}{_suggest(name, names)} "
+                                     f"(installed: {', '.join(names)})")
+                _check_params("preprocess", name, params)
             except ValueError as exc:
                 raise ValueError(f"step {i}: {exc}") from None
             out.append({name: params})
@@ -542,14 +528,10 @@ class PipelineConfig(_Section):
         for i, raw in enumerate(v):
             try:
                 name, params = _step_pair(raw, "postprocess")
-                if name in MODEL_REDUCTIONS and name not in names:
-                    pass  # checked with the whole pipeline (position, model or method)
-                elif name not in names:
-                    allowed = sorted(set(names) | set(MODEL_REDUCTIONS))
-                    raise ValueError(f"unknown postprocess step {name!r}{_suggest(name, allowed)} "
-                                     f"(installed: {', '.join(allowed)})")
-                else:
-                    _check_params("postprocess", name, params)
+                if name not in names:
+                    raise ValueError(f"unknown postprocess step {name!r}{_suggest(name, names)} "
+                                     f"(installed: {', '.join(names)})")
+                _check_params("postprocess", name, params)
             except ValueError as exc:
                 raise ValueError(f"step {i}: {exc}") from None
             out.append({name: params})
@@ -562,79 +544,54 @@ class PipelineConfig(_Section):
             problems.append("give exactly one of model: or method:")
         if self.model is not None and (self.tiling is None or self.tiling.patch_size is None):
             problems.append("tiling.patch_size: required when a model is given")
-        registered = set(_registry_names("postprocess"))
-        for i, (name, params) in enumerate(steps_of(self.postprocess)):
-            if name not in MODEL_REDUCTIONS:
-                continue
-            if name not in registered:
-                if self.model is None:
-                    problems.append(f"postprocess[{i}]: {name!r} applies to model outputs only")
-                elif i != 0:
-                    problems.append(f"postprocess[{i}]: {name!r} must be the first postprocess step")
-                else:
-                    try:
-                        _check_reduction(name, params)
-                    except ValueError as exc:
-                        problems.append(f"postprocess[{i}]: {exc}")
-            elif self.model is not None and i == 0 and name == "threshold" and set(params) <= {"value"}:
-                try:
-                    _check_reduction(name, params)
-                except ValueError as exc:
-                    problems.append(f"postprocess[{i}]: {exc}")
+        if (self.output is None) == (self.outputs is None):
+            problems.append("give exactly one of output: (one output) or outputs: (a list)")
+        elif self.outputs is not None and not self.outputs:
+            problems.append("outputs: must list at least one output")
+        if self.model is not None and self.model.output == "labels":
+            for i, (name, _) in enumerate(self.postprocess_steps()):
+                if name in CLASSIFY_STEPS:
+                    problems.append(
+                        f"postprocess[{i}]: {name!r} turns probabilities into classes, but model.output is "
+                        "'labels' (the default): the engine already makes the class map. Remove the step, "
+                        "or set model.output: probabilities")
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
     # ------------------------------------------------------------------ helpers
+    def all_outputs(self) -> list[OutputConfig]:
+        """The outputs of every item (``outputs:``, or the single ``output:``)."""
+        return list(self.outputs) if self.outputs is not None else [self.output]  # type: ignore[list-item]
+
     def postprocess_steps(self) -> list[tuple[str, dict[str, Any]]]:
         """``[(name, params), ...]`` of the postprocess steps."""
         return steps_of(self.postprocess)
+
+    def preprocess_steps(self) -> list[tuple[str, dict[str, Any]]]:
+        """``[(name, params), ...]`` of the preprocess steps."""
+        return steps_of(self.preprocess)
 
     def method_step(self) -> tuple[str, dict[str, Any]] | None:
         """``(name, params)`` of the method, or ``None`` with a model."""
         return None if self.method is None else steps_of([self.method])[0]
 
-    def model_output(self) -> tuple[str, float | None, list[tuple[str, dict[str, Any]]]]:
-        """How the runner drives the engine for a model pipeline.
+    def tiling_options(self) -> Any:
+        """The engine's :class:`~tileseg.options.TilingOptions` (model pipelines)."""
+        from ..options import TilingOptions
 
-        Returns
-        -------
-        output : str
-            ``"labels"`` or ``"probabilities"`` for :func:`tileseg.graph.segment`.
-        threshold : float or None
-            A threshold other than 0.5 to apply to a one-class probability map.
-        rest : list of (name, params)
-            The remaining registered postprocess steps.
-        """
-        steps = self.postprocess_steps()
-        if steps:
-            name, params = steps[0]
-            if name == "argmax" and not params:
-                return "labels", None, steps[1:]
-            value = params.get("value", 0.5)
-            if name == "threshold" and set(params) <= {"value"} and isinstance(value, (int, float)):
-                if value == 0.5:
-                    return "labels", None, steps[1:]
-                return "probabilities", float(value), steps[1:]
-        return "probabilities", None, steps
+        t = self.tiling
+        assert t is not None and t.patch_size is not None
+        return TilingOptions(patch_size=tuple(t.patch_size), overlap=t.overlap,
+                             overlap_px=None if t.overlap_px is None else tuple(t.overlap_px), blend=t.blend,
+                             chunks=None if t.chunks is None else tuple(t.chunks), pad_mode=t.pad_mode)
 
+    def inference_options(self, **runtime: Any) -> Any:
+        """The engine's :class:`~tileseg.options.InferenceOptions` (``runtime``: resources, lookahead, ...)."""
+        from ..options import InferenceOptions
 
-def _check_reduction(name: str, params: dict[str, Any]) -> None:
-    if name == "argmax" and params:
-        raise ValueError(f"argmax takes no parameters (got {sorted(params)!r})")
-    if name == "threshold":
-        extra = set(params) - {"value"}
-        if extra:
-            raise ValueError(f"unknown parameter {sorted(extra)[0]!r} for threshold (accepted: value)")
-        value = params.get("value", 0.5)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"threshold value must be a number > 0 and < 1 (got {value!r})")
-
-
-def _preprocess_steps() -> dict[str, Any] | None:
-    """The preprocessing steps by name, or ``None`` when the module is missing."""
-    try:
-        from ..preprocess import STEPS
-    except ImportError:  # pragma: no cover - partial installs
-        return None
-    return dict(STEPS)
+        m = self.model
+        assert m is not None
+        return InferenceOptions(batch_size=m.batch_size, output=m.output, nan_policy=self.input.nan_policy,
+                                fill_value=float(self.input.fill_value), preprocess=tuple(self.preprocess),
+                                class_names=None if m.classes is None else tuple(m.classes), **runtime)

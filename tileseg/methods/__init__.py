@@ -1,8 +1,12 @@
 """Classical segmentation methods that give whole-image results on chunked data.
 
 Every pipeline method is a callable ``f(data, *, spacing=None, **params)``
-taking a dask array ``(*spatial)`` or ``(C, *spatial)`` (or an
-:class:`~tileseg.image.Image`) and returning a lazy dask array of labels:
+taking an :class:`~tileseg.image.Image` (the runner passes the image, so a
+method sees its spacing, attributes such as a rescale slope/intercept, and
+nodata) or a dask array ``(*spatial)`` / ``(C, *spatial)``, and returning a
+lazy dask array. :func:`apply_method` wraps the result as an Image; methods
+that make classes give a class map with class names, which the object
+post-processing steps treat per class:
 
 * global thresholds (:mod:`.thresholds`): ``otsu``, ``multi_otsu``, ``li``,
   ``yen``, ``triangle``, ``isodata``, ``mean``, ``fixed``, ``fixed_physical``;
@@ -17,7 +21,12 @@ Importing this package registers them in :mod:`tileseg.registry` (kind
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .. import registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..image import Image
 
 #: Pipeline method name -> ``"module:attr"``.
 METHODS: dict[str, str] = {
@@ -45,4 +54,45 @@ METHODS: dict[str, str] = {
 for _name, _target in METHODS.items():
     registry.register("methods", _name, _target)
 
-__all__ = ["METHODS"]
+#: Methods whose output is a class map, and how many classes it has given the parameters.
+CLASS_MAPS: dict[str, Any] = {
+    **{name: 2 for name in ("otsu", "li", "yen", "triangle", "isodata", "mean", "fixed", "fixed_physical",
+                            "local", "canny", "region_growing")},
+    "multi_otsu": lambda params: int(params.get("classes", 3)),
+    "kmeans": lambda params: int(params.get("n_clusters", 3)),
+    "gmm": lambda params: int(params.get("n_clusters", 3)),
+}
+
+__all__ = ["CLASS_MAPS", "METHODS", "apply_method"]
+
+
+def apply_method(image: Image, name: str, params: dict[str, Any]) -> Image:
+    """Run the registered method ``name`` on ``image``; return the result as an Image.
+
+    Parameters
+    ----------
+    image : Image
+        The (preprocessed) input.
+    name : str
+        Method name in the ``methods`` registry.
+    params : dict
+        The method's parameters.
+
+    Returns
+    -------
+    Image
+        Same geometry; a class map (``class_names``) for the methods in
+        :data:`CLASS_MAPS` (``background``/``foreground`` for two classes).
+    """
+    from ..image import Image as _Image
+    from ..step_call import call_step
+
+    result = call_step(registry.get("methods", name), image, params)
+    if isinstance(result, _Image):
+        return result
+    k = CLASS_MAPS.get(name)
+    k = k(params) if callable(k) else k
+    names = None
+    if k is not None and result.dtype.kind in "biu":
+        names = ("background", "foreground") if k == 2 else tuple(f"class_{i}" for i in range(k))
+    return image.with_data(result, class_names=names)

@@ -1,4 +1,4 @@
-"""Input handling shared by the classical methods: channel axis, spacing, metadata."""
+"""Input handling shared by the classical methods: channel axis, spacing, attributes, nodata."""
 
 from __future__ import annotations
 
@@ -22,14 +22,20 @@ class MethodInput:
         Whether axis 0 is a channel (band) axis.
     spacing : tuple of float
         Physical pixel size per spatial axis.
-    metadata : dict
-        Image metadata (e.g. rescale slope/intercept), empty for bare arrays.
+    attrs : dict
+        The image's attributes (e.g. rescale slope/intercept), empty for bare arrays.
+    nodata : number or None
+        The image's nodata value.
+    mask : dask.array.Array or None
+        The image's validity mask (True = valid).
     """
 
     data: Any
     has_channels: bool
     spacing: tuple[float, ...]
-    metadata: dict = field(default_factory=dict)
+    attrs: dict = field(default_factory=dict)
+    nodata: Any = None
+    mask: Any = None
 
     @property
     def spatial_ndim(self) -> int:
@@ -62,9 +68,9 @@ def unwrap(data: Any, spacing: Any = None, spatial_ndim: int | None = None) -> M
 
     from ..image import Image
 
-    metadata: dict = {}
+    extra: dict[str, Any] = {}
     if isinstance(data, Image):
-        metadata = dict(data.metadata)
+        extra = {"attrs": dict(data.attrs), "nodata": data.nodata, "mask": data.mask}
         spacing = data.spacing if spacing is None else spacing
         spatial_ndim = data.spatial_ndim
         data = data.data
@@ -81,7 +87,7 @@ def unwrap(data: Any, spacing: Any = None, spatial_ndim: int | None = None) -> M
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != spatial_ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ConfigError(f"spacing {spacing!r} must have {spatial_ndim} positive values")
-    return MethodInput(data=data, has_channels=data.ndim > spatial_ndim, spacing=spacing, metadata=metadata)
+    return MethodInput(data=data, has_channels=data.ndim > spatial_ndim, spacing=spacing, **extra)
 
 
 def as_labels(mask: Any) -> Any:

@@ -260,11 +260,15 @@ def _cluster(kind: str, data: Any, spacing: Any, n_clusters: int, **kw: Any) -> 
 
     inp = unwrap(data, spacing)
     feats = inp.bands()
+    if kw.get("mask") is None:
+        kw["mask"] = inp.mask
+    if kw.get("nodata") is None:
+        kw["nodata"] = inp.nodata
     return predict(fit(feats, n_clusters, kind=kind, **kw), feats)
 
 
 def kmeans(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     n_clusters: int = 3,
@@ -283,12 +287,12 @@ def kmeans(
     [0, 1, 2]
     """
     return _cluster(
-        "kmeans", data, spacing, n_clusters, sample_size=sample_size, seed=seed, mask=mask, nodata=nodata
+        "kmeans", image, spacing, n_clusters, sample_size=sample_size, seed=seed, mask=mask, nodata=nodata
     )
 
 
 def gmm(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     n_clusters: int = 3,
@@ -299,5 +303,5 @@ def gmm(
 ) -> Any:
     """Pipeline method: Gaussian-mixture classes (full covariances), ordered like :func:`kmeans`."""
     return _cluster(
-        "gmm", data, spacing, n_clusters, sample_size=sample_size, seed=seed, mask=mask, nodata=nodata
+        "gmm", image, spacing, n_clusters, sample_size=sample_size, seed=seed, mask=mask, nodata=nodata
     )

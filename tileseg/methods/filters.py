@@ -296,7 +296,7 @@ def _then_threshold(inp_img: Any, threshold: Any, nbins: int) -> Any:
 
 
 def local(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     block_size: int = 35,
@@ -308,14 +308,14 @@ def local(
     """Pipeline method: adaptive threshold (uint8 labels 0/1); see :func:`threshold_local_mask`."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("local")
+    img = unwrap(image, spacing).single_band("local")
     return threshold_local_mask(img, block_size, method=method, offset=offset, mode=mode, param=param).astype(
         np.uint8
     )
 
 
 def gaussian(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     sigma: Any = 1.0,
@@ -326,12 +326,12 @@ def gaussian(
     """Pipeline method: Gaussian smoothing, then a global threshold (method name or value)."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("gaussian")
+    img = unwrap(image, spacing).single_band("gaussian")
     return _then_threshold(gaussian_filter(img, sigma, mode=mode), threshold, nbins)
 
 
 def median(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     radius: int = 1,
@@ -343,32 +343,32 @@ def median(
     """Pipeline method: median smoothing, then a global threshold (method name or value)."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("median")
+    img = unwrap(image, spacing).single_band("median")
     return _then_threshold(median_filter(img, radius=radius, shape=shape, mode=mode), threshold, nbins)
 
 
 def sobel(
-    data: Any, *, spacing: Any = None, threshold: Any = "otsu", nbins: int = 256, mode: str = "reflect"
+    image: Any, *, spacing: Any = None, threshold: Any = "otsu", nbins: int = 256, mode: str = "reflect"
 ) -> Any:
     """Pipeline method: Sobel edge magnitude above a global threshold (uint8 labels 0/1)."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("sobel")
+    img = unwrap(image, spacing).single_band("sobel")
     return _then_threshold(edges(img, "sobel", mode=mode), threshold, nbins)
 
 
 def scharr(
-    data: Any, *, spacing: Any = None, threshold: Any = "otsu", nbins: int = 256, mode: str = "reflect"
+    image: Any, *, spacing: Any = None, threshold: Any = "otsu", nbins: int = 256, mode: str = "reflect"
 ) -> Any:
     """Pipeline method: Scharr edge magnitude above a global threshold (uint8 labels 0/1)."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("scharr")
+    img = unwrap(image, spacing).single_band("scharr")
     return _then_threshold(edges(img, "scharr", mode=mode), threshold, nbins)
 
 
 def canny(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     sigma: float = 1.0,
@@ -379,7 +379,7 @@ def canny(
     """Pipeline method: Canny edges (2D) as uint8 labels 0/1; see :func:`canny_edges`."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("canny")
+    img = unwrap(image, spacing).single_band("canny")
     return canny_edges(
         img, sigma, low_threshold=low_threshold, high_threshold=high_threshold, mode=mode
     ).astype(np.uint8)

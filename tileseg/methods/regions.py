@@ -223,7 +223,7 @@ def _seed_mask_from_points(shape: tuple[int, ...], chunks: Any, points: np.ndarr
 
 
 def region_growing(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     points: Any = None,
@@ -243,7 +243,7 @@ def region_growing(
 
     Parameters
     ----------
-    data : dask.array.Array or Image
+    image : dask.array.Array or Image
         Single-band 2D/3D image.
     spacing : sequence of float, optional
         Unused (pixel connectivity); accepted for the pipeline interface.
@@ -267,7 +267,7 @@ def region_growing(
     from ._input import unwrap
     from .histogram import masked_mean
 
-    img = unwrap(data, spacing).single_band("region_growing")
+    img = unwrap(image, spacing).single_band("region_growing")
     if (points is None) == (seed_mask is None):
         raise ConfigError("region_growing needs exactly one of points or seed_mask")
     if points is not None:
@@ -515,7 +515,7 @@ def watershed_from_threshold(
 
 
 def watershed_method(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     markers: Any = None,
@@ -527,13 +527,13 @@ def watershed_method(
 ) -> Any:
     """Pipeline method ``watershed``.
 
-    With ``markers`` (a global label array) floods ``data`` (the landscape)
+    With ``markers`` (a global label array) floods ``image`` (the landscape)
     from them, :func:`watershed`; without, splits the thresholded foreground
     with :func:`watershed_from_threshold`.
     """
     if markers is None:
         return watershed_from_threshold(
-            data,
+            image,
             spacing=spacing,
             threshold=threshold,
             min_distance=min_distance,
@@ -543,5 +543,5 @@ def watershed_method(
         )
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("watershed")
+    img = unwrap(image, spacing).single_band("watershed")
     return watershed(img, markers, halo_px=halo_px, connectivity=connectivity)

@@ -242,19 +242,24 @@ def to_physical(data: Any, slope: float = 1.0, intercept: float = 0.0) -> Any:
     return da.asarray(data).astype(np.float64) * float(slope) + float(intercept)
 
 
-def rescale_from_metadata(metadata: dict) -> tuple[float, float] | None:
-    """Rescale ``(slope, intercept)`` found in image metadata, or None.
+def rescale_from_attrs(metadata: dict) -> tuple[float, float] | None:
+    """Rescale ``(slope, intercept)`` found in an image's attributes, or None.
 
     Looks for ``rescale_slope``/``rescale_intercept`` and the DICOM keywords
-    ``RescaleSlope``/``RescaleIntercept``.
+    ``RescaleSlope``/``RescaleIntercept``, at the top level or under
+    ``"dicom"``.
     """
+    if isinstance(metadata.get("dicom"), dict):
+        found = rescale_from_attrs(metadata["dicom"])
+        if found is not None:
+            return found
     for s_key, i_key in (("rescale_slope", "rescale_intercept"), ("RescaleSlope", "RescaleIntercept")):
         if s_key in metadata or i_key in metadata:
             try:
                 return float(metadata.get(s_key, 1.0)), float(metadata.get(i_key, 0.0))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(
-                    f"image metadata {s_key}/{i_key} are not numbers: "
+                    f"image attributes {s_key}/{i_key} are not numbers: "
                     f"{metadata.get(s_key)!r}, {metadata.get(i_key)!r}"
                 ) from exc
     return None
@@ -263,21 +268,28 @@ def rescale_from_metadata(metadata: dict) -> tuple[float, float] | None:
 # --- pipeline methods: f(data, *, spacing=None, **params) -> dask labels -------------------
 
 
+def _defaults(inp: Any, mask: Any, nodata: Any) -> tuple[Any, Any]:
+    """The image's own mask and nodata where the parameters give none."""
+    return (inp.mask if mask is None else mask), (inp.nodata if nodata is None else nodata)
+
+
 def _global(method: str, data: Any, spacing: Any, mask: Any, nodata: Any, nbins: int, **params: Any) -> Any:
     from ._input import as_labels, unwrap
 
-    img = unwrap(data, spacing).single_band(method)
+    inp = unwrap(data, spacing)
+    img = inp.single_band(method)
+    mask, nodata = _defaults(inp, mask, nodata)
     t = threshold(img, method, mask=mask, nodata=nodata, nbins=nbins, **params)
     return as_labels(img > t)
 
 
-def otsu(data: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256) -> Any:
-    """Pipeline method: ``data > threshold_otsu`` over the whole image, as uint8 labels (0/1)."""
-    return _global("otsu", data, spacing, mask, nodata, nbins)
+def otsu(image: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256) -> Any:
+    """Pipeline method: ``image > threshold_otsu`` over the whole image, as uint8 labels (0/1)."""
+    return _global("otsu", image, spacing, mask, nodata, nbins)
 
 
 def li(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     mask: Any = None,
@@ -286,34 +298,34 @@ def li(
     tolerance: float | None = None,
     initial_guess: float | None = None,
 ) -> Any:
-    """Pipeline method: ``data > threshold_li`` (uint8 labels 0/1)."""
-    return _global("li", data, spacing, mask, nodata, nbins, tolerance=tolerance, initial_guess=initial_guess)
+    """Pipeline method: ``image > threshold_li`` (uint8 labels 0/1)."""
+    return _global("li", image, spacing, mask, nodata, nbins, tolerance=tolerance, initial_guess=initial_guess)
 
 
-def yen(data: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256) -> Any:
-    """Pipeline method: ``data > threshold_yen`` (uint8 labels 0/1)."""
-    return _global("yen", data, spacing, mask, nodata, nbins)
+def yen(image: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256) -> Any:
+    """Pipeline method: ``image > threshold_yen`` (uint8 labels 0/1)."""
+    return _global("yen", image, spacing, mask, nodata, nbins)
 
 
 def triangle(
-    data: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256
+    image: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256
 ) -> Any:
-    """Pipeline method: ``data > threshold_triangle`` (uint8 labels 0/1)."""
-    return _global("triangle", data, spacing, mask, nodata, nbins)
+    """Pipeline method: ``image > threshold_triangle`` (uint8 labels 0/1)."""
+    return _global("triangle", image, spacing, mask, nodata, nbins)
 
 
-def isodata(data: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256) -> Any:
-    """Pipeline method: ``data > threshold_isodata`` (uint8 labels 0/1)."""
-    return _global("isodata", data, spacing, mask, nodata, nbins)
+def isodata(image: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None, nbins: int = 256) -> Any:
+    """Pipeline method: ``image > threshold_isodata`` (uint8 labels 0/1)."""
+    return _global("isodata", image, spacing, mask, nodata, nbins)
 
 
-def mean(data: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None) -> Any:
-    """Pipeline method: ``data > mean(data)`` (uint8 labels 0/1)."""
-    return _global("mean", data, spacing, mask, nodata, 256)
+def mean(image: Any, *, spacing: Any = None, mask: Any = None, nodata: Any = None) -> Any:
+    """Pipeline method: ``image > mean(image)`` (uint8 labels 0/1)."""
+    return _global("mean", image, spacing, mask, nodata, 256)
 
 
 def multi_otsu(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     classes: int = 3,
@@ -321,22 +333,24 @@ def multi_otsu(
     nodata: Any = None,
     nbins: int = 256,
 ) -> Any:
-    """Pipeline method: multi-Otsu classes ``numpy.digitize(data, thresholds)`` (0 .. classes-1)."""
+    """Pipeline method: multi-Otsu classes ``numpy.digitize(image, thresholds)`` (0 .. classes-1)."""
     from ._input import unwrap
 
-    img = unwrap(data, spacing).single_band("multi_otsu")
+    inp = unwrap(image, spacing)
+    img = inp.single_band("multi_otsu")
+    mask, nodata = _defaults(inp, mask, nodata)
     return classify(img, threshold_multi_otsu(img, classes, mask=mask, nodata=nodata, nbins=nbins))
 
 
-def fixed(data: Any, *, spacing: Any = None, threshold: float) -> Any:
-    """Pipeline method: ``data > threshold`` for a given value (uint8 labels 0/1)."""
+def fixed(image: Any, *, spacing: Any = None, threshold: float) -> Any:
+    """Pipeline method: ``image > threshold`` for a given value (uint8 labels 0/1)."""
     from ._input import as_labels, unwrap
 
-    return as_labels(unwrap(data, spacing).single_band("fixed") > float(threshold))
+    return as_labels(unwrap(image, spacing).single_band("fixed") > float(threshold))
 
 
 def fixed_physical(
-    data: Any,
+    image: Any,
     *,
     spacing: Any = None,
     threshold: float,
@@ -347,7 +361,7 @@ def fixed_physical(
     """Pipeline method: threshold in physical units, e.g. Hounsfield units for CT.
 
     The physical value is ``raw * slope + intercept``; ``slope``/``intercept``
-    are taken from the arguments, else from the image metadata
+    are taken from the arguments, else from the image attributes
     (``rescale_slope``/``rescale_intercept`` or DICOM
     ``RescaleSlope``/``RescaleIntercept``). Foreground is
     ``physical > threshold`` (and ``physical <= upper`` when ``upper`` is given,
@@ -356,17 +370,17 @@ def fixed_physical(
     Raises
     ------
     ConfigError
-        If neither the arguments nor the metadata give a rescale.
+        If neither the arguments nor the attributes give a rescale.
     """
     from ._input import as_labels, unwrap
 
-    inp = unwrap(data, spacing)
+    inp = unwrap(image, spacing)
     img = inp.single_band("fixed_physical")
     if slope is None and intercept is None:
-        found = rescale_from_metadata(inp.metadata)
+        found = rescale_from_attrs(inp.attrs)
         if found is None:
             raise ConfigError(
-                "fixed_physical needs slope/intercept: pass them, or give an Image whose metadata has "
+                "fixed_physical needs slope/intercept: pass them, or give an Image whose attributes have "
                 "rescale_slope/rescale_intercept (or DICOM RescaleSlope/RescaleIntercept)"
             )
         slope, intercept = found

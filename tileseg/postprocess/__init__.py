@@ -73,22 +73,25 @@ def _parse(step: Any, i: int) -> tuple[str, dict]:
     raise ConfigError(f"postprocess[{i}]: expected a step name or {{name: {{params}}}}, got {step!r}")
 
 
-def apply_postprocess(data: Any, steps: Sequence[Any], *, spacing: Sequence[float] | None = None) -> Any:
+def apply_postprocess(image: Any, steps: Sequence[Any], *, spacing: Sequence[float] | None = None) -> Any:
     """Apply post-processing steps in order (lazily where the step allows).
 
     Parameters
     ----------
-    data : dask.array.Array
-        Model or method output.
+    image : Image or dask.array.Array
+        Model or method output. An :class:`~tileseg.image.Image` gives every
+        step its spacing, and class maps (``class_names`` set) are treated
+        per class by the object steps (see :mod:`.class_maps`).
     steps : list
         Each a step name or ``{name: {param: value}}``, e.g.
         ``[{"opening": {"radius": 2}}, "fill_holes"]``.
     spacing : sequence of float, optional
-        Pixel spacing, passed to every step (used by ``min_size_phys``).
+        Pixel spacing for a bare array (used by ``min_size_phys``).
 
     Returns
     -------
-    dask.array.Array
+    Image or dask.array.Array
+        The same kind as ``image``.
 
     Raises
     ------
@@ -98,16 +101,62 @@ def apply_postprocess(data: Any, steps: Sequence[Any], *, spacing: Sequence[floa
     PluginError
         Unknown step name (the message lists the installed ones).
     """
-    spacing = tuple(spacing) if spacing is not None else None
+    from ..image import Image
+
+    is_image = isinstance(image, Image)
     for i, step in enumerate(steps):
         name, params = _parse(step, i)
-        func = get("postprocess", name)
         if "spacing" in params:
             raise ConfigError(f"postprocess[{i}].{name}: 'spacing' comes from the image, do not set it here")
         try:
-            data = func(data, spacing=spacing, **params)
+            if is_image:
+                image = apply_step(image, name, params)
+            else:
+                image = get("postprocess", name)(image, spacing=None if spacing is None else tuple(spacing), **params)
         except TypeError as exc:
             raise ConfigError(f"postprocess[{i}].{name}: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"postprocess[{i}].{name}: {exc}") from exc
-    return data
+    return image
+
+
+#: Steps whose output is no longer a class map.
+_INSTANCE_STEPS = ("label",)
+#: Steps that turn scores into a class map.
+_CLASSIFY_STEPS = ("argmax", "threshold")
+
+
+def apply_step(image: Any, name: str, params: dict[str, Any]) -> Any:
+    """One registered step on an :class:`~tileseg.image.Image`; returns an Image.
+
+    The step receives the image or the fields it declares (see
+    :mod:`tileseg.step_call`). Object steps on a class map run per class
+    (:func:`.class_maps.apply_per_class`); ``threshold`` on two-class
+    probabilities thresholds the foreground class. A step may return an
+    Image itself; a bare array is wrapped with the input's geometry.
+    """
+    from .class_maps import OBJECT_STEPS, apply_per_class
+
+    func = get("postprocess", name)
+    if name in OBJECT_STEPS and image.is_class_map:
+        result = apply_per_class(name, image.data, len(image.class_names), image.nodata, image.spacing, params)
+        return image.with_data(result, nodata=image.nodata)
+    from ..step_call import call_step
+
+    if name == "threshold" and image.has_channels and image.shape[0] == 2 and not params.get("per_class"):
+        image = image.with_data(image.data[1:], nodata=image.nodata)  # a two-class map: the foreground
+    result = call_step(func, image, params)
+    from ..image import Image
+
+    if isinstance(result, Image):
+        return result
+    names = image.class_names
+    if name in _INSTANCE_STEPS or result.dtype.kind not in "biu":
+        names = None
+    elif name in _CLASSIFY_STEPS:
+        k = int(image.shape[0]) if image.has_channels else 2
+        names = image.class_names if image.class_names is not None and len(image.class_names) == max(k, 2) else (
+            ("background", "foreground") if k <= 2 else tuple(f"class_{j}" for j in range(k)))
+        if name == "threshold":
+            names = names if len(names) == 2 else ("background", "foreground")
+    return image.with_data(result, class_names=names)

@@ -14,16 +14,9 @@ import dask.array as da
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..image import label_dtype
 
-__all__ = ["argmax", "smallest_uint", "threshold"]
-
-
-def smallest_uint(n_values: int) -> np.dtype:
-    """Smallest unsigned integer dtype that holds ``0..n_values-1``."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if n_values - 1 <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.uint64)
+__all__ = ["argmax", "threshold"]
 
 
 def _channel_axis(x: da.Array, channel_axis: int) -> int:
@@ -67,7 +60,7 @@ def argmax(
     if k < 1:
         raise InputError(f"argmax needs at least one class along axis {ax}, got shape {x.shape!r}")
     x = x.rechunk({ax: -1})
-    dtype = smallest_uint(k)
+    dtype = label_dtype(k)
     out = da.argmax(x, axis=ax).astype(dtype)
     if min_prob is not None:
         out = da.where(da.max(x, axis=ax) < min_prob, np.zeros((), dtype), out)

@@ -18,6 +18,7 @@ of ``spacing``). This equals scikit-image 0.26
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import dask.array as da
@@ -115,6 +116,11 @@ def _remove_small_labels(x: da.Array, min_size_px: Any, min_size_phys: Any, spac
         raise InputError("label images must not contain negative labels")
     vals, inv = np.unique(allv, return_inverse=True)
     sizes = np.bincount(inv, weights=np.concatenate([p[1] for p in parts])).astype(np.int64)
+    if int(np.count_nonzero(vals)) == 1:
+        warnings.warn(
+            "Only one label was provided to remove_small_objects: the whole label counts as one object. "
+            "Did you mean a boolean mask (or a class map from a method/model, which tileseg treats per class)?",
+            UserWarning, stacklevel=3)
     small = _small(sizes, min_size_px, min_size_phys, spacing, x.ndim)
     drop = vals[small & (vals != 0)]
 

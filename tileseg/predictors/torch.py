@@ -102,7 +102,7 @@ def _load_torchscript(path: str, device: str):
     except Exception as exc:
         raise ModelError(
             f"cannot load TorchScript model {path!r}: {exc.__class__.__name__}: {str(exc).strip()[:300]}. "
-            "If it is a state_dict, use a spec like {'unet': {...}, 'weights': path}") from exc
+            "If it is a state_dict, use {'state_dict': {'path': ..., 'architecture': {'unet': {...}}}}") from exc
     return module
 
 
@@ -124,7 +124,7 @@ def _load_state_dict(path: str) -> dict:
 def _build_architecture(name: str, config: dict, weights: str | None, device: str):
     from .. import registry
 
-    builder = registry.get("models", name)
+    builder = registry.get("architectures", name)
     try:
         module = builder(**config)
     except (ConfigError, ModelError):

@@ -25,7 +25,8 @@ from typing import Any
 
 from ..errors import FormatError, ImageNotFoundError, PluginError
 from ..image import Image, as_image
-from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Reader, is_url, local_path
+from ..store import is_url, local_path
+from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Reader
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def open_image(
     reader: str | type[Reader] | Reader = "auto",
     array: str | None = None,
     level: int | None = None,
+    axes: Any = None,
     storage_options: dict[str, Any] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
@@ -117,6 +119,8 @@ def open_image(
         Node inside a container (e.g. ``"labels/cells"`` in a Zarr store).
     level : int, optional
         Resolution level of a multiscale image; 0 (default) is full resolution.
+    axes : str or sequence of str, optional
+        Axis names of the stored array (``"cyx"``), overriding what it declares.
     storage_options : dict, optional
         fsspec options for URLs (credentials, endpoints).
     max_pixels, max_bytes : int or None
@@ -154,7 +158,10 @@ def open_image(
         return path_or_url
     if not isinstance(path_or_url, (str, os.PathLike)):
         if hasattr(path_or_url, "ndim") and hasattr(path_or_url, "shape"):
-            return as_image(path_or_url)
+            try:
+                return as_image(path_or_url, axes=axes)
+            except ValueError as exc:
+                raise FormatError(str(exc)) from exc
         raise FormatError(f"cannot open {path_or_url!r}: expected a path, URL, array or Image")
     path = os.fspath(path_or_url)
     kwargs = dict(
@@ -163,6 +170,7 @@ def open_image(
         storage_options=storage_options,
         max_pixels=max_pixels,
         max_bytes=max_bytes,
+        **({"axes": axes} if axes is not None else {}),
         **options,
     )
     if isinstance(reader, Reader):

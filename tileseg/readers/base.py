@@ -17,7 +17,6 @@ so that every format refuses absurd sizes and orders axes the same way.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -26,13 +25,13 @@ import numpy as np
 
 from ..errors import ImageTooLargeError, InputError
 from ..image import SPATIAL_AXES, Image
+from ..store import is_url, local_path  # noqa: F401 - re-exported for readers
 
 #: Default pixel budget: refuse images declaring more pixels than this (about 1.1e12).
 DEFAULT_MAX_PIXELS = 2**40
 #: Default byte budget (uncompressed): 16 TiB.
 DEFAULT_MAX_BYTES = 2**44
 
-_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.\-]*://")
 _SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._\-]+$")
 
 _CHANNEL_NAMES = {"c", "ch", "channel", "channels", "band", "bands"}
@@ -66,21 +65,6 @@ class Reader:
     def open(self, path: str, **options: Any) -> Image:  # pragma: no cover - interface
         """Open ``path`` lazily and return an :class:`~tileseg.image.Image`."""
         raise NotImplementedError
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` is an fsspec URL (``scheme://...``) rather than a local path."""
-    return bool(_URL_RE.match(str(path)))
-
-
-def local_path(path: str) -> str | None:
-    """The local filesystem path of ``path`` (``file://`` URLs included), else ``None``."""
-    path = os.fspath(path)
-    if path.startswith("file://"):
-        return path[len("file://") :] or "/"
-    if is_url(path):
-        return None
-    return path
 
 
 def clean_node_path(path: str | None, *, what: str, source: str) -> str:

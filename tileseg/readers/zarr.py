@@ -51,13 +51,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, FormatError, ImageNotFoundError, InputError
-from ..image import SPATIAL_AXES, Image, default_axes
+from ..image import SPATIAL_AXES, Image, default_axes, geometry_from_attrs, parse_axes
+from ..store import RESERVED_ATTRS, RawStore, node_metadata, open_store
 from .base import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -66,125 +66,12 @@ from .base import (
     canonicalize,
     check_budget,
     clean_node_path,
-    local_path,
 )
 
 log = logging.getLogger(__name__)
 
 META_KEYS = ("zarr.json", ".zarray", ".zgroup")
 _NUMERIC_KINDS = "biuf"
-
-
-class RawStore:
-    """Read raw metadata documents of a Zarr store (local directory or fsspec URL).
-
-    Used to inspect metadata as plain JSON before zarr-python decodes it.
-    """
-
-    def __init__(self, source: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.source = str(source).rstrip("/") or str(source)
-        self.local = local_path(self.source)
-        self.fs: Any = None
-        self.root = self.local
-        if self.local is None:
-            import fsspec
-
-            self.fs, self.root = fsspec.core.url_to_fs(self.source, **(storage_options or {}))
-
-    def name(self, key: str = "") -> str:
-        """Display name of ``key`` inside the store."""
-        return f"{self.source}/{key}" if key else self.source
-
-    def _full(self, key: str) -> str:
-        return f"{self.root.rstrip('/')}/{key}" if key else self.root
-
-    def exists(self, key: str = "") -> bool:
-        """Whether ``key`` (or the store root) exists."""
-        if self.fs is None:
-            return os.path.exists(self._full(key))
-        return bool(self.fs.exists(self._full(key)))
-
-    def read(self, key: str) -> bytes | None:
-        """Bytes of ``key``, or ``None`` when it does not exist."""
-        full = self._full(key)
-        try:
-            if self.fs is None:
-                if not os.path.isfile(full):
-                    return None
-                with open(full, "rb") as fh:
-                    return fh.read()
-            return self.fs.cat_file(full)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise FormatError(f"{self.name(key)!r}: cannot read zarr metadata: {exc}") from exc
-
-    def read_json(self, key: str) -> dict[str, Any] | None:
-        """Parsed JSON object stored at ``key``, ``None`` when missing."""
-        raw = self.read(key)
-        if raw is None:
-            return None
-        try:
-            doc = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise FormatError(f"{self.name(key)!r}: corrupt zarr metadata (not valid JSON: {exc})") from exc
-        if not isinstance(doc, dict):
-            raise FormatError(f"{self.name(key)!r}: corrupt zarr metadata (expected a JSON object)")
-        return doc
-
-
-def open_store(source: str, storage_options: dict[str, Any] | None = None, *, read_only: bool = True) -> Any:
-    """A zarr-python store for a local path or an fsspec URL.
-
-    Parameters
-    ----------
-    source : str
-        Local path, ``file://`` URL or any fsspec URL (``s3://``, ``memory://``, ...).
-    storage_options : dict, optional
-        Passed to fsspec for URLs.
-    read_only : bool
-        Open read-only (readers always do).
-    """
-    from zarr.storage import FsspecStore, LocalStore
-
-    path = local_path(source)
-    if path is not None:
-        return LocalStore(path, read_only=read_only)
-    return FsspecStore.from_url(str(source), storage_options=storage_options or None, read_only=read_only)
-
-
-def node_metadata(raw: RawStore, node: str) -> dict[str, Any]:
-    """Raw metadata of the node at ``node``: kind, zarr format, document and attributes.
-
-    Raises
-    ------
-    FormatError
-        No metadata file, or corrupt metadata.
-    """
-    prefix = f"{node}/" if node else ""
-    doc = raw.read_json(prefix + "zarr.json")
-    if doc is not None:
-        kind = doc.get("node_type")
-        if kind not in ("array", "group") or doc.get("zarr_format") != 3:
-            raise FormatError(
-                f"{raw.name(prefix + 'zarr.json')!r}: not Zarr v3 metadata "
-                f"(zarr_format={doc.get('zarr_format')!r}, node_type={kind!r})"
-            )
-        attrs = doc.get("attributes") or {}
-        return {"kind": kind, "zarr_format": 3, "doc": doc, "attrs": attrs, "key": prefix + "zarr.json"}
-    for key, kind in ((".zarray", "array"), (".zgroup", "group")):
-        doc = raw.read_json(prefix + key)
-        if doc is not None:
-            if doc.get("zarr_format") != 2:
-                raise FormatError(
-                    f"{raw.name(prefix + key)!r}: not Zarr v2 metadata (zarr_format={doc.get('zarr_format')!r})"
-                )
-            attrs = raw.read_json(prefix + ".zattrs") or {}
-            return {"kind": kind, "zarr_format": 2, "doc": doc, "attrs": attrs, "key": prefix + key}
-    raise FormatError(
-        f"{raw.name(node)!r}: no zarr metadata (zarr.json, .zarray or .zgroup) found; "
-        "not a Zarr store, or its metadata is missing"
-    )
 
 
 def _codec_ids(obj: Any) -> list[str]:
@@ -340,7 +227,18 @@ def _ome_axis_names(axes_meta: Any, ndim: int, where: str) -> tuple[list[str], l
     return [str(n) for n in names], units
 
 
-def _plain_axis_names(meta: dict[str, Any], ndim: int, where: str) -> list[str]:
+def _override_axes(axes: Any, ndim: int, where: str) -> list[str]:
+    """Axis names given by the user (``axes="cyx"``) for a stored array."""
+    try:
+        names = parse_axes(axes)
+    except ValueError as exc:
+        raise InputError(f"{where}: {exc}") from exc
+    if len(names) != ndim:
+        raise InputError(f"{where}: axes {axes!r} name {len(names)} axes but the array has {ndim}")
+    return list(names)
+
+
+def _plain_axis_names(meta: dict[str, Any], ndim: int, where: str, quiet: bool = False) -> list[str]:
     """Axis names of an array without OME metadata."""
     doc, attrs = meta["doc"], meta["attrs"]
     candidates = [doc.get("dimension_names"), attrs.get("_ARRAY_DIMENSIONS"), attrs.get("axes")]
@@ -357,9 +255,11 @@ def _plain_axis_names(meta: dict[str, Any], ndim: int, where: str) -> list[str]:
     try:
         return list(default_axes(ndim))
     except ValueError as exc:
+        if quiet:
+            return [f"dim{i}" for i in range(ndim)]
         raise InputError(
             f"{where}: cannot tell the axes of a {ndim}-D array without axis names; "
-            "add dimension_names / _ARRAY_DIMENSIONS"
+            "give axes (e.g. 'cyx') or add dimension_names / _ARRAY_DIMENSIONS"
         ) from exc
 
 
@@ -390,6 +290,7 @@ class ZarrReader(Reader):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
         chunks: Any = None,
+        axes: Any = None,
         **options: Any,
     ) -> Image:
         """Open a Zarr store lazily.
@@ -409,6 +310,9 @@ class ZarrReader(Reader):
         chunks : optional
             Dask chunks (default: the stored chunks, or shards). Should be
             multiples of the stored chunks, else chunks are decoded twice.
+        axes : str or sequence of str, optional
+            Axis names of the stored array (e.g. ``"cyx"``), overriding what
+            the store declares (OME axes, dimension names) or the default.
 
         Returns
         -------
@@ -476,8 +380,10 @@ class ZarrReader(Reader):
             if len(scale) != ndim:
                 raise FormatError(f"{where}: transformations have {len(scale)} entries for a {ndim}-D array")
         else:
-            names, units = _plain_axis_names(meta, ndim, where), [None] * ndim
+            names, units = _plain_axis_names(meta, ndim, where, quiet=axes is not None), [None] * ndim
             scale, trans = None, None
+        if axes is not None:
+            names = _override_axes(axes, ndim, where)
 
         store_chunks = tuple(getattr(arr, "shards", None) or arr.chunks)
         read_chunks = chunks if chunks is not None else store_chunks
@@ -500,9 +406,11 @@ class ZarrReader(Reader):
         canon = canonicalize(data, names, source=where, scale=scale, translation=trans, units=units)
 
         array_attrs = dict(arr.attrs)
-        metadata: dict[str, Any] = {
-            "attrs": dict(group_attrs) if ome is not None or group_attrs else array_attrs,
-            "array_attrs": array_attrs,
+        store_attrs = dict(group_attrs) if ome is not None or group_attrs else array_attrs
+        status = store_attrs.get("tileseg") if isinstance(store_attrs.get("tileseg"), dict) else {}
+        if status.get("status") == "incomplete":
+            log.warning("%s is a tileseg output marked incomplete (its write did not finish)", source)
+        reader_info: dict[str, Any] = {
             "zarr_format": meta["zarr_format"],
             "array_path": node,
             "shape": tuple(arr.shape),
@@ -511,22 +419,30 @@ class ZarrReader(Reader):
             "dtype": str(dtype),
             "fill_value": _json_scalar(arr.fill_value),
             "store_axes": canon["store_axes"],
+            "array_attrs": array_attrs,
         }
         if ome is not None:
-            metadata["ome"] = {k: v for k, v in ome.items() if k not in ("scale", "translation")}
-        status = metadata["attrs"].get("tileseg", {}) if isinstance(metadata["attrs"], dict) else {}
-        if isinstance(status, dict) and status.get("status") == "incomplete":
-            log.warning("%s is a tileseg output marked incomplete (its write did not finish)", source)
-        return Image(
-            data=canon["data"],
-            axes=canon["axes"],
-            spacing=canon["spacing"],
-            origin=canon["origin"],
-            units=canon["units"],
-            metadata=metadata,
-            source=source,
-            format=self.name,
-        )
+            reader_info["ome"] = {k: v for k, v in ome.items() if k not in ("scale", "translation")}
+        if status:
+            reader_info["tileseg"] = status
+        geo = geometry_from_attrs(status.get("geometry") or {})
+        if geo.get("direction") is not None and len(geo["direction"]) != len(canon["spacing"]):
+            geo.pop("direction")
+        try:
+            return Image(
+                data=canon["data"],
+                axes=canon["axes"],
+                spacing=canon["spacing"],
+                origin=canon["origin"],
+                units=canon["units"],
+                attrs={k: v for k, v in store_attrs.items() if k not in RESERVED_ATTRS},
+                reader_info=reader_info,
+                source=source,
+                format=self.name,
+                **geo,
+            )
+        except ValueError as exc:
+            raise FormatError(f"{where!r}: {exc}") from exc
 
     @staticmethod
     def _select_level(

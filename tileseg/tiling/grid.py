@@ -265,6 +265,69 @@ def _bounds(size: int, chunk) -> tuple[int, ...]:
     return tuple(list(range(0, size, chunk)) + [size])
 
 
+def tile_steps(
+    patch_size: Sequence[int] | int,
+    *,
+    overlap: float | Sequence[float] | None = 0.25,
+    overlap_px: int | Sequence[int] | None = None,
+    ndim: int | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Check a patch size and overlap; return ``(patch, strides)`` per axis.
+
+    The one place where patch sizes and overlaps are validated (the pipeline
+    schema, :func:`make_grid` and :func:`tileseg.segment` all call it).
+
+    Parameters
+    ----------
+    patch_size : int or sequence of int
+        Patch size per axis (an int: the same on every axis, needs ``ndim``).
+    overlap : float or sequence of float, optional
+        Fraction of the patch, ``0 <= overlap < 1``.
+    overlap_px : int or sequence of int, optional
+        Pixels, ``0 <= overlap_px < patch``; excludes a non-zero ``overlap``.
+    ndim : int, optional
+        Number of spatial axes (default ``len(patch_size)``).
+
+    Raises
+    ------
+    TilingError
+        Naming the offending value.
+
+    >>> tile_steps((64, 64), overlap=0.25)
+    ((64, 64), (48, 48))
+    >>> tile_steps(32, overlap_px=8, ndim=3)
+    ((32, 32, 32), (24, 24, 24))
+    """
+    if ndim is None:
+        if np.isscalar(patch_size):
+            raise TilingError("patch_size is a single number: say how many axes (ndim)")
+        ndim = len(tuple(patch_size))
+    n = int(ndim)
+    if n not in (2, 3):
+        raise TilingError(f"patch_size must have 2 (2D) or 3 (3D) entries, got {patch_size!r}")
+    patch = tuple(int(p) for p in _per_axis(patch_size, n, "patch_size"))
+    if any(p < 1 for p in patch):
+        raise TilingError(f"patch_size entries must be > 0, got {patch!r}")
+    if int(np.prod(patch)) > MAX_PATCH_PIXELS:
+        raise TilingError(f"patch_size {patch!r} has more than {MAX_PATCH_PIXELS} pixels")
+    if overlap_px is not None and overlap not in (None, 0, 0.0):
+        raise TilingError(
+            f"overlap and overlap_px are mutually exclusive; give one of them "
+            f"(got overlap={overlap!r}, overlap_px={overlap_px!r})")
+    if overlap_px is not None:
+        ovs = tuple(int(o) for o in _per_axis(overlap_px, n, "overlap_px"))
+        for o, p in zip(ovs, patch):
+            if not 0 <= o < p:
+                raise TilingError(f"overlap_px entries must be >= 0 and < the patch size "
+                                  f"(got overlap_px={overlap_px!r}, patch_size={patch!r})")
+        return patch, tuple(stride_for(p, overlap_px=o) for p, o in zip(patch, ovs))
+    ovf = tuple(float(o) for o in _per_axis(overlap if overlap is not None else 0.0, n, "overlap"))
+    for o in ovf:
+        if not 0.0 <= o < 1.0 or math.isnan(o):
+            raise TilingError(f"overlap must be >= 0 and < 1 (a fraction of the patch), got {o!r}")
+    return patch, tuple(stride_for(p, overlap=o) for p, o in zip(patch, ovf))
+
+
 def make_grid(
     shape: Sequence[int],
     patch_size: Sequence[int] | int,
@@ -319,25 +382,7 @@ def make_grid(
         raise TilingError(f"images must have 2 or 3 spatial dimensions, got shape {shape!r}")
     if min(shape) < 1:
         raise TilingError(f"image shape {shape!r} has an empty axis")
-    patch = tuple(int(p) for p in _per_axis(patch_size, n, "patch_size"))
-    if any(p < 1 for p in patch):
-        raise TilingError(f"patch_size must be positive, got {patch!r}")
-    if int(np.prod(patch)) > MAX_PATCH_PIXELS:
-        raise TilingError(f"patch_size {patch!r} has more than {MAX_PATCH_PIXELS} pixels")
-    if overlap_px is not None and overlap not in (None, 0, 0.0):
-        raise TilingError("give either overlap (fraction of the patch) or overlap_px (pixels), not both")
-    if overlap_px is not None:
-        ovs = tuple(int(o) for o in _per_axis(overlap_px, n, "overlap_px"))
-        for o, p in zip(ovs, patch):
-            if not 0 <= o < p:
-                raise TilingError(f"overlap_px must be >= 0 and < patch size {p}, got {o!r}")
-        strides = tuple(stride_for(p, overlap_px=o) for p, o in zip(patch, ovs))
-    else:
-        ovf = tuple(float(o) for o in _per_axis(overlap if overlap is not None else 0.0, n, "overlap"))
-        for o in ovf:
-            if not 0.0 <= o < 1.0 or math.isnan(o):
-                raise TilingError(f"overlap must be >= 0 and < 1 (a fraction of the patch), got {o!r}")
-        strides = tuple(stride_for(p, overlap=o) for p, o in zip(patch, ovf))
+    patch, strides = tile_steps(patch_size, overlap=overlap, overlap_px=overlap_px, ndim=n)
 
     if chunks is None:
         # A multiple of the stride: every block then starts on a window start, so a

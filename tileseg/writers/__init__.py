@@ -8,9 +8,11 @@ finalize protocol (see :mod:`tileseg.writers.base`).
 Example
 -------
 >>> import dask.array as da, tempfile, os
+>>> from tileseg.image import Image
 >>> from tileseg.writers import get_writer, is_complete
 >>> out = os.path.join(tempfile.mkdtemp(), "seg.zarr")
->>> job = get_writer("zarr").write(da.zeros((32, 32), chunks=16, dtype="uint8"), out, axes=("y", "x"))
+>>> image = Image(da.zeros((32, 32), chunks=16, dtype="uint8"), axes=("y", "x"), spacing=(0.5, 0.5))
+>>> job = get_writer("zarr").write(image, out)
 >>> is_complete(out)
 True
 """
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import WriteHandle, WriteJob, Writer, output_axes
+from .base import WriteHandle, WriteJob, Writer
 
-__all__ = ["WriteHandle", "WriteJob", "Writer", "get_writer", "is_complete", "output_axes"]
+__all__ = ["WriteHandle", "WriteJob", "Writer", "get_writer", "is_complete"]
 
 
 def get_writer(name: str) -> Writer:

@@ -24,7 +24,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..image import SPATIAL_AXES, Image, default_axes
+from ..image import SPATIAL_AXES, Image
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +76,29 @@ class WriteJob:
 
 
 class Writer:
-    """Base class of output writers (see the module docstring for the protocol)."""
+    """Base class of output writers (see the module docstring for the protocol).
+
+    Writers receive the result as an :class:`~tileseg.image.Image`: its data,
+    axes, geometry (spacing, origin, direction, CRS, transform), nodata,
+    class names and the attributes to carry over.
+    """
 
     name: ClassVar[str] = ""
 
     def prepare(
         self,
-        data: Any,
+        image: Image,
         path: str,
         *,
-        like: Image | None = None,
-        axes: tuple[str, ...] | None = None,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
-        attrs: dict[str, Any] | None = None,
         **options: Any,
     ) -> WriteHandle:  # pragma: no cover - interface
         """Create the empty output, marked incomplete; return its handle."""
         raise NotImplementedError
 
-    def write_task(self, handle: WriteHandle, data: Any) -> Any:  # pragma: no cover - interface
-        """A dask ``Delayed`` that writes ``data`` into the prepared output."""
+    def write_task(self, handle: WriteHandle, image: Image) -> Any:  # pragma: no cover - interface
+        """A dask ``Delayed`` that writes ``image.data`` into the prepared output."""
         raise NotImplementedError
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:  # pragma: no cover
@@ -115,60 +117,46 @@ class Writer:
 
     def write(
         self,
-        data: Any,
+        image: Image,
         path: str,
         *,
-        like: Image | None = None,
-        axes: tuple[str, ...] | None = None,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
-        attrs: dict[str, Any] | None = None,
         compute: bool = True,
         info: dict[str, Any] | None = None,
-        **options: Any,
+        options: dict[str, Any] | None = None,
     ) -> WriteJob:
         """Prepare, write and (when ``compute``) finalize in one call.
 
         Parameters
         ----------
-        data : dask.array.Array
-            What to write.
+        image : Image
+            What to write, with its geometry and attributes.
         path : str
             Output path or fsspec URL.
-        like : Image, optional
-            Input image whose metadata (spacing, origin, units, format
-            metadata) is carried over.
-        axes : tuple of str, optional
-            Axis names of ``data``; default derived from ``like`` (see
-            :func:`output_axes`).
         overwrite : bool
             Replace an existing finished output.
         storage_options : dict, optional
             fsspec options for URLs.
-        attrs : dict, optional
-            Extra attributes to store.
         compute : bool
             Run the write now and finalize. When ``False`` the returned job
             holds the ``task``; compute it, then call :meth:`finalize` with
             ``job.handle``.
         info : dict, optional
             JSON-friendly facts recorded by :meth:`finalize` (e.g. run id).
+        options : dict, optional
+            Writer-specific keyword arguments of :meth:`prepare`.
 
         Returns
         -------
         WriteJob
         """
-        handle = self.prepare(
-            data,
-            path,
-            like=like,
-            axes=axes,
-            overwrite=overwrite,
-            storage_options=storage_options,
-            attrs=attrs,
-            **options,
-        )
-        task = self.write_task(handle, data)
+        from ..step_call import check_params
+
+        options = dict(options or {})
+        check_params(self.prepare, "writer", self.name, options, skip=4, from_image=False)  # image, path, overwrite, storage_options
+        handle = self.prepare(image, path, overwrite=overwrite, storage_options=storage_options, **options)
+        task = self.write_task(handle, image)
         if not compute:
             return WriteJob(handle=handle, task=task)
         import dask
@@ -180,25 +168,6 @@ class Writer:
             raise
         self.finalize(handle, info)
         return WriteJob(handle=handle, task=None, done=True)
-
-
-def output_axes(ndim: int, like: Image | None = None) -> tuple[str, ...]:
-    """Default axis names of an output with ``ndim`` dimensions written ``like`` an input.
-
-    The input's spatial axes are kept; one extra leading dimension is a
-    channel axis ``c`` (class scores). Without ``like``,
-    :func:`tileseg.image.default_axes`.
-
-    >>> output_axes(2), output_axes(4)
-    (('y', 'x'), ('c', 'z', 'y', 'x'))
-    """
-    if like is not None:
-        spatial = tuple(a for a in like.axes if a != "c")
-        if ndim == len(spatial):
-            return spatial
-        if ndim == len(spatial) + 1:
-            return ("c",) + spatial
-    return default_axes(ndim)
 
 
 def check_axes(axes: tuple[str, ...], ndim: int, path: str) -> tuple[str, ...]:

@@ -12,16 +12,19 @@ OME viewers read back with its axes, spacing (``scale``) and origin
   carries NGFF 0.4 (``attrs["multiscales"]``). When the input was OME-Zarr the
   default ``zarr_format`` follows its NGFF version (0.4 or older -> v2 with
   0.4, 0.5 -> v3 with 0.5).
-* When the input was OME-Zarr and the output is a label image (integer or
-  bool dtype, no channel axis), the group also carries ``image-label``
-  metadata (``image_label=`` forces it on/off or gives its content, e.g.
-  ``{"colors": [...]}``).
-* The input's own attributes (other than OME/zarr-reserved keys) are copied
-  to the group; ``attrs=`` adds more.
+* A class map (integer image with class names), or any label image whose
+  input was OME-Zarr, also carries ``image-label`` metadata with the class
+  names as ``properties`` (``image_label=`` forces it on/off or gives its
+  content, e.g. ``{"colors": [...]}``).
+* The image's ``attrs`` (other than OME/zarr-reserved keys) are copied to the
+  group; ``attrs=`` adds more.
 * ``attrs["tileseg"]`` records status (``incomplete``/``complete``), run id,
-  timestamps, axes, spacing, origin, units, source and tileseg version.
+  timestamps, source and tileseg version, and under ``"geometry"`` the
+  image's axes, spacing, origin, units, direction cosines, CRS, affine
+  transform (pixel-corner based, see :mod:`tileseg.geometry`), nodata and
+  class names, which :func:`tileseg.open` reads back.
 * The array has ``dimension_names`` (v3) or ``_ARRAY_DIMENSIONS`` (v2) set to
-  the axes, the zarr default compressor (zstd) and fill value 0.
+  the axes, the zarr default compressor (zstd) and fill value ``nodata`` (else 0).
 
 Chunks and idempotence
 ----------------------
@@ -52,11 +55,13 @@ is never replaced.
 Example
 -------
 >>> import dask.array as da, tempfile, os
+>>> from tileseg.image import Image
 >>> from tileseg.writers import get_writer
 >>> out = os.path.join(tempfile.mkdtemp(), "seg.zarr")
 >>> w = get_writer("zarr")
->>> handle = w.prepare(da.ones((64, 64), chunks=32, dtype="uint8"), out, axes=("y", "x"))
->>> task = w.write_task(handle, da.ones((64, 64), chunks=32, dtype="uint8"))
+>>> image = Image(da.ones((64, 64), chunks=32, dtype="uint8"), axes=("y", "x"))
+>>> handle = w.prepare(image, out)
+>>> task = w.write_task(handle, image)
 >>> _ = task.compute(); w.finalize(handle, {"run_id": "demo"})
 >>> w.is_complete(out)
 True
@@ -70,37 +75,19 @@ import math
 import os
 import shutil
 import uuid
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, FormatError, OutputError
 from ..image import Image
-from ..readers.base import local_path
-from ..readers.zarr import RawStore, node_metadata, open_store
-from .base import WriteHandle, Writer, check_axes, output_axes
+from ..report import now_iso
+from ..store import RESERVED_ATTRS, RawStore, local_path, node_metadata, open_store
+from .base import WriteHandle, Writer, check_axes
 
 log = logging.getLogger(__name__)
 
 ARRAY_PATH = "0"
-_RESERVED_ATTRS = {
-    "multiscales",
-    "ome",
-    "omero",
-    "labels",
-    "image-label",
-    "plate",
-    "well",
-    "bioformats2raw.layout",
-    "_ARRAY_DIMENSIONS",
-    "axes",
-    "tileseg",
-}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _json_safe(obj: Any, what: str) -> Any:
@@ -150,32 +137,6 @@ def align(data: Any, chunks: tuple[int, ...]) -> Any:
         return data
     log.info("rechunking output from %s to store chunks %s", data.chunksize, chunks)
     return data.rechunk(wanted)
-
-
-def _spatial_meta(
-    like: Image | None, n_spatial: int, spacing: Any, origin: Any, units: Any, path: str
-) -> tuple[tuple[float, ...], tuple[float, ...], tuple[str | None, ...]]:
-    same = like is not None and like.spatial_ndim == n_spatial
-    if like is not None and not same:
-        log.warning(
-            "%s: output has %d spatial axes, input %d: not carrying spacing",
-            path,
-            n_spatial,
-            like.spatial_ndim,
-        )
-    spacing = tuple(spacing) if spacing is not None else (like.spacing if same else (1.0,) * n_spatial)
-    origin = tuple(origin) if origin is not None else (like.origin if same else (0.0,) * n_spatial)
-    units = tuple(units) if units is not None else (like.units if same else (None,) * n_spatial)
-    for what, vals in (("spacing", spacing), ("origin", origin), ("units", units)):
-        if len(vals) != n_spatial:
-            raise OutputError(f"{path!r}: {what} {vals!r} must have {n_spatial} entries")
-    if not all(math.isfinite(float(s)) and float(s) > 0 for s in spacing):
-        raise OutputError(f"{path!r}: spacing {spacing!r} must be positive and finite")
-    return (
-        tuple(float(s) for s in spacing),
-        tuple(float(o) for o in origin),
-        tuple(None if u is None else str(u) for u in units),
-    )
 
 
 def ome_attrs(
@@ -277,11 +238,9 @@ def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> boo
         return False
 
 
-def _ngff_version(like: Image | None, zarr_format: int | None) -> tuple[int, str, str | None]:
+def _ngff_version(image: Image, zarr_format: int | None) -> tuple[int, str, str | None]:
     """``(zarr_format, NGFF version to write, input NGFF version)``."""
-    ome_in = (
-        like.metadata.get("ome") if like is not None and isinstance(like.metadata, dict) else None
-    ) or None
+    ome_in = image.reader_info.get("ome")
     v_in = str(ome_in.get("version")) if isinstance(ome_in, dict) and ome_in.get("version") else None
     if zarr_format is None:
         zarr_format = 2 if v_in is not None and _version_tuple(v_in) < (0, 5) else 3
@@ -307,40 +266,32 @@ class ZarrWriter(Writer):
 
     def prepare(
         self,
-        data: Any,
+        image: Image,
         path: str,
         *,
-        like: Image | None = None,
-        axes: tuple[str, ...] | None = None,
         overwrite: bool = False,
         storage_options: dict[str, Any] | None = None,
         attrs: dict[str, Any] | None = None,
         zarr_format: int | None = None,
         chunks: Any = None,
         compressors: Any = "auto",
-        fill_value: Any = 0,
+        fill_value: Any = None,
         image_label: bool | dict[str, Any] | None = None,
-        spacing: Any = None,
-        origin: Any = None,
-        units: Any = None,
         name: str = "tileseg",
         run_id: str | None = None,
-        **options: Any,
     ) -> WriteHandle:
         """Create the empty output group and array, marked incomplete.
 
         Parameters
         ----------
-        data : dask.array.Array
-            The data that :meth:`write_task` will write (only its shape,
-            dtype and chunks are used here).
+        image : Image
+            What :meth:`write_task` will write (only its shape, dtype, chunks
+            and geometry are used here): axes, spacing, origin and units go to
+            the OME metadata; direction, CRS, transform, nodata and class
+            names to ``attrs["tileseg"]["geometry"]``; ``image.attrs`` to the
+            group attributes.
         path : str
             Output path or fsspec URL.
-        like : Image, optional
-            The input image: spacing, origin, units, attributes and OME
-            version are carried over.
-        axes : tuple of str, optional
-            Output axes; default from :func:`~tileseg.writers.base.output_axes`.
         overwrite : bool
             Replace an existing finished output (never a non-Zarr path).
         storage_options : dict, optional
@@ -348,18 +299,17 @@ class ZarrWriter(Writer):
         attrs : dict, optional
             Extra group attributes (JSON-serialisable).
         zarr_format : {2, 3}, optional
-            Default 3, or the input's when it was OME-Zarr.
+            Default 3, or the input's when it was OME-Zarr NGFF <= 0.4.
         chunks : tuple of int, optional
             Store chunks (``data`` is rechunked to them); default its dask chunks.
         compressors : optional
             Passed to :func:`zarr.create_array` (default zarr's, zstd).
-        fill_value : scalar
-            Array fill value (default 0).
+        fill_value : scalar, optional
+            Array fill value; default ``image.nodata``, else 0.
         image_label : bool or dict, optional
-            Write OME ``image-label`` metadata; default when the input was
-            OME-Zarr and the output is an integer/bool image without channels.
-        spacing, origin, units : tuple, optional
-            Override the values carried from ``like``.
+            Write OME ``image-label`` metadata; default for class maps and
+            for integer images read from OME-Zarr. Class names become its
+            ``properties``.
         name : str
             OME multiscale name.
         run_id : str, optional
@@ -375,58 +325,54 @@ class ZarrWriter(Writer):
             The path holds a finished output (without ``overwrite``) or
             something that is not a Zarr store; bad axes or chunks.
         """
-        if options:
-            raise ConfigError(f"unknown zarr writer option(s) {sorted(options)!r}")
         import zarr
 
         path = os.fspath(path)
+        data = image.data
         store_chunks = regular_chunks(data, chunks)
-        axes = check_axes(tuple(axes) if axes is not None else output_axes(data.ndim, like), data.ndim, path)
-        n_spatial = len(axes) - (1 if axes[0] == "c" else 0)
-        spacing, origin, units = _spatial_meta(like, n_spatial, spacing, origin, units, path)
-        zarr_format, version, v_in = _ngff_version(like, zarr_format)
+        axes = check_axes(image.axes, data.ndim, path)
+        zarr_format, version, v_in = _ngff_version(image, zarr_format)
         dtype = np.dtype(data.dtype)
         if dtype.kind not in "biuf":
             raise OutputError(f"{path!r}: cannot write dtype {str(dtype)!r} (numeric or bool only)")
+        if fill_value is None:
+            fill_value = image.nodata if image.nodata is not None else 0
 
         if image_label is None:
-            image_label = v_in is not None and dtype.kind in "biu" and "c" not in axes
+            image_label = dtype.kind in "biu" and "c" not in axes and (v_in is not None or image.is_class_map)
         label_meta = None
         if image_label:
             label_meta = dict(image_label) if isinstance(image_label, dict) else {}
+            if image.class_names is not None and "properties" not in label_meta:
+                label_meta["properties"] = [{"label-value": i, "class": n} for i, n in enumerate(image.class_names)]
 
         run_id = run_id or uuid.uuid4().hex
         group_attrs: dict[str, Any] = {}
-        carried = like.metadata.get("attrs") if like is not None and isinstance(like.metadata, dict) else None
-        if isinstance(carried, dict):
-            for key, value in carried.items():
-                if key in _RESERVED_ATTRS:
-                    continue
-                safe = _json_safe(value, f"input attribute {key!r}")
-                if safe is not None:
-                    group_attrs[key] = safe
+        for key, value in image.attrs.items():
+            if key in RESERVED_ATTRS:
+                continue
+            safe = _json_safe(value, f"input attribute {key!r}")
+            if safe is not None:
+                group_attrs[key] = safe
         if attrs:
             extra = _json_safe(dict(attrs), "attrs")
             if extra is None:
                 raise OutputError(f"{path!r}: attrs must be JSON-serialisable")
             group_attrs.update(extra)
         group_attrs.update(
-            ome_attrs(version, axes, spacing, origin, units, name=name, image_label=label_meta)
+            ome_attrs(version, axes, image.spacing, image.origin, image.units, name=name, image_label=label_meta)
         )
         from .. import __version__
 
         group_attrs["tileseg"] = {
             "status": "incomplete",
             "run_id": run_id,
-            "started_at": _now(),
+            "started_at": now_iso(),
             "writer": self.name,
             "version": __version__,
-            "axes": list(axes),
-            "spacing": list(spacing),
-            "origin": list(origin),
-            "units": list(units),
-            "source": like.source if like is not None else None,
-            "source_format": like.format if like is not None else None,
+            "geometry": image.geometry_attrs(),
+            "source": image.source,
+            "source_format": image.format,
         }
 
         existing = _status(path, storage_options)
@@ -489,7 +435,7 @@ class ZarrWriter(Writer):
             },
         )
 
-    def write_task(self, handle: WriteHandle, data: Any) -> Any:
+    def write_task(self, handle: WriteHandle, image: Image) -> Any:
         """A ``Delayed`` writing ``data`` chunk by chunk into the prepared output.
 
         ``data`` is rechunked (if needed) to the store chunks, so every dask
@@ -504,6 +450,7 @@ class ZarrWriter(Writer):
         import dask.array as da
         import zarr
 
+        data = image.data
         if tuple(data.shape) != handle.shape:
             raise OutputError(
                 f"{handle.path!r}: data shape {tuple(data.shape)!r} != prepared {handle.shape!r}"
@@ -548,7 +495,7 @@ class ZarrWriter(Writer):
             raise OutputError(
                 f"{handle.path!r}: prepared output {handle.target!r} cannot be opened: {exc}"
             ) from exc
-        status.update(status="complete", completed_at=_now(), run_id=handle.run_id)
+        status.update(status="complete", completed_at=now_iso(), run_id=handle.run_id)
         if info:
             safe = _json_safe(dict(info), "finalize info")
             if safe is not None:

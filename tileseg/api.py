@@ -1,0 +1,277 @@
+"""The public functions: open, segment, write, run, load_pipeline.
+
+Each one shows its real signature and imports the heavy parts of tileseg
+(dask, zarr, torch) only when called, so ``import tileseg`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import PipelineConfig
+    from .image import Image
+    from .report import RunReport
+    from .writers import WriteJob
+
+#: Readers' default size budget (about 1.1e12 pixels, 16 TiB).
+_MAX_PIXELS = 2**40
+_MAX_BYTES = 2**44
+
+
+def open(  # noqa: A001 - mirrors rasterio.open / zarr.open
+    path: str | os.PathLike[str] | Any,
+    *,
+    reader: str = "auto",
+    array: str | None = None,
+    level: int | None = None,
+    axes: str | Sequence[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    max_pixels: int | None = _MAX_PIXELS,
+    max_bytes: int | None = _MAX_BYTES,
+    options: dict[str, Any] | None = None,
+) -> Image:
+    """Open an image lazily.
+
+    Parameters
+    ----------
+    path : str, os.PathLike, array, xarray.DataArray or Image
+        Local path or fsspec URL of an image (Zarr/OME-Zarr, or any format a
+        reader plugin handles); arrays and images are wrapped.
+    reader : str
+        Reader name from the registry, or ``"auto"`` to detect it.
+    array : str, optional
+        Node inside a container (e.g. ``"labels/cells"`` in a Zarr store).
+    level : int, optional
+        Resolution level of a multiscale image (0: full resolution).
+    axes : str or sequence of str, optional
+        Axis names of the stored array (``"cyx"``), overriding what the file
+        declares.
+    storage_options : dict, optional
+        fsspec options for URLs.
+    max_pixels, max_bytes : int or None
+        Refuse images declaring more (checked before anything is allocated).
+    options : dict, optional
+        Reader-specific keyword arguments (e.g. ``{"chunks": (256, 256)}``).
+
+    Returns
+    -------
+    Image
+        Lazy image (dask array plus geometry), channel axis first.
+
+    Examples
+    --------
+    >>> import numpy as np, zarr, tempfile, os, tileseg
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.zarr")
+    >>> zarr.create_array(p, shape=(1, 32, 48), chunks=(1, 16, 16), dtype="uint8")[:] = 7
+    >>> img = tileseg.open(p, axes="cyx")
+    >>> img.axes, img.spatial_shape
+    (('c', 'y', 'x'), (32, 48))
+    """
+    from .readers import open_image
+
+    return open_image(path, reader=reader, array=array, level=level, axes=axes, storage_options=storage_options,
+                      max_pixels=max_pixels, max_bytes=max_bytes, **(options or {}))
+
+
+def segment(
+    image: Any,
+    model: Any,
+    *,
+    patch_size: int | Sequence[int],
+    overlap: float | None = None,
+    overlap_px: int | Sequence[int] | None = None,
+    blend: str = "gaussian",
+    batch_size: int = 8,
+    output: str = "labels",
+    chunks: Any = None,
+    pad_mode: str = "reflect",
+    device: str | None = None,
+    precision: str = "fp32",
+    preprocess: Sequence[Any] | None = None,
+    nan_policy: str = "error",
+    fill_value: float = 0.0,
+    class_names: Sequence[str] | None = None,
+    out_channels: int | None = None,
+    resources: dict[str, float] | None = None,
+    lookahead: int | None = None,
+) -> Any:
+    """Segment an image patch by patch, lazily, with the input's geometry kept.
+
+    Parameters
+    ----------
+    image : Image, xarray.DataArray, numpy or dask array
+        2D/3D image, optional leading channel axis (an array with
+        ``len(patch_size) + 1`` dimensions has one).
+    model : dict, str, torch.nn.Module, Predictor or callable
+        A model spec ``{"torchscript": {"path": ...}}``,
+        ``{"state_dict": {"path": ..., "architecture": {"unet": {...}}}}``
+        (see :mod:`tileseg.predictors`), a TorchScript path, a module, a
+        predictor, or any callable mapping ``(N, C, *patch)`` to ``(N, K, *patch)``.
+    patch_size : int or sequence of int
+        Patch size per spatial axis.
+    overlap : float, optional
+        Fraction of the patch, ``0 <= overlap < 1`` (default 0.25).
+    overlap_px : int or sequence of int, optional
+        Overlap in pixels instead of ``overlap``.
+    blend : {"gaussian", "hann", "constant", "crop"}
+        How overlapping predictions are combined.
+    batch_size : int
+        Patches per model call.
+    output : {"labels", "probabilities", "logits"}
+        Class map (argmax; ``> 0.5`` for one channel), softmax/sigmoid, or logits.
+    chunks : int, sequence or None
+        Output chunk size per spatial axis; the result does not depend on it.
+    pad_mode : {"reflect", "constant", "edge", "symmetric"}
+        Padding of axes shorter than the patch.
+    device : str, optional
+        Torch device (default CUDA when available in the worker, else CPU).
+    precision : {"fp32", "fp16", "bf16"}
+        Autocast precision for torch models.
+    preprocess : list, optional
+        Preprocessing steps, e.g. ``["zscore"]`` (see :mod:`tileseg.preprocess`);
+        use the same as in training.
+    nan_policy : {"error", "fill"}
+        NaN input raises an error naming the pixel box, or is replaced by ``fill_value``.
+    fill_value : float
+        Replacement for NaN (``nan_policy="fill"``) and ``pad_mode="constant"`` value.
+    class_names : sequence of str, optional
+        One name per class (two for a one-channel model).
+    out_channels : int, optional
+        K, when the model cannot say (else one patch is probed).
+    resources : dict, optional
+        Dask resources for model tasks, e.g. ``{"GPU": 1}``.
+    lookahead : int, optional
+        Ordering edges that bound memory when the whole result is stored
+        (see :func:`tileseg.graph.segment_image`); leave None when computing
+        only part of the result.
+
+    Returns
+    -------
+    Image or xarray.DataArray
+        The result with the input's geometry, class names and nodata; an
+        ``xarray.DataArray`` (dims, coords and attrs kept) when ``image`` was one.
+
+    Examples
+    --------
+    >>> import numpy as np, tileseg
+    >>> x = np.random.default_rng(0).random((100, 90), dtype=np.float32)
+    >>> y = tileseg.segment(x, lambda b: b, patch_size=(32, 32), blend="constant", output="logits", chunks=40)
+    >>> y.axes, bool(np.allclose(y.data.compute()[0], x))
+    (('c', 'y', 'x'), True)
+    """
+    from .graph import segment_image
+    from .image import _is_xarray, as_image
+    from .options import InferenceOptions, TilingOptions
+    from .predictors import load_predictor
+
+    tiling = TilingOptions(patch_size=patch_size if np.isscalar(patch_size) else tuple(patch_size), overlap=overlap,
+                           overlap_px=overlap_px, blend=blend, chunks=chunks, pad_mode=pad_mode)
+    inference = InferenceOptions(batch_size=batch_size, output=output, nan_policy=nan_policy, fill_value=fill_value,
+                                 preprocess=tuple(preprocess or ()), out_channels=out_channels,
+                                 class_names=None if class_names is None else tuple(class_names),
+                                 resources=resources, lookahead=lookahead)
+    given_xarray = _is_xarray(image)
+    spatial_ndim = None if np.isscalar(patch_size) else len(tuple(patch_size))
+    try:
+        img = as_image(image, spatial_ndim=spatial_ndim)
+    except ValueError as exc:
+        from .errors import InputError
+
+        raise InputError(str(exc)) from exc
+    predictor = load_predictor(model, device=device, precision=precision)
+    result = segment_image(img, predictor, tiling, inference)
+    if given_xarray:
+        from .interop.xarray import to_xarray
+
+        return to_xarray(result, like=image)
+    return result
+
+
+def write(
+    image: Any,
+    path: str | os.PathLike[str],
+    *,
+    writer: str = "zarr",
+    overwrite: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    compute: bool = True,
+    options: dict[str, Any] | None = None,
+) -> WriteJob:
+    """Write an image with its metadata through the writer registry (atomic, resumable).
+
+    The output appears at ``path`` only when complete (local outputs are
+    written beside it and renamed into place; completion is recorded in the
+    output), exactly as ``tileseg run`` writes.
+
+    Parameters
+    ----------
+    image : Image or xarray.DataArray
+        What to write (e.g. the result of :func:`segment`).
+    path : str or os.PathLike
+        Output path or fsspec URL.
+    writer : str
+        Writer name from the registry (``"zarr"``).
+    overwrite : bool
+        Replace a finished output already at ``path``.
+    storage_options : dict, optional
+        fsspec options for URLs.
+    compute : bool
+        Write now (default). ``False`` returns the job with its Dask task:
+        compute it, then call ``get_writer(writer).finalize(job.handle)``.
+    options : dict, optional
+        Writer-specific keyword arguments (e.g. ``{"chunks": (512, 512)}``).
+
+    Returns
+    -------
+    WriteJob
+        ``job.handle.path`` is the output; ``job.done`` tells whether it was finalized.
+    """
+    from .image import as_image
+    from .writers import get_writer
+
+    return get_writer(writer).write(as_image(image), os.fspath(path), overwrite=overwrite,
+                                    storage_options=storage_options, compute=compute, options=options)
+
+
+def run(
+    pipeline: str | os.PathLike[str] | dict[str, Any] | PipelineConfig,
+    *,
+    scheduler: str | None = None,
+    resume: bool = True,
+    progress: bool = False,
+) -> RunReport:
+    """Run a pipeline over all its input items (see :func:`tileseg.runner.run_pipeline`).
+
+    Parameters
+    ----------
+    pipeline : str, os.PathLike, dict or PipelineConfig
+        A pipeline file or an already loaded pipeline.
+    scheduler : str, optional
+        Overrides ``execution.scheduler`` (``threads``, ``processes``,
+        ``synchronous``, ``local`` or ``tcp://host:port``).
+    resume : bool
+        Skip items recorded complete with the same configuration hash.
+    progress : bool
+        Show a progress bar per item.
+
+    Returns
+    -------
+    RunReport
+        ``report.ok`` is false when an item failed.
+    """
+    from .runner import run_pipeline
+
+    return run_pipeline(pipeline, scheduler=scheduler, resume=resume, progress=progress)
+
+
+def load_pipeline(path: str | os.PathLike[str] | dict[str, Any]) -> PipelineConfig:
+    """Load and validate a pipeline file; errors name the YAML key (see :func:`tileseg.config.load_pipeline`)."""
+    from .config import load_pipeline as _load
+
+    return _load(path)
+

@@ -1,0 +1,51 @@
+"""Object steps on class maps: act on the connected components of each class.
+
+A class map (an :class:`~tileseg.image.Image` with ``class_names``, e.g. a
+threshold method's 0/1 output or a model's argmax) is not an instance label
+image: ``remove_small_objects`` on ``0/1`` labels would see one object made
+of the whole foreground. Here every class is treated as a mask, as the user
+means: small components of each class go to 0 (background), holes of each
+class are filled with that class where they are background, and
+``keep_largest`` keeps the largest component of each class. Pixels equal to
+the image's ``nodata`` are left alone and take no part.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from ..stitching.labels import components
+from . import objects
+
+#: Steps that need connected components; on class maps they run per class.
+OBJECT_STEPS = ("remove_small_objects", "remove_small_holes", "fill_holes", "keep_largest")
+
+
+def apply_per_class(name: str, data: da.Array, n_classes: int, nodata: Any, spacing: Any,
+                    params: dict[str, Any]) -> da.Array:
+    """Run object step ``name`` on each class of the class map ``data`` (classes ``1 .. n_classes - 1``).
+
+    Returns
+    -------
+    dask.array.Array
+        A class map of the same dtype.
+    """
+    zero = np.zeros((), data.dtype)
+    invalid = None if nodata is None else data == data.dtype.type(nodata)
+    x = data if invalid is None else da.where(invalid, zero, data)
+    if name == "remove_small_objects":
+        comps = components(x, connectivity=params.get("connectivity", 1), by_value=True)
+        small = objects._small(comps.sizes, params.get("min_size_px"), params.get("min_size_phys"), spacing, x.ndim)
+        out = da.where(comps.apply(~small, background=False), x, zero)
+    elif name == "keep_largest":
+        out = objects.keep_largest(x, per_class=True, connectivity=params.get("connectivity", 1))
+    else:
+        step = objects.fill_holes if name == "fill_holes" else objects.remove_small_holes
+        out = x
+        for c in range(1, n_classes):
+            filled = step(x == c, spacing=spacing, **params)
+            out = da.where(filled & (out == 0), data.dtype.type(c), out)
+    return out if invalid is None else da.where(invalid, data, out)
