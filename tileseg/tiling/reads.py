@@ -15,6 +15,11 @@ the owner task runs itself, synchronously, when it starts: the input exists
 only while its owner runs. The cost is decoding the chunks under the overlap
 strip more than once (by up to ``2**ndim`` owners), small next to a model.
 Graph-level constants (string keys, such as the opened store) are shared.
+
+Only public Dask API is used: :func:`dask.core.get_dependencies` walks both
+legacy (tuple) tasks and the newer task objects, and
+:func:`dask.local.get_sync` runs either kind, so the graph is passed on as
+Dask built it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_graph
+from dask.core import get_dependencies
 
 
 class RegionRead:
@@ -76,7 +81,7 @@ def private_reads(
         ``dask.array.from_array(numpy_array)``): it would travel with every
         consumer task to a distributed worker, so such inputs stay shared.
     """
-    tasks = convert_legacy_graph(dict(graph))
+    tasks = dict(graph)
     out: dict[Hashable, RegionRead] = {}
     for consumer, keys in wanted.items():
         keys = list(keys)
@@ -90,7 +95,7 @@ def private_reads(
             if not isinstance(key, tuple) and _nbytes(node) > MAX_CONSTANT_BYTES:
                 return None
             sub[key] = node
-            stack.extend(d for d in _deps(node) if d not in sub)
+            stack.extend(d for d in get_dependencies(tasks, key) if d not in sub)
         out[consumer] = RegionRead(sub, keys)
     return out
 
@@ -98,7 +103,3 @@ def private_reads(
 def _nbytes(node: Any) -> int:
     value = getattr(node, "value", node)  # constants may be wrapped in a DataNode
     return int(getattr(value, "nbytes", 0)) if isinstance(value, np.ndarray) else 0
-
-
-def _deps(node: Any) -> frozenset:
-    return node.dependencies if isinstance(node, GraphNode) else frozenset()
