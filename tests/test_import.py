@@ -13,7 +13,7 @@ def test_import_and_registry_listing_load_nothing_heavy():
         "import sys, tileseg\n"
         "from tileseg import registry\n"
         "names = {k: registry.available(k) for k in registry.KINDS}\n"
-        "assert 'otsu' in names['methods'] and 'label' in names['postprocess'] and 'unet' in names['models']\n"
+        "assert 'otsu' in names['methods'] and 'label' in names['postprocess'] and 'unet' in names['architectures'] and 'torchscript' in names['models'] and 'zscore' in names['preprocess']\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -154,11 +154,11 @@ def test_apply_preprocess_steps_and_errors(image):
     np.testing.assert_array_equal(untouched.compute(), ints)
     with pytest.raises(ConfigError, match=r"unknown step 'zcore'.*'zscore'"):
         apply_preprocess(d, [{"zcore": {}}])
-    with pytest.raises(ConfigError, match=r"percentile: unknown parameter\(s\) \['low'\]"):
+    with pytest.raises(ConfigError, match=r"preprocess\[0\]: unknown parameter 'low' for preprocess step 'percentile'; did you mean 'lower'"):
         apply_preprocess(d, [{"percentile": {"low": 1}}])
-    with pytest.raises(ConfigError, match=r"fixed: missing parameter"):
+    with pytest.raises(ConfigError, match=r"preprocess step 'fixed' needs parameter\(s\) std"):
         apply_preprocess(d, [{"fixed": {"mean": 0}}])
-    with pytest.raises(ConfigError, match="one-key mapping"):
+    with pytest.raises(ConfigError, match="a mapping with one key"):
         apply_preprocess(d, [{"zscore": {}, "clip": {}}])
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tileseg.errors import ConfigError, InputError
-from tileseg.image import label_dtype as smallest_uint
 from tileseg.postprocess.classes import argmax, threshold
 
 
@@ -61,9 +60,3 @@ def test_threshold_errors():
         threshold(x, 0.5, channel_axis=0)
     with pytest.raises(ConfigError, match="channel_axis"):
         argmax(x, channel_axis=5)
-
-
-def test_smallest_uint():
-    assert smallest_uint(256) == np.uint8
-    assert smallest_uint(257) == np.uint16
-    assert smallest_uint(70000) == np.uint32

@@ -83,9 +83,14 @@ def test_state_dict_loaded_with_weights_only(net, batch, tmp_path):
     torch.save({"epoch": 3, "state_dict": net.state_dict()}, tmp_path / "ckpt.pt")
     ref = _reference(net, batch)
     for name in ("sd.pt", "ckpt.pt"):
-        p = load_predictor({"unet": CFG, "weights": str(tmp_path / name), "batch_size": 4})
+        p = load_predictor({"state_dict": {"path": str(tmp_path / name), "architecture": {"unet": CFG}}})
         np.testing.assert_allclose(p(batch), ref, atol=1e-6)
         assert (p.in_channels, p.out_channels) == (1, 2)
+
+
+def _sd(path, config=None):
+    """A ``state_dict`` model spec for the test U-Net."""
+    return {"state_dict": {"path": str(path), "architecture": {"unet": config or CFG}}}
 
 
 class Evil:
@@ -97,14 +102,14 @@ def test_weights_only_refuses_arbitrary_pickles(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"x": Evil()}, path)
     with pytest.raises(ModelError, match=r"evil\.pt.*weights_only"):
-        load_predictor({"unet": CFG, "weights": str(path)})
+        load_predictor(_sd(path))
 
 
 def test_corrupt_or_missing_files_name_the_file(net, tmp_path):
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(b"\x00not a zip archive" * 50)
     with pytest.raises(ModelError, match="corrupt.pt"):
-        load_predictor({"unet": CFG, "weights": str(bad)})
+        load_predictor(_sd(bad))
     with pytest.raises(ModelError, match="corrupt.pt"):
         load_predictor(str(bad))
     with pytest.raises(ModelError, match="missing.pt"):
@@ -114,7 +119,7 @@ def test_corrupt_or_missing_files_name_the_file(net, tmp_path):
     with pytest.raises(ModelError, match=r"sd\.pt.*state_dict"):
         load_predictor(tmp_path / "sd.pt")
     with pytest.raises(ModelError, match=r"sd\.pt.*does not fit"):
-        load_predictor({"unet": {**CFG, "out_channels": 3}, "weights": str(tmp_path / "sd.pt")})
+        load_predictor(_sd(tmp_path / "sd.pt", {**CFG, "out_channels": 3}))
 
 
 def test_wrong_channel_count(net, tmp_path):
@@ -163,7 +168,7 @@ def test_pickling_path_predictor_leaves_weights_behind(net, tmp_path, batch):
     assert load_predictor(path).module is not p.module
     # state_dict predictors are also rebuilt from the file, not pickled
     torch.save(net.state_dict(), tmp_path / "sd.pt")
-    a = load_predictor({"unet": CFG, "weights": str(tmp_path / "sd.pt")})
+    a = load_predictor(_sd(tmp_path / "sd.pt"))
     assert len(pickle.dumps(a)) < 2000
     assert pickle.loads(pickle.dumps(a)).module is a.module
 
@@ -233,17 +238,24 @@ def test_autocast_precision(net, batch, precision):
     assert p.describe()["precision"] == precision
 
 
-def test_spec_errors_and_passthrough(net):
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['onnx'\].*'torchscript'.*'unet'"):
+def test_spec_errors_and_passthrough(net, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown model kind 'onnx'.*installed: state_dict, torchscript"):
         load_predictor({"onnx": "model.onnx"})
-    with pytest.raises(ConfigError, match="several model kinds"):
-        load_predictor({"unet": CFG, "torchscript": "x.pt"})
+    with pytest.raises(ConfigError, match=r"exactly one model kind.*\['state_dict', 'torchscript'\]"):
+        load_predictor({"state_dict": {}, "torchscript": "x.pt"})
+    with pytest.raises(ConfigError, match="did you mean 'torchscript'"):
+        load_predictor({"torchscipt": {"path": "x.pt"}})
+    with pytest.raises(ConfigError, match=r"model.state_dict.architecture: unknown architecture 'unnet'"):
+        load_predictor({"state_dict": {"path": "w.pt", "architecture": {"unnet": CFG}}})
+    with pytest.raises(ConfigError, match=r"model.torchscript: .*unexpected keyword argument 'pth'"):
+        load_predictor({"torchscript": {"pth": "x.pt"}})
     with pytest.raises(ConfigError, match="precision"):
         load_predictor(net, precision="fp8")
     with pytest.raises(ConfigError, match="cannot make a model"):
         load_predictor(42)
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
     with pytest.raises(ConfigError, match="unet"):
-        load_predictor({"unet": {**CFG, "depth": 9}})
+        load_predictor(_sd(tmp_path / "sd.pt", {**CFG, "depth": 9}))
     custom = CallablePredictor(lambda b: b, in_channels=1, out_channels=1)
     assert load_predictor(custom) is custom
     fn = load_predictor(lambda b: b[:, :1] + 1)
@@ -251,10 +263,11 @@ def test_spec_errors_and_passthrough(net):
     np.testing.assert_array_equal(fn(np.zeros((1, 2, 4, 4), np.float32)), np.ones((1, 1, 4, 4)))
 
 
-def test_unet_spec_without_weights_and_device(batch):
-    p = load_predictor({"unet": CFG, "device": "cpu"})
+def test_state_dict_spec_with_device(net, batch, tmp_path):
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    p = load_predictor(_sd(tmp_path / "sd.pt"), device="cpu")
     assert p.describe()["device"] == "cpu" and p.describe()["architecture"] == "unet"
-    assert p(batch).shape == (3, 2, 32, 48)
+    np.testing.assert_allclose(p(batch), _reference(net, batch), atol=1e-6)
 
 
 def test_import_does_not_load_torch():
