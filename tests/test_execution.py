@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tileseg.errors import ConfigError, MissingDependencyError
-from tileseg.execution import compute, model_annotations, scheduler_context
+from tileseg.execution import SchedulerInfo, compute, model_annotations, scheduler_context
 
 
 def test_threads_sets_worker_count_and_restores():
@@ -67,12 +67,25 @@ def test_unreachable_address_is_config_error():
                 pass
 
 
+def _annotations(info):
+    """The annotations of each layer of a small graph built inside ``model_annotations(info)``."""
+    with model_annotations(info):
+        x = da.ones(4, chunks=2) + 1
+    return [layer.annotations or None for layer in x.dask.layers.values()]
+
+
 def test_annotations_only_on_distributed_with_resources():
     with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}}) as info:
-        assert info.resources == {}  # ignored by the local schedulers
-        with model_annotations(info):
-            x = da.ones(4, chunks=2) + 1
-        assert not any(layer.annotations for layer in x.dask.layers.values())
+        assert not info.distributed
+        assert "resources" not in info.describe()  # not reported as if applied
+        assert set(_annotations(info)) == {None}
+        assert compute(info, (da.ones(4, chunks=2) + 1).sum())[0] == 8
+    # model_annotations itself: resources annotate only when a distributed client runs the graph
+    assert set(_annotations(SchedulerInfo(name="threads", resources={"GPU": 1}))) == {None}
+    assert set(_annotations(SchedulerInfo(name="tcp://x:1", resources={}, client=object()))) == {None}
+    assert set(_annotations(None)) == {None}
+    annotated = _annotations(SchedulerInfo(name="tcp://x:1", resources={"GPU": 1}, client=object()))
+    assert annotated and all(a == {"resources": {"GPU": 1}} for a in annotated)
 
 
 def test_processes_reuse_one_pool_for_the_run():

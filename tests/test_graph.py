@@ -109,10 +109,15 @@ def test_patches_are_batched():
 
 
 # ---------------------------------------------------------------- MONAI oracle
-torch = pytest.importorskip("torch")
+# torch is optional: only the tests that take this fixture skip without it.
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
 
 
 def small_net(ndim, c_in=1, k=3, seed=0):
+    import torch
+
     torch.manual_seed(seed)
     conv = torch.nn.Conv2d if ndim == 2 else torch.nn.Conv3d
     net = torch.nn.Sequential(conv(c_in, 4, 3, padding=1), torch.nn.Tanh(), conv(4, k, 3, padding=1))
@@ -120,6 +125,8 @@ def small_net(ndim, c_in=1, k=3, seed=0):
 
 
 def monai_reference(x, net, patch, overlap, mode, batch_size=4):
+    import torch
+
     inferers = pytest.importorskip("monai.inferers")
     t = torch.from_numpy(x[None] if x.ndim == len(patch) + 1 else x[None, None])
     with torch.inference_mode():
@@ -142,7 +149,7 @@ def monai_reference(x, net, patch, overlap, mode, batch_size=4):
         ((9, 30, 26), (12, 16, 16), 40),
     ],
 )
-def test_logits_match_monai_sliding_window(shape, patch, chunks, mode):
+def test_logits_match_monai_sliding_window(shape, patch, chunks, mode, torch):
     rng = np.random.default_rng(len(shape) * 7 + chunks if isinstance(chunks, int) else 3)
     x = rng.standard_normal(shape).astype(np.float32)
     net = small_net(len(shape))
@@ -153,7 +160,7 @@ def test_logits_match_monai_sliding_window(shape, patch, chunks, mode):
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_multichannel_input_matches_monai():
+def test_multichannel_input_matches_monai(torch):
     x = np.random.default_rng(5).standard_normal((2, 40, 50)).astype(np.float32)
     net = small_net(2, c_in=2)
     ref = monai_reference(x, net, (16, 16), 0.25, "gaussian")
@@ -162,7 +169,7 @@ def test_multichannel_input_matches_monai():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_crop_blend_equals_one_whole_image_forward(ndim):
+def test_crop_blend_equals_one_whole_image_forward(ndim, torch):
     # two 3x3 convolutions: receptive-field radius 2 <= overlap_px / 2
     shape = (70, 95) if ndim == 2 else (30, 41, 36)
     patch = (20,) * ndim
@@ -177,7 +184,7 @@ def test_crop_blend_equals_one_whole_image_forward(ndim):
 
 
 @pytest.mark.parametrize("output", ["logits", "probabilities", "labels"])
-def test_result_does_not_depend_on_chunks(output):
+def test_result_does_not_depend_on_chunks(output, torch):
     x = np.random.default_rng(11).standard_normal((37, 52, 44)).astype(np.float32)
     net = small_net(3)
     results = [
@@ -192,7 +199,7 @@ def test_result_does_not_depend_on_chunks(output):
             np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-6)
 
 
-def test_probabilities_and_labels_follow_the_blended_logits():
+def test_probabilities_and_labels_follow_the_blended_logits(torch):
     x = np.random.default_rng(2).standard_normal((40, 40)).astype(np.float32)
     net = small_net(2)
     kw = dict(patch_size=(16, 16), overlap=0.5, chunks=17)
@@ -225,7 +232,7 @@ def test_nan_input_raises_naming_the_box_or_is_filled():
     np.testing.assert_array_equal(filled[0], np.ones_like(x))
 
 
-def test_wrong_channel_count_for_the_model():
+def test_wrong_channel_count_for_the_model(torch):
     net = small_net(2, c_in=3)
     with pytest.raises(ModelError, match="3 input channels"):
         segment(np.zeros((1, 32, 32), np.float32), net, patch_size=(16, 16))

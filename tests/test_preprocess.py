@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from tileseg.errors import ConfigError
 from tileseg.preprocess import (
+    DEFAULT_BINS,
     apply_preprocess,
     channel_percentiles,
     channel_stats,
@@ -117,8 +118,8 @@ def test_percentile_step_matches_numpy_hypothesis(data):
 def test_percentile_nodata_and_bad_args():
     x = np.arange(100, dtype=np.uint8).reshape(1, 10, 10)
     x[0, 0] = 255  # nodata row
-    got = channel_percentiles(da.from_array(x, chunks=(1, 3, 3)), [0, 100], nodata=255)
-    assert got.tolist() == [[10.0, 99.0]]
+    got = channel_percentiles(da.from_array(x, chunks=(1, 3, 3)), [0, 25, 100], nodata=255)
+    np.testing.assert_array_equal(got, [np.percentile(x[x != 255], [0, 25, 100])])
     with pytest.raises(ConfigError, match="lower must be < upper"):
         percentile(x, lower=50, upper=10)
     with pytest.raises(ConfigError, match=r"\[0, 100\]"):
@@ -148,6 +149,12 @@ def test_apply_preprocess_steps_and_errors(image):
     chained = apply_preprocess(d, [{"percentile": {"lower": 1, "upper": 99}}, {"scale": {"multiply": 2, "add": -1}}])
     res = chained.compute()
     assert chained.dtype == np.float32 and res.min() == -1 and res.max() == 1
+    # numpy on the whole image: global per-channel percentiles (float bins: within one bin width), clip, scale
+    x = image.astype(np.float64)
+    lo, hi = np.percentile(x, [1, 99], axis=(1, 2), keepdims=True)
+    width = (x.max(axis=(1, 2), keepdims=True) - x.min(axis=(1, 2), keepdims=True)) / DEFAULT_BINS
+    want = np.clip((x - lo) / (hi - lo), 0, 1) * 2 - 1
+    assert np.all(np.abs(res - want) <= 4 * width / (hi - lo) + 1e-6)
     ints = np.arange(12, dtype=np.uint8).reshape(1, 3, 4)
     untouched = apply_preprocess(ints, [])
     assert untouched.dtype == np.float32

@@ -1,4 +1,9 @@
-"""Pipeline runs end to end: outputs, report, failures per item, resume."""
+"""Pipeline runs end to end: outputs, report, failures per item, resume.
+
+Written pixels are compared with oracles that do not use tileseg (see
+tests/pipeline_helpers.py): MONAI's sliding window with the same patch grid
+and Gaussian blending, or one whole-image forward pass for ``blend: crop``.
+"""
 
 from __future__ import annotations
 
@@ -16,22 +21,40 @@ from tileseg.errors import ConfigError
 from tileseg.runner import Manifest, render_output, run_pipeline
 from tileseg.writers import is_complete
 
-pytest.importorskip("torch")
-
-# shared generators (tests/pipeline_helpers.py); the suite uses --import-mode=importlib
+# shared generators and oracles (tests/pipeline_helpers.py); the suite uses --import-mode=importlib
 sys.path.insert(0, str(Path(__file__).parent))
-from pipeline_helpers import dice_numpy, n_patches, save_pointwise_model, write_pipeline, write_scene  # noqa: E402
+from pipeline_helpers import (  # noqa: E402
+    argmax_labels,
+    assert_labels_match,
+    dice_numpy,
+    monai_logits,
+    n_patches,
+    save_conv_model,
+    softmax,
+    threshold_labels,
+    whole_image_logits,
+    write_pipeline,
+    write_scene,
+)
+
+PATCH, OVERLAP, CHUNKS = (24, 24), 0.25, (40, 40)  # write_pipeline's defaults
 
 
 def read_output(path: str) -> np.ndarray:
     return zarr.open_group(path, mode="r")["0"][...]
 
 
+def assert_matches_monai(pred: np.ndarray, image: np.ndarray) -> None:
+    """Labels written by a default pipeline equal the argmax of MONAI's sliding-window logits."""
+    assert_labels_match(pred, *argmax_labels(monai_logits(image, PATCH, OVERLAP)))
+
+
 @pytest.fixture
 def scenes(tmp_path):
-    save_pointwise_model(tmp_path / "model.pt")
-    a = write_scene(tmp_path / "a.zarr", shape=(70, 90), seed=1)
-    b = write_scene(tmp_path / "b.zarr", shape=(50, 33), seed=2)
+    pytest.importorskip("torch")
+    save_conv_model(tmp_path / "model.pt")
+    a = write_scene(tmp_path / "a.zarr", shape=(70, 90), seed=1)  # 4 x 5 patches, 2 x 3 output chunks
+    b = write_scene(tmp_path / "b.zarr", shape=(50, 45), seed=2)  # 3 x 3 patches, 2 x 2 output chunks
     return tmp_path, {"a": a, "b": b}
 
 
@@ -45,13 +68,15 @@ def test_run_writes_labels_report_and_dice(scenes):
         image, labels = data[stem]
         assert item.output == str(root / "out" / f"{stem}_seg.zarr")
         assert is_complete(item.output)
-        pred = read_output(item.output)
-        np.testing.assert_array_equal(pred, image > 0.5)  # the model is argmax(0, x - 0.5)
+        out = zarr.open_group(item.output, mode="r")["0"]
+        assert out.chunks == CHUNKS and out.dtype == np.uint8
+        pred = out[...]
+        assert_matches_monai(pred, image)
         assert item.shape == list(image.shape)
-        assert item.n_patches == n_patches(image.shape, (32, 32), 0.25)
+        assert item.n_patches == n_patches(image.shape, PATCH, OVERLAP) >= 9
         for c, name in enumerate(["background", "object"]):
-            assert item.dice[name] == pytest.approx(dice_numpy(image > 0.5, labels, c), abs=1e-12)
-        assert item.dice["object"] < 1.0
+            assert item.dice[name] == pytest.approx(dice_numpy(pred, labels, c), abs=1e-12)
+        assert 0.5 < item.dice["object"] < 1.0
         assert set(item.timings) >= {"open", "graph", "compute_write", "finalize", "evaluate"}
         assert item.pixels_per_s > 0 and item.peak_rss_bytes > 0
     # the report on disk says the same
@@ -59,7 +84,7 @@ def test_run_writes_labels_report_and_dice(scenes):
     assert report.report_path == str(root / "out" / "tileseg-report.json")
     assert [i["status"] for i in saved["items"]] == ["ok", "ok"]
     assert saved["summary"] == {"ok": 2, "skipped": 0, "failed": 0}
-    assert saved["pipeline"]["tiling"]["patch_size"] == [32, 32]
+    assert saved["pipeline"]["tiling"]["patch_size"] == list(PATCH)
     assert saved["pipeline"]["model"]["torchscript"] == str(root / "model.pt")
     assert {"tileseg", "dask", "zarr", "numpy", "torch"} <= set(saved["versions"])
     assert saved["items"][0]["timings"]["compute_write"] >= 0
@@ -74,23 +99,24 @@ def test_probabilities_without_argmax(scenes):
     assert report.ok
     prob = read_output(report.items[0].output)
     image = data["a"][0]
-    logits = np.stack([np.zeros_like(image), image - 0.5])
-    expected = np.exp(logits) / np.exp(logits).sum(0)
     assert prob.shape == (2,) + image.shape and prob.dtype == np.float32
-    np.testing.assert_allclose(prob, expected, atol=1e-5)
+    np.testing.assert_allclose(prob, softmax(monai_logits(image, PATCH, OVERLAP)), rtol=0, atol=1e-5)
 
 
 def test_threshold_other_than_half(tmp_path):
-    save_pointwise_model(tmp_path / "one.pt", classes=1)  # logit 10x - 5
-    image, _ = write_scene(tmp_path / "a.zarr", values=(0.1, 0.55, 0.9), seed=3)
+    pytest.importorskip("torch")
+    save_conv_model(tmp_path / "one.pt", classes=1)
+    image, _ = write_scene(tmp_path / "a.zarr", seed=3)
     pipe = write_pipeline(tmp_path / "p.yaml", ["a.zarr"], model="one.pt",
                           post="[{threshold: {value: 0.7}}]")
     report = run_pipeline(pipe)
     assert report.ok, report.items[0].error
     pred = read_output(report.items[0].output)
-    # sigmoid(10x - 5) > 0.7 <=> x > 0.5847: only the 0.9 pixels (0.55 would pass at 0.5)
-    np.testing.assert_array_equal(pred, (image > 0.6).astype(np.uint8))
     assert pred.dtype == np.uint8
+    logit = monai_logits(image, PATCH, OVERLAP, classes=1)[0]
+    want, margin = threshold_labels(logit, 0.7)
+    assert_labels_match(pred, want, margin)
+    assert (want != threshold_labels(logit, 0.5)[0]).sum() > 50  # the value matters here
 
 
 def test_bad_items_fail_alone(scenes):
@@ -105,7 +131,7 @@ def test_bad_items_fail_alone(scenes):
     assert status["missing.zarr"].status == "failed" and "missing.zarr" in status["missing.zarr"].error
     assert status["corrupt.zarr"].status == "failed" and "corrupt.zarr" in status["corrupt.zarr"].error
     assert not report.ok and report.n_failed == 2
-    np.testing.assert_array_equal(read_output(status["a.zarr"].output), data["a"][0] > 0.5)
+    assert_matches_monai(read_output(status["a.zarr"].output), data["a"][0])
     assert is_complete(status["b.zarr"].output)
     assert not os.path.exists(root / "out" / "corrupt_seg.zarr")
     saved = json.loads((root / "out" / "tileseg-report.json").read_text())
@@ -147,7 +173,7 @@ def test_resume_skips_complete_and_reruns_incomplete(scenes):
     assert second.items[0].dice is not None  # evaluation still reported for skipped items
     assert zarr.open_group(a_out, mode="r").attrs["tileseg"]["run_id"] == a_run_id  # not rewritten
     assert is_complete(b_out)
-    np.testing.assert_array_equal(read_output(b_out), data["b"][0] > 0.5)
+    assert_matches_monai(read_output(b_out), data["b"][0])
     # a manifest saying "running" (a crash) reruns the item even though the output exists
     manifest = Manifest(second.manifest_path)
     rec = manifest.get(a_out)
@@ -173,7 +199,7 @@ def test_changed_config_is_not_skipped(scenes):
 
 
 def test_foreign_output_is_not_overwritten(scenes):
-    root, _ = scenes
+    root, data = scenes
     import dask.array as da
 
     from tileseg.writers import get_writer
@@ -187,7 +213,7 @@ def test_foreign_output_is_not_overwritten(scenes):
     # overwrite: true replaces it
     write_pipeline(root / "p.yaml", ["a.zarr"], output='"out/{stem}_seg.zarr", overwrite: true')
     assert run_pipeline(pipe).ok
-    assert read_output(str(target)).shape == (70, 90)
+    assert_matches_monai(read_output(str(target)), data["a"][0])
 
 
 def test_output_collisions_and_empty_inputs_are_config_errors(scenes):
@@ -201,16 +227,18 @@ def test_output_collisions_and_empty_inputs_are_config_errors(scenes):
 
 
 def test_3d_volume(tmp_path):
-    save_pointwise_model(tmp_path / "m3.pt", ndim=3)
-    image, labels = write_scene(tmp_path / "v.zarr", shape=(20, 24, 18), chunks=(8, 8, 8), seed=4)
+    pytest.importorskip("torch")
+    save_conv_model(tmp_path / "m3.pt", ndim=3)
+    image, labels = write_scene(tmp_path / "v.zarr", shape=(20, 24, 18), chunks=(8, 8, 8), seed=6)
     pipe = write_pipeline(tmp_path / "p.yaml", ["v.zarr"], patch=(8, 16, 8), overlap=0.5,
                           chunks=(10, 10, 10), model="m3.pt")
     report = run_pipeline(pipe)
     item = report.items[0]
     assert item.status == "ok", item.error
-    np.testing.assert_array_equal(read_output(item.output), image > 0.5)
-    assert item.n_patches == n_patches(image.shape, (8, 16, 8), 0.5)
-    assert item.dice["object"] == pytest.approx(dice_numpy(image > 0.5, labels, 1))
+    pred = read_output(item.output)
+    assert_labels_match(pred, *argmax_labels(monai_logits(image, (8, 16, 8), 0.5)))
+    assert item.n_patches == n_patches(image.shape, (8, 16, 8), 0.5) == 4 * 2 * 4
+    assert item.dice["object"] == pytest.approx(dice_numpy(pred, labels, 1))
 
 
 def test_method_pipeline_with_registered_steps(tmp_path, monkeypatch):
@@ -236,7 +264,7 @@ def test_method_pipeline_with_registered_steps(tmp_path, monkeypatch):
 
 
 def test_classical_pipeline_matches_scikit_image(tmp_path):
-    skimage = pytest.importorskip("skimage")
+    pytest.importorskip("skimage")
     from skimage.filters import threshold_otsu
     from skimage.measure import label
 
@@ -254,7 +282,6 @@ def test_classical_pipeline_matches_scikit_image(tmp_path):
     got = read_output(report.items[0].output)
     assert got.max() == expected.max() > 10
     np.testing.assert_array_equal(got, expected)
-    assert skimage  # the module was importable
 
 
 def test_local_cluster_scheduler(scenes):
@@ -267,7 +294,23 @@ def test_local_cluster_scheduler(scenes):
     assert report.ok, report.items[0].error
     assert report.scheduler["scheduler"] == "local" and report.scheduler["resources"] == {"GPU": 1}
     assert report.scheduler["n_workers"] == 1
-    np.testing.assert_array_equal(read_output(report.items[0].output), data["a"][0] > 0.5)
+    assert_matches_monai(read_output(report.items[0].output), data["a"][0])
+
+
+def test_crop_blend_equals_one_whole_image_forward(scenes):
+    # receptive-field radius 2 <= overlap_px / 2: each kept pixel saw the same context as in the whole image
+    root, data = scenes
+    pipe = write_pipeline(root / "p.yaml", "*.zarr", post="[]")
+    text = pipe.read_text().replace("overlap: 0.25", "overlap_px: [8, 8], blend: crop")
+    pipe.write_text(text.replace("evaluate: {reference: {array: labels}}\n", ""))
+    report = run_pipeline(pipe)
+    assert [i.status for i in report.items] == ["ok", "ok"], [i.error for i in report.items]
+    for item in report.items:
+        image = data[os.path.basename(item.input)[:-5]][0]
+        # stride 16: ceil((size - 24) / 16) + 1 windows per axis
+        assert item.n_patches == np.prod([-(-(s - 24) // 16) + 1 for s in image.shape]) >= 9
+        prob = read_output(item.output)
+        np.testing.assert_allclose(prob, softmax(whole_image_logits(image)), rtol=0, atol=1e-5)
 
 
 def test_render_output_fields():
@@ -286,7 +329,7 @@ def test_class_names_must_match_the_model(scenes):
 
 def test_reference_from_a_path_template(scenes):
     root, data = scenes
-    image, labels = data["a"]
+    _, labels = data["a"]
     gt = zarr.open_group(str(root / "gt_a.zarr"), mode="w")
     gt.create_array("mask", shape=labels.shape, chunks=(25, 25), dtype="uint8")[:] = 1 - labels
     pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
@@ -294,4 +337,6 @@ def test_reference_from_a_path_template(scenes):
                                              "evaluate: {reference: {path: 'gt_{stem}.zarr', array: mask}}"))
     item = run_pipeline(pipe).items[0]
     assert item.status == "ok", item.error
-    assert item.dice["object"] == pytest.approx(dice_numpy(image > 0.5, 1 - labels, 1))
+    pred = read_output(item.output)
+    assert item.dice["object"] == pytest.approx(dice_numpy(pred, 1 - labels, 1), abs=1e-12)
+    assert item.dice["object"] < 0.5  # scored against the inverted mask, not the input's labels

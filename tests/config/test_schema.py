@@ -174,7 +174,6 @@ def test_argmax_must_come_first_and_needs_a_model(base, monkeypatch):
 
 
 def test_registered_argmax_runs_as_a_step(base):
-    pytest.importorskip("tileseg.postprocess")
     cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"argmax": {"min_prob": 0.6}}])))
     assert cfg.model_output() == ("probabilities", None, [("argmax", {"min_prob": 0.6})])
     msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"argmax": {"min_prb": 0.6}}])))
@@ -278,7 +277,6 @@ def test_repository_pipelines_are_valid():
 
 
 def test_preprocess_steps_and_parameters_are_checked(base):
-    pytest.importorskip("tileseg.preprocess")
     cfg = load_pipeline(changed(base, lambda d: d.update(preprocess=["zscore", {"percentile": {"lower": 1}}])))
     assert cfg.preprocess == [{"zscore": {}}, {"percentile": {"lower": 1}}]
     msg = errors_of(changed(base, lambda d: d.update(preprocess=[{"zscore": {"nodat": 0}}])))

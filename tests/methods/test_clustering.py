@@ -78,6 +78,58 @@ def test_predict_matches_sklearn_kmeans_assignment():
     np.testing.assert_array_equal(C.predict(model, da.from_array(feats, chunks=(2, 7, 7))).compute(), want)
 
 
+def two_band_mixture(shape=(40, 52), seed=7):
+    """Three classes with different full covariances: nearest-mean and GMM assignments differ."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, np.uint8)
+    truth[:, shape[1] // 3 :] = 1
+    truth[shape[0] // 2 :, 2 * shape[1] // 3 :] = 2
+    means = np.array([[60.0, 100.0], [120.0, 60.0], [170.0, 140.0]])
+    covs = np.array([[[150.0, 80.0], [80.0, 100.0]], [[900.0, -400.0], [-400.0, 500.0]],
+                     [[200.0, 0.0], [0.0, 1200.0]]])
+    bands = np.empty((2,) + shape)
+    for k in range(3):
+        inside = truth == k
+        bands[:, inside] = rng.multivariate_normal(means[k], covs[k], inside.sum()).T
+    return bands, truth
+
+
+def test_gmm_predict_matches_sklearn_gaussian_mixture():
+    from sklearn.mixture import GaussianMixture
+
+    bands, truth = two_band_mixture()
+    shape = truth.shape
+    feats = da.from_array(bands, chunks=(2, 13, 17))  # 4 x 4 chunks
+    model = C.fit(feats, 3, kind="gmm", sample_size=1500, seed=3)
+    got = registry.get("methods", "gmm")(feats, spacing=(1.0, 1.0), n_clusters=3, sample_size=1500, seed=3).compute()
+    np.testing.assert_array_equal(got, C.predict(model, feats).compute())
+    pixels = bands.reshape(2, -1).T
+
+    # scikit-learn's predict with tileseg's fitted parameters (already in class order)
+    sk = GaussianMixture(3, covariance_type="full")
+    sk.weights_ = np.exp(model.log_weights)
+    sk.means_ = model.means
+    sk.precisions_cholesky_ = model.precisions_cholesky
+    sk.covariances_ = np.linalg.inv(model.precisions_cholesky @ np.swapaxes(model.precisions_cholesky, 1, 2))
+    want = sk.predict(pixels).reshape(shape)
+    np.testing.assert_array_equal(got, want)
+
+    # the same mixture fitted by scikit-learn itself on the same sample, classes reordered by band-0 mean
+    sample = C.draw_sample(feats, sample_size=1500, seed=3)
+    gm = GaussianMixture(3, covariance_type="full", n_init=4, max_iter=300, random_state=3).fit(sample)
+    order = np.argsort(gm.means_[:, 0])
+    np.testing.assert_allclose(model.means, gm.means_[order], rtol=1e-12)
+    np.testing.assert_allclose(np.exp(model.log_weights), gm.weights_[order], rtol=1e-12)
+    rank = np.empty(3, np.int64)
+    rank[order] = np.arange(3)
+    np.testing.assert_array_equal(got, rank[gm.predict(pixels)].reshape(shape))
+
+    # covariances and weights matter here: a nearest-mean assignment would not pass the checks above
+    nearest = np.argmin(((pixels[:, None, :] - model.means[None]) ** 2).sum(-1), axis=1).reshape(shape)
+    assert (nearest != want).sum() > 50
+    assert (got == truth).mean() > 0.9
+
+
 def test_errors():
     with pytest.raises(ConfigError, match="kind"):
         C.fit(da.zeros((1, 5, 5)), 2, kind="dbscan")

@@ -118,7 +118,10 @@ def test_pipeline_methods():
     np.testing.assert_array_equal(out, (a > skf.threshold_local(a, 11)).astype(np.uint8))
     out = registry.get("methods", "canny")(d, sigma=1.5).compute()
     np.testing.assert_array_equal(out, skfeat.canny(a, sigma=1.5).astype(np.uint8))
-    assert registry.get("methods", "scharr")(d).dtype == np.uint8
+    out = registry.get("methods", "scharr")(d)
+    s = skf.scharr(a)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out.compute(), (s > skf.threshold_otsu(s)).astype(np.uint8))
 
 
 def test_errors():

@@ -20,6 +20,11 @@ def test_finalize_does_not_modify_its_inputs_so_a_rerun_gives_the_same_chunk():
     second = finalize_block(block, 2, "logits", "float32", starts, window, piece)
     np.testing.assert_array_equal(piece[1], before)
     np.testing.assert_array_equal(first, second)
+    # and the chunk is right: the weighted sum divided by the windows summed by hand
+    total = np.zeros((40, 40), np.float32)
+    for s in starts:
+        total[s[0] : s[0] + 16, s[1] : s[1] + 16] += window
+    np.testing.assert_allclose(first, before / total, rtol=1e-6)
 
 
 def test_weight_sum_equals_the_sum_of_windows_over_the_whole_image():

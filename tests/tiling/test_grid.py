@@ -22,9 +22,13 @@ def monai_starts(size: int, patch: int, overlap: float) -> list[int]:
 @settings(max_examples=60, deadline=None)
 @given(size=st.integers(1, 300), patch=st.integers(1, 64), overlap=st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9]))
 def test_window_starts_match_monai(size, patch, overlap):
-    if size < patch:
-        return  # padded axis: a single window after padding
-    assert window_starts(size, patch, stride_for(patch, overlap=overlap)).tolist() == monai_starts(size, patch, overlap)
+    # MONAI pads an axis shorter than the patch up to the patch, then tiles the padded axis
+    padded = max(size, patch)
+    want = monai_starts(padded, patch, overlap)
+    if size >= patch:
+        assert window_starts(size, patch, stride_for(patch, overlap=overlap)).tolist() == want
+    axis = make_grid((size, 8), (patch, 8), overlap=overlap).axes[0]
+    assert axis.size == padded and axis.starts.tolist() == want
 
 
 @settings(max_examples=60, deadline=None)

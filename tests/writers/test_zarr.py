@@ -250,10 +250,11 @@ def test_write_task_is_idempotent(tmp_path, zarr_format):
     assert _tree_digest(handle.target) == first
     w.finalize(handle)
     np.testing.assert_array_equal(open_image(str(tmp_path / "i.zarr")).data.compute(), data.compute())
+    # the group metadata on disk is valid JSON and records this write as complete
     meta_name = "zarr.json" if zarr_format == 3 else ".zattrs"
-    doc = json.loads((tmp_path / "i.zarr" / meta_name).read_text())
-    status = (doc["attributes"] if zarr_format == 3 else doc)["tileseg"]
-    assert status["status"] == "complete" and status["run_id"] == handle.run_id
+    meta = json.loads((tmp_path / "i.zarr" / meta_name).read_text())
+    attrs = meta["attributes"] if zarr_format == 3 else meta
+    assert attrs["tileseg"]["status"] == "complete" and attrs["tileseg"]["run_id"] == handle.run_id
 
 
 def test_write_task_rejects_mismatched_data(tmp_path):
