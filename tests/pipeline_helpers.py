@@ -149,14 +149,14 @@ def dice_numpy(pred: np.ndarray, ref: np.ndarray, c: int) -> float:
     return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-def write_pipeline(path: Path, inputs, *, patch=(24, 24), overlap=0.25, chunks=(40, 40), post="[argmax]",
-                   model="model.pt", extra: str = "", output='"out/{stem}_seg.zarr"') -> Path:
+def write_pipeline(path: Path, inputs, *, patch=(24, 24), overlap=0.25, chunks=(40, 40), post="[]",
+                   model="model.pt", extra: str = "", output='"out/{stem}_seg.zarr"', engine="labels") -> Path:
     inputs = f'"{inputs}"' if isinstance(inputs, str) else "[" + ", ".join(f'"{i}"' for i in inputs) + "]"
     path.write_text(textwrap.dedent(f"""\
         version: 1
         input: {{path: {inputs}, array: image}}
         tiling: {{patch_size: {list(patch)}, overlap: {overlap}, chunks: {list(chunks)}}}
-        model: {{torchscript: {model}, batch_size: 4, classes: [background, object]}}
+        model: {{torchscript: {{path: {model}}}, output: {engine}, batch_size: 4, classes: [background, object]}}
         postprocess: {post}
         output: {{path: {output}}}
         execution: {{scheduler: threads, workers: 2}}

@@ -59,7 +59,7 @@ def test_validate_errors_exit_2_and_list_every_problem(project):
     res = invoke("validate", str(pipe))
     assert res.exit_code == 2
     assert "3 problems" in res.output
-    assert "tiling.overlap: must be >= 0 and < 1 (got -0.1)" in res.output
+    assert "tiling.overlap: must be >= 0 and < 1, a fraction of the patch (got -0.1)" in res.output
     assert "model.batch_sise: unknown key; did you mean 'batch_size'?" in res.output
     assert "postprocess[0]: unknown postprocess step 'argmx'; did you mean 'argmax'?" in res.output
 

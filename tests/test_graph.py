@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tileseg.errors import InputError, ModelError, TilingError
 import tileseg
+from tileseg.errors import InputError, ModelError, TilingError
 from tileseg.graph import plan
 from tileseg.image import as_image, label_dtype
 from tileseg.options import TilingOptions
@@ -240,7 +240,7 @@ def test_wrong_channel_count_for_the_model(torch):
 
 def test_patch_and_overlap_errors():
     x = np.zeros((32, 32), np.float32)
-    with pytest.raises(TilingError, match="overlap must be >= 0"):
+    with pytest.raises(TilingError, match="overlap: must be >= 0"):
         segment(x, identity, patch_size=(16, 16), overlap=-0.5)
     with pytest.raises(TilingError, match="more than"):
         segment(np.zeros((4, 4, 4), np.float32), identity, patch_size=(1024, 1024, 1024))

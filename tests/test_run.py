@@ -18,6 +18,7 @@ import pytest
 import zarr
 
 from tileseg.errors import ConfigError
+from tileseg.image import Image
 from tileseg.runner import Manifest, render_output, run_pipeline
 from tileseg.writers import is_complete
 
@@ -85,14 +86,14 @@ def test_run_writes_labels_report_and_dice(scenes):
     assert [i["status"] for i in saved["items"]] == ["ok", "ok"]
     assert saved["summary"] == {"ok": 2, "skipped": 0, "failed": 0}
     assert saved["pipeline"]["tiling"]["patch_size"] == list(PATCH)
-    assert saved["pipeline"]["model"]["torchscript"] == str(root / "model.pt")
+    assert saved["pipeline"]["model"]["torchscript"] == {"path": str(root / "model.pt")}
     assert {"tileseg", "dask", "zarr", "numpy", "torch"} <= set(saved["versions"])
     assert saved["items"][0]["timings"]["compute_write"] >= 0
 
 
 def test_probabilities_without_argmax(scenes):
     root, data = scenes
-    pipe = write_pipeline(root / "p.yaml", ["a.zarr"], post="[]", extra="")
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"], engine="probabilities")
     text = pipe.read_text().replace("evaluate: {reference: {array: labels}}\n", "")
     pipe.write_text(text)
     report = run_pipeline(pipe)
@@ -108,7 +109,7 @@ def test_threshold_other_than_half(tmp_path):
     save_conv_model(tmp_path / "one.pt", classes=1)
     image, _ = write_scene(tmp_path / "a.zarr", seed=3)
     pipe = write_pipeline(tmp_path / "p.yaml", ["a.zarr"], model="one.pt",
-                          post="[{threshold: {value: 0.7}}]")
+                          post="[{threshold: {value: 0.7}}]", engine="probabilities")
     report = run_pipeline(pipe)
     assert report.ok, report.items[0].error
     pred = read_output(report.items[0].output)
@@ -205,7 +206,7 @@ def test_foreign_output_is_not_overwritten(scenes):
     from tileseg.writers import get_writer
 
     target = root / "out" / "a_seg.zarr"
-    get_writer("zarr").write(da.full((4, 4), 7, dtype="uint8", chunks=2), str(target), axes=("y", "x"))
+    get_writer("zarr").write(Image(da.full((4, 4), 7, dtype="uint8", chunks=2), axes=("y", "x")), str(target))
     pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
     report = run_pipeline(pipe)
     assert report.items[0].status == "failed" and "already exists" in report.items[0].error
@@ -300,7 +301,7 @@ def test_local_cluster_scheduler(scenes):
 def test_crop_blend_equals_one_whole_image_forward(scenes):
     # receptive-field radius 2 <= overlap_px / 2: each kept pixel saw the same context as in the whole image
     root, data = scenes
-    pipe = write_pipeline(root / "p.yaml", "*.zarr", post="[]")
+    pipe = write_pipeline(root / "p.yaml", "*.zarr", engine="probabilities")
     text = pipe.read_text().replace("overlap: 0.25", "overlap_px: [8, 8], blend: crop")
     pipe.write_text(text.replace("evaluate: {reference: {array: labels}}\n", ""))
     report = run_pipeline(pipe)

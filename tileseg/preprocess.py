@@ -391,7 +391,7 @@ def _parse_step(step: Any, index: int) -> tuple[str, dict]:
         names = available("preprocess")
         if name not in names:
             raise ValueError(f"unknown step {name!r}{suggest(name, names)} (installed: {', '.join(names)})")
-        check_call(get("preprocess", name), "preprocess step", name, params)
+        check_call(get("preprocess", name), "preprocess step", name, params, from_image=False)
     except ValueError as exc:
         raise ConfigError(f"preprocess[{index}]: {exc}") from None
     return name, params

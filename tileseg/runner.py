@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .config import OutputConfig, PipelineConfig, load_pipeline
-from .errors import PIPELINE_KEYS, ConfigError, InputError, reword
+from .errors import PIPELINE_KEYS, ConfigError, InputError, ModelError, reword
 from .execution import SchedulerInfo, compute, scheduler_context
 from .image import Image
 from .manifest import MANIFEST_NAME, Manifest, config_fingerprint, output_hash
@@ -177,6 +177,7 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
     if cfg.model is not None:
         from .graph import plan, segment_image
 
+        _check_classes(cfg, getattr(predictor, "out_channels", None))
         resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
         tiling = cfg.tiling_options()
         inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
@@ -202,6 +203,17 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
         # the validity of the pixels as read (nodata values change meaning once preprocessed)
         raw = apply_method(image.with_data(data, mask=image.valid(), nodata=None), name, params)
     return raw, apply_postprocess(raw, cfg.postprocess), n_patches
+
+
+def _check_classes(cfg: PipelineConfig, k: int | None) -> None:
+    """``model.classes`` must match the model's output channels (two names for one channel), before computing."""
+    names = cfg.model.classes if cfg.model is not None else None
+    if names is None or k is None:
+        return
+    if len(names) != k and not (k == 1 and len(names) == 2):
+        files = ", ".join(cfg.model.files().values()) or cfg.model.kind
+        raise ModelError(f"model.classes lists {len(names)} classes {names!r} but the model {files} outputs "
+                         f"{k} channels")
 
 
 def _lookahead(sched: SchedulerInfo | None) -> int:

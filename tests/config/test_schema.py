@@ -26,8 +26,7 @@ def base(weights) -> dict:
         "version": 1,
         "input": {"path": "data/*.zarr", "array": "image"},
         "tiling": {"patch_size": [64, 64]},
-        "model": {"torchscript": weights, "batch_size": 4},
-        "postprocess": ["argmax"],
+        "model": {"torchscript": {"path": weights}, "batch_size": 4},
         "output": {"path": "out/{stem}_seg.zarr"},
     }
 
@@ -51,7 +50,13 @@ def test_valid_pipeline_gets_defaults_and_absolute_paths(base, tmp_path):
     assert cfg.tiling.blend == "gaussian" and cfg.execution.scheduler == "threads"
     assert cfg.input.path == [str(tmp_path / "data" / "*.zarr")]
     assert cfg.output.path == str(tmp_path / "out" / "{stem}_seg.zarr")
-    assert cfg.model_output() == ("labels", None, [])
+    assert cfg.model.kind == "torchscript" and cfg.model.output == "labels"
+    assert cfg.all_outputs() == [cfg.output] and cfg.output.content == "result"
+    assert cfg.input.nan_policy == "error" and cfg.input.axes is None
+    # the resolved pipeline dumps back in the form it is written in, and loads again
+    dumped = cfg.model_dump(mode="json")
+    assert dumped["model"]["torchscript"] == {"path": cfg.model.params["path"]}
+    assert load_pipeline(dumped).model == cfg.model
 
 
 def test_relative_paths_resolve_against_the_pipeline_file(tmp_path, weights):
@@ -62,18 +67,17 @@ def test_relative_paths_resolve_against_the_pipeline_file(tmp_path, weights):
         version: 1
         input: {path: ../data/a.zarr}
         tiling: {patch_size: [32, 32, 32], overlap_px: [8, 8, 8]}
-        model: {torchscript: m.pt}
+        model: {torchscript: m.pt, output: probabilities}
         output: {path: "s3://bucket/{name}"}
         evaluate: {reference: {path: "../gt/{stem}.zarr", array: labels}}
     """))
     cfg = load_pipeline(sub / "p.yaml")
     assert cfg.input.path == [str(tmp_path / "data" / "a.zarr")]
-    assert cfg.model.torchscript == str(sub / "m.pt")
+    assert cfg.model.params == {"path": str(sub / "m.pt")}  # a bare path is {path: ...}
     assert cfg.output.path == "s3://bucket/{name}"  # URLs untouched
     assert cfg.evaluate.reference.path == str(tmp_path / "gt" / "{stem}.zarr")
     assert cfg.tiling.overlap is None and cfg.tiling.overlap_px == [8, 8, 8]
-    # no argmax: the engine writes probabilities
-    assert cfg.model_output()[0] == "probabilities"
+    assert cfg.model.output == "probabilities"
 
 
 def test_unknown_key_is_named_with_suggestion(base):
@@ -95,22 +99,22 @@ def test_wrong_type_is_named_and_not_coerced(base):
 
 def test_negative_overlap(base):
     msg = errors_of(changed(base, lambda d: d["tiling"].update(overlap=-0.1)))
-    assert "tiling.overlap: must be >= 0 and < 1 (got -0.1)" in msg
+    assert "tiling.overlap: must be >= 0 and < 1, a fraction of the patch (got -0.1)" in msg
 
 
 def test_overlap_one_is_rejected(base):
-    assert "tiling.overlap: must be >= 0 and < 1 (got 1.0)" in errors_of(
+    assert "tiling.overlap: must be >= 0 and < 1, a fraction of the patch (got 1.0)" in errors_of(
         changed(base, lambda d: d["tiling"].update(overlap=1.0)))
 
 
 def test_overlap_and_overlap_px_together(base):
     msg = errors_of(changed(base, lambda d: d["tiling"].update(overlap=0.25, overlap_px=[8, 8])))
-    assert "tiling: overlap and overlap_px are mutually exclusive" in msg
+    assert "tiling.overlap_px: overlap and overlap_px are mutually exclusive" in msg
 
 
 def test_overlap_px_must_be_smaller_than_patch(base):
     msg = errors_of(changed(base, lambda d: d["tiling"].update(overlap_px=[8, 64])))
-    assert "tiling: overlap_px entries must be >= 0 and < the patch size" in msg
+    assert "tiling.overlap_px: entries must be >= 0 and < the patch size" in msg
 
 
 @pytest.mark.parametrize("patch, reason", [
@@ -131,14 +135,14 @@ def test_every_problem_is_listed(base):
         d["model"]["precision"] = "fp8"
         d["output"]["extra"] = 1
     msg = errors_of(changed(base, bad))
-    assert "4 problems" in msg
+    assert "4 problems" in msg, msg
     for path in ("tiling.overlap:", "model.batch_size:", "model.precision:", "output.extra: unknown key"):
         assert path in msg
 
 
 def test_unknown_postprocess_name_suggests(base):
-    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmx"])))
-    assert "postprocess[0]: unknown postprocess step 'argmx'; did you mean 'argmax'?" in msg
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["fill_hole"])))
+    assert "postprocess[0]: unknown postprocess step 'fill_hole'; did you mean 'fill_holes'?" in msg
 
 
 def test_registered_postprocess_name_is_checked_against_registry(base, monkeypatch):
@@ -148,45 +152,125 @@ def test_registered_postprocess_name_is_checked_against_registry(base, monkeypat
         return data
 
     monkeypatch.setitem(registry._EXTRA["postprocess"], "my_opening", my_open)
-    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=["argmax", {"my_opening": {"radius": 2}}])))
-    assert cfg.model_output() == ("labels", None, [("my_opening", {"radius": 2})])
-    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmax", "my_openin"])))
+    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"my_opening": {"radius": 2}}])))
+    assert cfg.postprocess_steps() == [("my_opening", {"radius": 2})]
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["fill_holes", "my_openin"])))
     assert "postprocess[1]: unknown postprocess step 'my_openin'; did you mean 'my_opening'?" in msg
-    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmax", {"my_opening": {"radios": 2}}])))
-    assert "postprocess[1]: unknown parameter 'radios' for postprocess step 'my_opening'; did you mean 'radius'?" in msg
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"my_opening": {"radios": 2}}])))
+    assert "postprocess[0]: unknown parameter 'radios' for postprocess step 'my_opening'; did you mean 'radius'?" in msg
+    # image fields come from the image, never from parameters
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"my_opening": {"spacing": [1, 1]}}])))
+    assert "postprocess[0]: unknown parameter 'spacing'" in msg
 
 
-def test_argmax_must_come_first_and_needs_a_model(base, monkeypatch):
-    from tileseg import registry
+def test_model_output_is_explicit_and_classify_steps_need_probabilities(base):
+    msg = errors_of(changed(base, lambda d: d.update(postprocess=["argmax"])))
+    assert "postprocess[0]: 'argmax' turns probabilities into classes, but model.output is 'labels'" in msg
+    assert "set model.output: probabilities" in msg
 
-    monkeypatch.setitem(registry._EXTRA["postprocess"], "noop", lambda data, *, spacing=None: data)
-    registry.available("postprocess")  # the classical steps are registered (argmax among them)
-    # the engine's own argmax: first step only, model only
-    monkeypatch.delitem(registry._EXTRA["postprocess"], "argmax", raising=False)
-    monkeypatch.delitem(registry._BUILTINS["postprocess"], "argmax", raising=False)
-    msg = errors_of(changed(base, lambda d: d.update(postprocess=["noop", "argmax"])))
-    assert "postprocess[1]: 'argmax' must be the first postprocess step" in msg
-    def method(d):
-        d.pop("model")
-        d["method"] = "otsu"
-    msg = errors_of(changed(base, method))
-    assert "postprocess[0]: 'argmax' applies to model outputs only" in msg
+    def probs(d):
+        d["model"]["output"] = "probabilities"
+        d["postprocess"] = [{"argmax": {"min_prob": 0.6}}, {"remove_small_objects": {"min_size_px": 5}}]
+    cfg = load_pipeline(changed(base, probs))
+    assert cfg.model.output == "probabilities"
+    assert cfg.postprocess_steps() == [("argmax", {"min_prob": 0.6}), ("remove_small_objects", {"min_size_px": 5})]
 
-
-def test_registered_argmax_runs_as_a_step(base):
-    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"argmax": {"min_prob": 0.6}}])))
-    assert cfg.model_output() == ("probabilities", None, [("argmax", {"min_prob": 0.6})])
-    msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"argmax": {"min_prb": 0.6}}])))
+    def typo(d):
+        probs(d)
+        d["postprocess"] = [{"argmax": {"min_prb": 0.6}}]
+    msg = errors_of(changed(base, typo))
     assert "postprocess[0]: unknown parameter 'min_prb' for postprocess step 'argmax'; did you mean 'min_prob'?" in msg
+    msg = errors_of(changed(base, lambda d: d["model"].update(output="label")))
+    assert "model.output: wrong type or value" in msg
 
 
-def test_threshold_semantics(base):
-    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"threshold": {"value": 0.7}}])))
-    assert cfg.model_output() == ("probabilities", 0.7, [])
-    cfg = load_pipeline(changed(base, lambda d: d.update(postprocess=[{"threshold": {}}])))
-    assert cfg.model_output() == ("labels", None, [])
-    msg = errors_of(changed(base, lambda d: d.update(postprocess=[{"threshold": {"value": 2}}])))
-    assert "postprocess[0]: threshold value must be a number > 0 and < 1 (got 2)" in msg
+def test_model_is_one_registered_kind_with_its_parameters(base, weights):
+    msg = errors_of(changed(base, lambda d: d.update(model={"batch_size": 4})))
+    assert "model: give exactly one model kind (state_dict, torchscript)" in msg
+    msg = errors_of(changed(base, lambda d: d.update(model={"torchscrpt": {"path": weights}})))
+    assert "model: unknown model kind 'torchscrpt'; did you mean 'torchscript'?" in msg
+    msg = errors_of(changed(base, lambda d: d.update(model={"torchscript": {"pth": weights}})))
+    assert "model.torchscript: unknown parameter 'pth' for model kind 'torchscript'; did you mean 'path'?" in msg
+    msg = errors_of(changed(base, lambda d: d.update(model={"state_dict": {"path": weights}})))
+    assert "model.state_dict: model kind 'state_dict' needs parameter(s) architecture" in msg
+    cfg = load_pipeline(changed(base, lambda d: d.update(
+        model={"state_dict": {"path": weights, "architecture": {"unet": {"in_channels": 1}}}})))
+    assert cfg.model.kind == "state_dict" and cfg.model.files() == {"path": weights}
+    assert cfg.model.spec() == {"state_dict": {"path": weights, "architecture": {"unet": {"in_channels": 1}}}}
+
+
+def test_a_new_model_kind_needs_no_schema_or_loader_change(base, tmp_path, monkeypatch):
+    from tileseg import registry
+    from tileseg.predictors.kinds import ModelKind
+
+    class Onnx(ModelKind):
+        name = "onnx"
+        file_params = ("path", "labels_file")
+
+        def __init__(self, path: str, labels_file: str, providers: list | None = None) -> None:
+            self.path, self.labels_file = path, labels_file
+
+    monkeypatch.setitem(registry._EXTRA["models"], "onnx", Onnx)
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    (tmp_path / "l.txt").write_text("a\nb\n")
+    cfg = load_pipeline(changed(base, lambda d: d.update(model={"onnx": {"path": "m.onnx", "labels_file": "l.txt"}})),
+                        base_dir=tmp_path)
+    assert cfg.model.params == {"path": str(tmp_path / "m.onnx"), "labels_file": str(tmp_path / "l.txt")}
+    (tmp_path / "l.txt").unlink()
+    msg = errors_of_at(changed(base, lambda d: d.update(model={"onnx": {"path": "m.onnx", "labels_file": "l.txt"}})),
+                       tmp_path)
+    assert "model.onnx.labels_file: file not found" in msg
+
+
+def errors_of_at(data: dict, base_dir) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(data, base_dir=base_dir)
+    return str(info.value)
+
+
+def test_outputs_list(base):
+    def two(d):
+        d.pop("output")
+        d["model"]["output"] = "probabilities"
+        d["postprocess"] = ["argmax"]
+        d["outputs"] = [{"path": "out/{stem}_seg.zarr"}, {"path": "out/{stem}_prob.zarr", "content": "raw"}]
+    cfg = load_pipeline(changed(base, two))
+    assert [o.content for o in cfg.all_outputs()] == ["result", "raw"]
+    msg = errors_of(changed(base, lambda d: d.update(outputs=[{"path": "x.zarr"}])))
+    assert "give exactly one of output: (one output) or outputs: (a list)" in msg
+    msg = errors_of(changed(base, lambda d: d["output"].update(content="probs")))
+    assert "output.content: wrong type or value" in msg
+    msg = errors_of(changed(base, lambda d: d["output"].update(options={"compresion": "zstd"})))
+    assert "unknown parameter 'compresion' for writer 'zarr'; did you mean 'compressors'?" in msg
+
+
+def test_input_keys_for_axes_nodata_and_nan_policy(base):
+    cfg = load_pipeline(changed(base, lambda d: d["input"].update(axes="cyx", nodata=0, nan_policy="fill",
+                                                                   fill_value=-1.5)))
+    assert (cfg.input.axes, cfg.input.nodata, cfg.input.nan_policy, cfg.input.fill_value) == ("cyx", 0, "fill", -1.5)
+    opts = cfg.inference_options()
+    assert opts.nan_policy == "fill" and opts.fill_value == -1.5
+    assert "input.axes: axes 'cyy'" in errors_of(changed(base, lambda d: d["input"].update(axes="cyy")))
+    assert "input.nan_policy: wrong type or value" in errors_of(
+        changed(base, lambda d: d["input"].update(nan_policy="ignore")))
+    assert "input.options: 'axes' is an input key of its own" in errors_of(
+        changed(base, lambda d: d["input"].update(options={"axes": "cyx"})))
+
+
+def test_yaml_alias_bomb_is_refused_before_use(tmp_path):
+    lines = ["version: 1", "input:", "  path: a.zarr", "  options:", '    a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):
+        prev = f"*a{i - 1}"
+        lines.append(f"    a{i}: &a{i} [{', '.join([prev] * 10)}]")
+    lines += ["method: otsu", "output: {path: o.zarr}"]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 2000  # a tiny file standing for 10^9 strings
+    msg = str(pytest.raises(ConfigError, load_pipeline, path).value)
+    assert str(path) in msg and "expands to more than 100000 values" in msg
+    big = tmp_path / "big.yaml"
+    big.write_text("version: 1\n" + "# padding\n" * 120_000)
+    assert "over the 1048576-byte limit" in str(pytest.raises(ConfigError, load_pipeline, big).value)
 
 
 def test_unknown_template_placeholder(base):
@@ -218,8 +302,8 @@ def test_version_must_be_one(base):
 
 
 def test_missing_weights_file(base, tmp_path):
-    msg = errors_of(changed(base, lambda d: d["model"].update(torchscript=str(tmp_path / "nope.pt"))))
-    assert "model.torchscript: weights file not found" in msg and "nope.pt" in msg
+    msg = errors_of(changed(base, lambda d: d["model"].update(torchscript={"path": str(tmp_path / "nope.pt")})))
+    assert "model.torchscript.path: file not found" in msg and "nope.pt" in msg
 
 
 def test_scheduler_names(base):

@@ -252,7 +252,7 @@ def test_group_with_single_array_opens_it(tmp_path):
     g.create_array("data", shape=(6, 6), chunks=(3, 3), dtype="i4")[:] = ref
     img = open_image(p)
     np.testing.assert_array_equal(img.data.compute(), ref)
-    assert img.metadata["array_path"] == "data"
+    assert img.reader_info["array_path"] == "data"
 
 
 def test_memory_and_file_urls(tmp_path):

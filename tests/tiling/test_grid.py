@@ -77,9 +77,9 @@ def test_padding_is_symmetric_like_monai():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"overlap": -0.1}, "overlap must be >= 0"),
-        ({"overlap": 1.0}, "overlap must be >= 0"),
-        ({"overlap": None, "overlap_px": 64}, "overlap_px entries must be >= 0 and < the patch size"),
+        ({"overlap": -0.1}, "overlap: must be >= 0"),
+        ({"overlap": 1.0}, "overlap: must be >= 0"),
+        ({"overlap": None, "overlap_px": 64}, "overlap_px: entries must be >= 0 and < the patch size"),
         ({"overlap": 0.5, "overlap_px": 4}, "mutually exclusive"),
         ({"chunks": 0}, "chunk size must be >= 1"),
     ],
@@ -90,7 +90,7 @@ def test_bad_parameters_are_named(kwargs, message):
 
 
 def test_impossible_patch_sizes():
-    with pytest.raises(TilingError, match="patch_size entries must be > 0"):
+    with pytest.raises(TilingError, match="patch_size: every entry must be > 0"):
         make_grid((100, 100), (0, 64))
     with pytest.raises(TilingError, match="more than"):
         make_grid((100, 100, 100), (1024, 1024, 1024))

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 import tileseg
 from tileseg.tiling.grid import make_grid
+from tileseg.tiling.reads import RegionRead, private_reads
 
 
 def segment(*args, **kwargs):
     """The engine's lazy array (``tileseg.segment`` returns it inside an Image)."""
     return tileseg.segment(*args, **kwargs).data
-from tileseg.tiling.reads import RegionRead, private_reads
 
 
 def identity(batch):

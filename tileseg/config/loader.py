@@ -233,8 +233,8 @@ def format_errors(exc: ValidationError) -> list[str]:
         step = re.match(r"step (\d+): ", msg)
         if step:  # list validators name the offending entry this way
             path, msg = f"{path}[{step.group(1)}]", msg[step.end():]
-        key = re.match(r"(model)\.([\w.]+): ", msg)
-        if key and path == key.group(1):  # model kinds name their parameter this way
+        key = re.match(r"(\w+)\.([\w.]+): ", msg)
+        if key and path == key.group(1):  # section validators name the offending key this way
             path, msg = f"{path}.{key.group(2)}", msg[key.end():]
         for part in msg.split("\n"):
             line = f"{path}: {part}" if path else part

@@ -162,14 +162,16 @@ def _check_params(kind: str, name: str, params: dict[str, Any]) -> None:
         fn = registry.get(kind, name)
     except ImportError as exc:
         raise ValueError(f"{what} {name!r} cannot be loaded: {exc}") from exc
-    check_call(fn, what, name, params)
+    check_call(fn, what, name, params, from_image=kind != "preprocess")  # preprocessing sees arrays
 
 
-def check_call(fn: Any, what: str, name: str, params: dict[str, Any], *, takes_data: bool = True) -> None:
+def check_call(fn: Any, what: str, name: str, params: dict[str, Any], *, takes_data: bool = True,
+               from_image: bool | None = None) -> None:
     """Check ``params`` against ``fn(data, **params)`` (see :func:`tileseg.step_call.check_params`)."""
     from ..step_call import check_params
 
-    check_params(fn, what, name, params, skip=1 if takes_data else 0, from_image=takes_data)
+    check_params(fn, what, name, params, skip=1 if takes_data else 0,
+                 from_image=takes_data if from_image is None else from_image)
 
 
 def check_template(template: str, what: str = "path") -> str:
@@ -285,10 +287,14 @@ class TilingConfig(_Section):
             if self.overlap_px is not None:
                 raise ValueError("overlap_px needs patch_size")
             return self
+        from ..errors import TilingError
         from ..tiling.grid import tile_steps
 
         n = len(self.patch_size)
-        tile_steps(self.patch_size, overlap=self.overlap, overlap_px=self.overlap_px)
+        try:
+            tile_steps(self.patch_size, overlap=self.overlap, overlap_px=self.overlap_px)
+        except TilingError as exc:  # "key: reason" -> reported at tiling.key
+            raise ValueError(f"tiling.{exc}") from None
         if self.overlap is None and self.overlap_px is None:
             self.overlap = 0.25
         if self.chunks is not None and len(self.chunks) != n:
@@ -320,6 +326,11 @@ class ModelConfig(_Section):
 
         common = set(cls.model_fields) - {"kind", "params"}
         kinds = [k for k in v if k not in common]
+        installed = _registry_names("models")
+        if len([k for k in kinds if k in installed]) == 1 and len(kinds) > 1:
+            key = next(k for k in kinds if k not in installed)
+            raise ValueError(f"model.{key}: unknown key{_suggest(key, sorted(common))} "
+                             f"(allowed: one model kind, {', '.join(sorted(common))})")
         if len(kinds) != 1:
             installed = _registry_names("models")
             got = ", ".join(map(str, kinds)) or "none"

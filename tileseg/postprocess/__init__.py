@@ -146,7 +146,7 @@ def apply_step(image: Any, name: str, params: dict[str, Any]) -> Any:
     if name == "threshold" and image.has_channels and image.shape[0] == 2 and not params.get("per_class"):
         image = image.with_data(image.data[1:], nodata=image.nodata)  # a two-class map: the foreground
     result = call_step(func, image, params)
-    from ..image import Image
+    from ..image import Image, label_dtype
 
     if isinstance(result, Image):
         return result
@@ -159,4 +159,6 @@ def apply_step(image: Any, name: str, params: dict[str, Any]) -> Any:
             ("background", "foreground") if k <= 2 else tuple(f"class_{j}" for j in range(k)))
         if name == "threshold":
             names = names if len(names) == 2 else ("background", "foreground")
+    if names is not None and result.dtype == bool:
+        result = result.astype(label_dtype(len(names)))  # class maps are stored as unsigned integers
     return image.with_data(result, class_names=names)

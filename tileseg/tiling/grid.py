@@ -249,7 +249,7 @@ def _per_axis(value, n: int, name: str) -> tuple:
         return (value,) * n
     value = tuple(value)
     if len(value) != n:
-        raise TilingError(f"{name} has {len(value)} values but the patch has {n} dimensions")
+        raise TilingError(f"{name}: has {len(value)} values but the patch has {n} dimensions")
     return value
 
 
@@ -304,27 +304,27 @@ def tile_steps(
         ndim = len(tuple(patch_size))
     n = int(ndim)
     if n not in (2, 3):
-        raise TilingError(f"patch_size must have 2 (2D) or 3 (3D) entries, got {patch_size!r}")
+        raise TilingError(f"patch_size: must have 2 (2D) or 3 (3D) entries (got {list(patch_size) if not np.isscalar(patch_size) else patch_size!r})")
     patch = tuple(int(p) for p in _per_axis(patch_size, n, "patch_size"))
     if any(p < 1 for p in patch):
-        raise TilingError(f"patch_size entries must be > 0, got {patch!r}")
+        raise TilingError(f"patch_size: every entry must be > 0 (got {list(patch)!r})")
     if int(np.prod(patch)) > MAX_PATCH_PIXELS:
-        raise TilingError(f"patch_size {patch!r} has more than {MAX_PATCH_PIXELS} pixels")
+        raise TilingError(f"patch_size: {list(patch)!r} has more than {MAX_PATCH_PIXELS} pixels")
     if overlap_px is not None and overlap not in (None, 0, 0.0):
         raise TilingError(
-            f"overlap and overlap_px are mutually exclusive; give one of them "
+            f"overlap_px: overlap and overlap_px are mutually exclusive; give one of them "
             f"(got overlap={overlap!r}, overlap_px={overlap_px!r})")
     if overlap_px is not None:
         ovs = tuple(int(o) for o in _per_axis(overlap_px, n, "overlap_px"))
         for o, p in zip(ovs, patch):
             if not 0 <= o < p:
-                raise TilingError(f"overlap_px entries must be >= 0 and < the patch size "
-                                  f"(got overlap_px={overlap_px!r}, patch_size={patch!r})")
+                raise TilingError(f"overlap_px: entries must be >= 0 and < the patch size "
+                                  f"(got overlap_px={overlap_px!r}, patch_size={list(patch)!r})")
         return patch, tuple(stride_for(p, overlap_px=o) for p, o in zip(patch, ovs))
     ovf = tuple(float(o) for o in _per_axis(overlap if overlap is not None else 0.0, n, "overlap"))
     for o in ovf:
         if not 0.0 <= o < 1.0 or math.isnan(o):
-            raise TilingError(f"overlap must be >= 0 and < 1 (a fraction of the patch), got {o!r}")
+            raise TilingError(f"overlap: must be >= 0 and < 1, a fraction of the patch (got {o!r})")
     return patch, tuple(stride_for(p, overlap=o) for p, o in zip(patch, ovf))
 
 
