@@ -9,7 +9,7 @@ Variants
 --------
 loop      the same patches cut from an in-memory volume, batched, forwarded; no stitching
 monai     ``monai.inferers.sliding_window_inference`` (gaussian), then argmax
-segment   ``tileseg.segment(...).compute()`` to labels (numpy in, numpy out)
+segment   ``tileseg.segment(...).data.compute()`` to labels (numpy in, numpy out)
 run       ``tileseg run`` on a pipeline file: Zarr volume on disk -> Zarr labels on disk
 
 All variants run the same eager module (the built-in 3D U-Net); ``run`` loads it from
@@ -114,7 +114,7 @@ def variant(name: str, shape, workdir: Path) -> dict:
             batch_size=BATCH,
             output="labels",
             out_channels=2,
-        ).compute(scheduler="threads", num_workers=2)
+        ).data.compute(scheduler="threads", num_workers=2)
     elif name == "run":
         pipe = workdir / f"bench_{'x'.join(map(str, shape))}.yaml"
         out = workdir / "out"
@@ -122,8 +122,8 @@ def variant(name: str, shape, workdir: Path) -> dict:
             "version: 1\n"
             f"input: {{path: '{vol_path}', array: image}}\n"
             f"tiling: {{patch_size: {list(PATCH)}, overlap: {OVERLAP}, blend: gaussian}}\n"
-            f"model: {{state_dict: '{model_path}', architecture: {{unet: {json.dumps(NET)}}}, batch_size: {BATCH}}}\n"
-            "postprocess: [argmax]\n"
+            f"model: {{state_dict: {{path: '{model_path}', architecture: {{unet: {json.dumps(NET)}}}}}, "
+            f"output: labels, batch_size: {BATCH}}}\n"
             f"output: {{path: '{out}/{{stem}}_seg.zarr', overwrite: true}}\n"
             "execution: {scheduler: threads, workers: 2}\n"
         )

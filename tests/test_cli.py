@@ -211,3 +211,18 @@ def test_corrupt_model_file_exit_1_naming_it(project):
     res = invoke("run", str(pipe), "--quiet")
     assert res.exit_code == 1 and "bad.pt" in res.output
     assert not (root / "out" / "a_seg.zarr").exists()
+
+
+def test_info_hints_name_cli_options(tmp_path):
+    """Errors printed by the CLI name its options (--array), not the library's keyword arguments."""
+    g = zarr.open_group(str(tmp_path / "two.zarr"), mode="w")
+    g.create_array("image", shape=(1, 8, 8), chunks=(1, 8, 8), dtype="uint8")
+    g.create_array("labels", shape=(8, 8), chunks=(8, 8), dtype="uint8")
+    res = invoke("info", str(tmp_path / "two.zarr"))
+    assert res.exit_code == 1 and "--array ..." in res.output and "array=" not in res.output
+    res = invoke("info", str(tmp_path / "two.zarr"), "--array", "image", "--axes", "cyx", "--json")
+    assert res.exit_code == 0, res.output
+    desc = json.loads(res.output)
+    assert desc["axes"] == ["c", "y", "x"] and desc["shape"] == [1, 8, 8]
+    res = invoke("info", str(tmp_path / "two.zarr"), "--array", "image", "--axes", "yyx")
+    assert res.exit_code == 1 and "axes 'yyx'" in res.output and "at most once" in res.output

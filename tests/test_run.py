@@ -341,3 +341,87 @@ def test_reference_from_a_path_template(scenes):
     pred = read_output(item.output)
     assert item.dice["object"] == pytest.approx(dice_numpy(pred, 1 - labels, 1), abs=1e-12)
     assert item.dice["object"] < 0.5  # scored against the inverted mask, not the input's labels
+
+
+def test_several_outputs_from_one_model_run(scenes, monkeypatch):
+    """outputs: labels after postprocess and the raw probabilities, the model run once, both recorded."""
+    from tileseg.stitching import overlap_add
+
+    root, data = scenes
+    calls = []
+    real = overlap_add.predict_owner
+    monkeypatch.setattr(overlap_add, "predict_owner", lambda *a: calls.append(1) or real(*a))
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"], engine="probabilities", post="[argmax]")
+    text = pipe.read_text().replace(
+        'output: {path: "out/{stem}_seg.zarr"}',
+        'outputs: [{path: "out/{stem}_seg.zarr"}, {path: "out/{stem}_prob.zarr", content: raw}]')
+    pipe.write_text(text)
+    report = run_pipeline(pipe, scheduler="synchronous")
+    assert report.ok, report.items[0].error
+    item = report.items[0]
+    assert item.outputs == [str(root / "out" / "a_seg.zarr"), str(root / "out" / "a_prob.zarr")]
+    image, labels = data["a"]
+    logits = monai_logits(image, PATCH, OVERLAP)
+    prob = read_output(item.outputs[1])
+    np.testing.assert_allclose(prob, softmax(logits), rtol=0, atol=1e-5)
+    pred = read_output(item.outputs[0])
+    assert_labels_match(pred, *argmax_labels(logits))
+    assert item.dice["object"] == pytest.approx(dice_numpy(pred, labels, 1), abs=1e-12)  # scored: the labels
+    from tileseg.tiling.grid import make_grid
+
+    owners = len(list(make_grid(image.shape, PATCH, overlap=OVERLAP, chunks=CHUNKS).owners()))
+    assert len(calls) == owners  # one model task per owner block, not one per output
+    manifest = Manifest(str(root / "out" / "tileseg-run.json"))
+    assert [manifest.get(o)["status"] for o in item.outputs] == ["complete", "complete"]
+    import tileseg
+
+    back = tileseg.open(item.outputs[0])
+    assert back.class_names == ("background", "object") and tileseg.open(item.outputs[1]).axes == ("c", "y", "x")
+    # resumed: both complete, nothing recomputed; one output removed: the item runs again
+    again = run_pipeline(pipe, scheduler="synchronous")
+    assert again.items[0].status == "skipped" and len(calls) == owners
+    shutil.rmtree(item.outputs[1])
+    third = run_pipeline(pipe, scheduler="synchronous")
+    assert third.items[0].status == "ok" and is_complete(item.outputs[1])
+
+
+def test_nan_input_error_names_the_yaml_key_and_fill_works(tmp_path):
+    import tileseg
+
+    raw = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(40, 30)
+    raw[5, 7] = np.nan
+    zarr.create_array(str(tmp_path / "n.zarr"), shape=raw.shape, chunks=(16, 16), dtype="float32")[:] = raw
+    base = ("version: 1\ninput: {path: n.zarr%s}\ntiling: {patch_size: [16, 16]}\n"
+            "model: {torchscript: {path: m.pt}}\noutput: {path: 'out/{stem}.zarr', overwrite: true}\n")
+    pytest.importorskip("torch")
+    save_conv_model(tmp_path / "m.pt")
+    (tmp_path / "p.yaml").write_text(base % "")
+    report = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous")
+    err = report.items[0].error
+    assert "n.zarr" in err and "NaN" in err and "input.nan_policy: fill" in err and "nan_policy=" not in err
+    assert not (tmp_path / "out" / "n.zarr").exists()
+    (tmp_path / "p.yaml").write_text(base % ", nan_policy: fill, fill_value: 0.5")
+    report = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous")
+    assert report.ok, report.items[0].error
+    filled = np.nan_to_num(raw, nan=0.5)
+    got = read_output(str(tmp_path / "out" / "n.zarr"))
+    assert_labels_match(got, *argmax_labels(monai_logits(filled, (16, 16), 0.25)))
+
+
+def test_axes_key_reads_a_leading_channel(tmp_path):
+    """A (1, H, W) array without axis names is z, y, x unless input.axes says cyx."""
+    import tileseg
+
+    pytest.importorskip("torch")
+    save_conv_model(tmp_path / "m.pt")
+    image, _ = write_scene(tmp_path / "s.zarr", shape=(40, 50), seed=4)
+    zarr.create_array(str(tmp_path / "c.zarr"), shape=(1, 40, 50), chunks=(1, 20, 20), dtype="float32")[:] = image[None]
+    text = ("version: 1\ninput: {path: c.zarr%s}\ntiling: {patch_size: [24, 24]}\n"
+            "model: {torchscript: {path: m.pt}}\noutput: {path: 'out/{stem}.zarr', overwrite: true}\n")
+    (tmp_path / "p.yaml").write_text(text % "")
+    err = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous").items[0].error
+    assert "patch_size" in err and "('z', 'y', 'x')" in err
+    (tmp_path / "p.yaml").write_text(text % ", axes: cyx")
+    report = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous")
+    assert report.ok, report.items[0].error
+    assert_labels_match(read_output(str(tmp_path / "out" / "c.zarr")), *argmax_labels(monai_logits(image, (24, 24), 0.25)))

@@ -201,7 +201,7 @@ def _model_in(annotation: Any) -> Any:
 
 def format_errors(exc: ValidationError) -> list[str]:
     """One ``path: reason`` line per pydantic error, deduplicated, in order."""
-    import difflib
+    from ..registry import suggest
 
     lines: list[str] = []
     for err in exc.errors(include_url=False):
@@ -213,9 +213,8 @@ def format_errors(exc: ValidationError) -> list[str]:
             section = _section_at(loc[:-1])
             hint = ""
             if section is not None:
-                near = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
-                hint += f" (allowed: {', '.join(section.model_fields)})"
+                fields = [f for f in section.model_fields if f not in ("kind", "params")]
+                hint = suggest(str(loc[-1]), fields) + f" (allowed: {', '.join(fields)})"
             lines.append(f"{yaml_path(loc)}: unknown key{hint}")
             continue
         if kind == "missing":
