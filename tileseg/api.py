@@ -245,24 +245,11 @@ def run(
     resume: bool = True,
     progress: bool = False,
 ) -> RunReport:
-    """Run a pipeline over all its input items (see :func:`tileseg.runner.run_pipeline`).
+    """Run a pipeline over all its input items; returns the :class:`~tileseg.report.RunReport`.
 
-    Parameters
-    ----------
-    pipeline : str, os.PathLike, dict or PipelineConfig
-        A pipeline file or an already loaded pipeline.
-    scheduler : str, optional
-        Overrides ``execution.scheduler`` (``threads``, ``processes``,
-        ``synchronous``, ``local`` or ``tcp://host:port``).
-    resume : bool
-        Skip items recorded complete with the same configuration hash.
-    progress : bool
-        Show a progress bar per item.
-
-    Returns
-    -------
-    RunReport
-        ``report.ok`` is false when an item failed.
+    The parameters are those of :func:`tileseg.runner.run_pipeline` (``scheduler``
+    overrides ``execution.scheduler``; ``resume=False`` recomputes finished items;
+    ``progress`` shows a progress bar). ``report.ok`` is false when an item failed.
     """
     from .runner import run_pipeline
 

@@ -168,7 +168,7 @@ class Image:
             if isinstance(self.nodata, float) and math.isnan(self.nodata):
                 bad = data != data
             else:
-                bad = data == np.asarray(self.nodata).astype(self.dtype) if self.dtype.kind != "f" else data == self.nodata
+                bad = data == self.nodata  # a value the dtype cannot hold matches nothing
             if self.has_channels:
                 bad = bad.any(axis=0)
             valid = ~bad if valid is None else valid & ~bad
