@@ -95,6 +95,7 @@ def segment(
     preprocess: Sequence[Any] | None = None,
     nan_policy: str = "error",
     fill_value: float = 0.0,
+    skip_nodata: bool = True,
     class_names: Sequence[str] | None = None,
     out_channels: int | None = None,
     resources: dict[str, float] | None = None,
@@ -138,7 +139,11 @@ def segment(
     nan_policy : {"error", "fill"}
         NaN input raises an error naming the pixel box, or is replaced by ``fill_value``.
     fill_value : float
-        Replacement for NaN (``nan_policy="fill"``) and ``pad_mode="constant"`` value.
+        What the model sees at NaN (``nan_policy="fill"``) and invalid pixels, and the
+        ``pad_mode="constant"`` value.
+    skip_nodata : bool
+        Patches whose pixels are all invalid (the image's ``nodata``/``mask``) are never
+        predicted; found with one lazy reduction over the validity mask.
     class_names : sequence of str, optional
         One name per class (two for a one-channel model).
     out_channels : int, optional
@@ -174,7 +179,7 @@ def segment(
     inference = InferenceOptions(batch_size=batch_size, output=output, nan_policy=nan_policy, fill_value=fill_value,
                                  preprocess=tuple(preprocess or ()), out_channels=out_channels,
                                  class_names=None if class_names is None else tuple(class_names),
-                                 resources=resources, lookahead=lookahead)
+                                 resources=resources, lookahead=lookahead, skip_nodata=skip_nodata)
     given_xarray = _is_xarray(image)
     spatial_ndim = None if np.isscalar(patch_size) else len(tuple(patch_size))
     try:

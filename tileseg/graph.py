@@ -68,13 +68,23 @@ def segment_image(image: Image, predictor: Any, tiling: TilingOptions, inference
         ``class_names``) or ``(K, *spatial)`` float32; pixels the input marks
         invalid (``nodata``/``mask``) are the result's ``nodata``.
     """
+    return segment_with_stats(image, predictor, tiling, inference)[0]
+
+
+def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
+                       inference: InferenceOptions) -> tuple[Image, dict[str, int]]:
+    """:func:`segment_image` plus ``{"n_patches", "n_patches_skipped"}`` (patches left out as all-nodata)."""
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
-    data = model_input(img, grid, tiling, inference)
+    valid = img.valid()
+    if valid is not None and inference.skip_nodata:
+        grid = grid.with_active(active_patches(valid, grid))
+    data = model_input(img, grid, tiling, inference, valid)
     n_classes = model_classes(predictor, inference.out_channels, int(data.shape[0]), grid.patch_size,
                               img.source or "image")
     stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image")
-    return result_image(img, crop_padding(stitched, grid), n_classes, inference)
+    stats = {"n_patches": grid.n_patches, "n_patches_skipped": grid.n_windows - grid.n_patches}
+    return result_image(img, crop_padding(stitched, grid), n_classes, inference), stats
 
 
 def check_input(image: Image) -> Image:
@@ -100,17 +110,26 @@ def plan_grid(image: Image, tiling: TilingOptions, batch_size: int | None = None
                      chunks=tiling.chunks, batch_size=batch_size)
 
 
-def model_input(image: Image, grid: PatchGrid, tiling: TilingOptions, inference: InferenceOptions):
-    """``(C, *padded)`` float32 dask array: NaN policy, preprocessing, padding, chunks that suit the grid."""
+def model_input(image: Image, grid: PatchGrid, tiling: TilingOptions, inference: InferenceOptions,
+                valid: Any = None):
+    """``(C, *padded)`` float32 dask array: NaN policy, preprocessing, nodata filling, padding, chunks.
+
+    Invalid pixels (``valid`` false: nodata or masked) are left out of the
+    preprocessing statistics and reach the model as ``fill_value``.
+    """
     import dask.array as da
 
     data = image.data if image.has_channels else image.data[None]
     if data.dtype.kind == "f" and inference.nan_policy == "fill":
         data = da.where(da.isnan(data), inference.fill_value, data)
+    if valid is not None:  # NaN keeps invalid pixels out of the statistics (see tileseg.preprocess)
+        data = da.where(valid[None], data.astype(np.float32), np.float32(np.nan))
     if inference.preprocess:
         from .preprocess import apply_preprocess
 
         data = apply_preprocess(data, list(inference.preprocess))
+    if valid is not None:
+        data = da.where(valid[None], data, np.float32(inference.fill_value))
     if data.dtype != np.float32:
         data = data.astype(np.float32)
     if any(p != (0, 0) for p in grid.pad):
@@ -159,15 +178,16 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
                                            n_classes, inference, source)
     lead = () if output == "labels" else (0,)
+    blocks = list(product(*(range(n) for n in grid.n_blocks)))  # blocks no patch reaches are final too
     final_dsk = {
         (names.final,) + lead + t: (
             oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t),
-            names.window, *keys,
+            names.window, *sources.get(t, ()),
         )
-        for t, keys in sources.items()
+        for t in blocks
     }
     # block t is done when its output is final and its owner's buffer has been cut up (freed)
-    token_dsk = ({(names.done,) + t: (_done, (names.final,) + lead + t, *cut.get(t, ())) for t in sources}
+    token_dsk = ({(names.done,) + t: (_done, (names.final,) + lead + t, *cut.get(t, ())) for t in blocks}
                  if inference.lookahead else {})
     # One layer: with lookahead edges the owner -> piece -> final -> token
     # dependencies would form a cycle between separate layers.
@@ -184,6 +204,59 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
         deps[names.final] = {data.name}
     out_chunks = grid.chunks if output == "labels" else ((n_classes,),) + grid.chunks
     return da.Array(HighLevelGraph(layers, deps), names.final, out_chunks, dtype=dtype)
+
+
+def active_patches(valid: Any, grid: PatchGrid) -> np.ndarray:
+    """Which patches hold at least one valid pixel: one lazy reduction over the validity mask.
+
+    The padded axes are split into cells at every patch start and end; each
+    chunk of ``valid`` reports, per cell it touches, whether it has a valid
+    pixel (a few bytes per chunk), and a patch is active when any of the
+    cells it spans is. Exact, and it reads the mask once.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, one entry per window index tuple (see :meth:`PatchGrid.with_active`).
+    """
+    import dask
+
+    valid = pad(valid, grid.pad, "constant", 0) if any(p != (0, 0) for p in grid.pad) else valid
+    cuts = [np.unique(np.concatenate([a.starts, a.starts + a.patch, [0, a.size]])) for a in grid.axes]
+    offsets = [np.concatenate([[0], np.cumsum(c)]) for c in valid.chunks]
+    parts = [dask.delayed(_cells_any)(block, [int(o[i]) for o, i in zip(offsets, idx)], cuts)
+             for idx, block in zip(product(*(range(len(c)) for c in valid.chunks)), valid.to_delayed().ravel())]
+    cells = np.zeros(tuple(len(c) - 1 for c in cuts), dtype=bool)
+    for first, hit in dask.compute(*parts):
+        sl = tuple(slice(f, f + n) for f, n in zip(first, hit.shape))
+        cells[sl] |= hit
+    # a patch spans cells [start, start + patch): prefix sums give "any" per patch
+    csum = cells.astype(np.int64)
+    for d in range(csum.ndim):
+        csum = np.concatenate([np.zeros_like(csum.take([0], axis=d)), np.cumsum(csum, axis=d)], axis=d)
+    lo = [np.searchsorted(c, a.starts) for c, a in zip(cuts, grid.axes)]
+    hi = [np.searchsorted(c, a.starts + a.patch) for c, a in zip(cuts, grid.axes)]
+    total = np.zeros(tuple(len(a.starts) for a in grid.axes), dtype=np.int64)
+    for corner in product((0, 1), repeat=grid.ndim):  # inclusion-exclusion over the box corners
+        ix = np.ix_(*[(h if c else lw) for c, lw, h in zip(corner, lo, hi)])
+        total += (-1) ** (grid.ndim - sum(corner)) * csum[ix]
+    return total > 0
+
+
+def _cells_any(block: np.ndarray, lo: list[int], cuts: list[np.ndarray]) -> tuple[tuple[int, ...], np.ndarray]:
+    """Per cell touching ``block`` (global offset ``lo``): whether it holds a valid pixel."""
+    starts, firsts = [], []
+    for d, (c, o) in enumerate(zip(cuts, lo)):
+        n = block.shape[d]
+        first = int(np.searchsorted(c, o, side="right") - 1)
+        last = int(np.searchsorted(c, o + n, side="left"))
+        local = np.clip(c[first:last] - o, 0, n)
+        starts.append(local)
+        firsts.append(first)
+    hit = np.asarray(block, dtype=bool)
+    for d, st in enumerate(starts):
+        hit = np.logical_or.reduceat(hit, st, axis=d) if hit.shape[d] else hit
+    return tuple(firsts), hit
 
 
 def crop_padding(result, grid: PatchGrid):

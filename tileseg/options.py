@@ -90,6 +90,9 @@ class InferenceOptions:
     lookahead : int, optional
         Ordering edges: the model task of block ``i`` waits for output block
         ``i - lookahead`` (see :func:`tileseg.graph.segment_image`).
+    skip_nodata : bool
+        Leave out patches whose pixels are all invalid (``nodata`` or outside
+        the image's ``mask``): they never reach the model (default True).
     """
 
     batch_size: int = 8
@@ -101,6 +104,7 @@ class InferenceOptions:
     class_names: tuple[str, ...] | None = None
     resources: dict[str, float] | None = field(default=None)
     lookahead: int | None = None
+    skip_nodata: bool = True
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:

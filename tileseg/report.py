@@ -36,6 +36,8 @@ class ItemResult:
         Spatial shape of the input and output chunk sizes.
     n_patches : int
         Patches predicted (model pipelines).
+    n_patches_skipped : int
+        Patches left out because all their pixels are nodata (never sent to the model).
     timings : dict
         Seconds per stage: ``open``, ``graph``, ``compute_write``, ``finalize``,
         ``evaluate``.
@@ -57,6 +59,7 @@ class ItemResult:
     shape: list[int] | None = None
     chunks: list[int] | None = None
     n_patches: int | None = None
+    n_patches_skipped: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     pixels_per_s: float | None = None
     peak_rss_bytes: int | None = None

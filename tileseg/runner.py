@@ -165,24 +165,24 @@ def load_model(cfg: PipelineConfig):
 
 
 def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
-               sched: SchedulerInfo | None = None) -> tuple[Image, Image, int | None]:
-    """The lazy results of one item: ``(raw, result, n_patches)``.
+               sched: SchedulerInfo | None = None) -> tuple[Image, Image, dict[str, int]]:
+    """The lazy results of one item: ``(raw, result, stats)``.
 
     ``raw`` is the model's (or method's) output, ``result`` the same after
-    the postprocess steps; both carry the input's geometry.
+    the postprocess steps; both carry the input's geometry. ``stats`` holds
+    ``n_patches`` and ``n_patches_skipped`` (all-nodata patches) for models.
     """
     from .postprocess import apply_postprocess
 
-    n_patches = None
+    stats: dict[str, int] = {}
     if cfg.model is not None:
-        from .graph import plan, segment_image
+        from .graph import segment_with_stats
 
         _check_classes(cfg, getattr(predictor, "out_channels", None))
         resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
         tiling = cfg.tiling_options()
         inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
-        raw = segment_image(image, predictor, tiling, inference)
-        n_patches = int(plan(image, tiling, batch_size=cfg.model.batch_size)["n_patches"])
+        raw, stats = segment_with_stats(image, predictor, tiling, inference)
     else:
         from .methods import apply_method
 
@@ -202,7 +202,7 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
             data = data if image.has_channels else data[0]
         # the validity of the pixels as read (nodata values change meaning once preprocessed)
         raw = apply_method(image.with_data(data, mask=image.valid(), nodata=None), name, params)
-    return raw, apply_postprocess(raw, cfg.postprocess), n_patches
+    return raw, apply_postprocess(raw, cfg.postprocess), stats
 
 
 def _check_classes(cfg: PipelineConfig, k: int | None) -> None:
@@ -443,7 +443,9 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                     image = open_item(cfg, item)
                 result.shape = [int(s) for s in image.spatial_shape]
                 with timer.stage("graph"):
-                    raw, final, result.n_patches = build_item(cfg, image, predictor, sched)
+                    raw, final, stats = build_item(cfg, image, predictor, sched)
+                result.n_patches = stats.get("n_patches")
+                result.n_patches_skipped = stats.get("n_patches_skipped")
                 images = [final if o.cfg.content == "result" else raw for o in outputs]
                 result.chunks = [int(max(c)) for c in final.data.chunks[-len(result.shape):]]
                 overwrite = [o.cfg.overwrite or manifest.get(o.path) is not None for o in outputs]

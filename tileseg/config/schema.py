@@ -29,6 +29,7 @@ Schema (version 1)
       blend: gaussian               # gaussian | hann | constant | crop
       chunks: [1024, 1024]          # output chunk per spatial axis (optional)
       pad_mode: reflect             # reflect | constant | edge | symmetric (axes shorter than the patch)
+      skip_nodata: true             # patches whose pixels are all nodata/masked never reach the model
     model:                          # exactly one of model: / method:
       torchscript: {path: models/unet2d.pt}   # one model kind with its parameters, or e.g.
       # state_dict: {path: w.pt, architecture: {unet: {in_channels: 1, out_channels: 2}}}
@@ -271,6 +272,7 @@ class TilingConfig(_Section):
     blend: Literal["gaussian", "hann", "constant", "crop"] = "gaussian"
     chunks: list[int] | None = None
     pad_mode: Literal["reflect", "constant", "edge", "symmetric"] = "reflect"
+    skip_nodata: bool = True
 
     @field_validator("chunks")
     @classmethod
@@ -603,6 +605,8 @@ class PipelineConfig(_Section):
 
         m = self.model
         assert m is not None
+        skip = self.tiling.skip_nodata if self.tiling is not None else True
         return InferenceOptions(batch_size=m.batch_size, output=m.output, nan_policy=self.input.nan_policy,
+                                skip_nodata=skip,
                                 fill_value=float(self.input.fill_value), preprocess=tuple(self.preprocess),
                                 class_names=None if m.classes is None else tuple(m.classes), **runtime)

@@ -181,14 +181,23 @@ def finalize_block(
     shape = tuple(b - a for a, b in block)
     if len(pieces) == 1 and pieces[0][0] == block:
         # never modify an input in place: Dask may hand it to a rerun of this task
-        logits = pieces[0][1] if window is None else pieces[0][1] / weight_sum(block, starts, window)
+        logits = pieces[0][1] if window is None else _normalised(pieces[0][1], weight_sum(block, starts, window))
     else:
         logits = np.zeros((n_classes,) + shape, dtype=np.float32)
         for box, arr in pieces:
             logits[(slice(None),) + _rel(box, block)] += arr
         if window is not None:
-            logits /= weight_sum(block, starts, window)
+            logits = _normalised(logits, weight_sum(block, starts, window), out=logits)
     return reduce_logits(logits, output, dtype)
+
+
+def _normalised(acc: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``acc / weight``; pixels no predicted patch covers (weight 0, skipped nodata) stay 0."""
+    if weight.size and weight.min() > 0:
+        return np.divide(acc, weight, out=out)
+    if out is None:
+        out = np.zeros_like(acc)
+    return np.divide(acc, weight, out=out, where=np.broadcast_to(weight > 0, acc.shape))
 
 
 def reduce_logits(logits: np.ndarray, output: str, dtype: str) -> np.ndarray:

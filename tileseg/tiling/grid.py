@@ -163,11 +163,32 @@ class PatchGrid:
         Per-axis geometry on the padded image.
     pad : tuple of (int, int)
         Padding added before/after per axis (only on axes shorter than the patch).
+    active : numpy.ndarray or None
+        Boolean array with one entry per window index tuple (shape: windows
+        per axis): the patches that are predicted. ``None``: all of them.
+        Inactive patches (e.g. entirely nodata, see :func:`with_active`) are
+        owned by no block, read by no task and count in no weight sum.
     """
 
     shape: tuple[int, ...]
     axes: tuple[AxisGrid, ...]
     pad: tuple[tuple[int, int], ...]
+    active: np.ndarray | None = None
+
+    def with_active(self, active: np.ndarray) -> PatchGrid:
+        """The same grid predicting only the patches where ``active`` is true.
+
+        >>> g = make_grid((200, 200), (64, 64), overlap=0.5, chunks=100)
+        >>> keep = np.zeros((6, 6), bool); keep[0, 0] = keep[5, 5] = True
+        >>> h = g.with_active(keep)
+        >>> g.n_patches, h.n_patches, sorted(h.owners()), h.patches_of((1, 1)).tolist(), h.region((1, 1))
+        (36, 2, [(0, 0), (1, 1)], [[136, 136]], ((136, 200), (136, 200)))
+        """
+        active = np.asarray(active, dtype=bool)
+        expected = tuple(len(a.starts) for a in self.axes)
+        if active.shape != expected:
+            raise TilingError(f"active patches: shape {active.shape!r} != windows per axis {expected!r}")
+        return PatchGrid(shape=self.shape, axes=self.axes, pad=self.pad, active=active)
 
     @property
     def ndim(self) -> int:
@@ -196,42 +217,64 @@ class PatchGrid:
 
     @property
     def n_patches(self) -> int:
-        """Total number of patches."""
+        """Number of patches predicted (all of the grid's, or the active ones)."""
+        if self.active is not None:
+            return int(self.active.sum())
+        return int(np.prod([len(a.starts) for a in self.axes]))
+
+    @property
+    def n_windows(self) -> int:
+        """Number of patches of the whole grid, predicted or not."""
         return int(np.prod([len(a.starts) for a in self.axes]))
 
     def owners(self):
-        """Yield the block indices that own at least one patch."""
+        """Yield the block indices that own at least one (active) patch."""
         per_axis = [[b for b in range(a.n_blocks) if a.region(b) is not None] for a in self.axes]
-        yield from product(*per_axis)
+        for block in product(*per_axis):
+            if self.active is None or len(self.patch_indices_of(block)):
+                yield block
+
+    def _indices(self, ranges: list[np.ndarray]) -> np.ndarray:
+        """Window index tuples ``(n, ndim)`` of the mesh of ``ranges``, active ones only, raster order."""
+        mesh = np.meshgrid(*ranges, indexing="ij")
+        idx = np.stack([m.ravel() for m in mesh], axis=1).astype(np.int64)
+        if self.active is not None and len(idx):
+            idx = idx[self.active[tuple(idx.T)]]
+        return idx
+
+    def _starts(self, idx: np.ndarray) -> np.ndarray:
+        return np.stack([a.starts[idx[:, d]] for d, a in enumerate(self.axes)], axis=1) if len(idx) else \
+            np.zeros((0, self.ndim), dtype=np.int64)
 
     def patches_of(self, block: Sequence[int]) -> np.ndarray:
         """Start corners ``(n, ndim)`` of the patches owned by ``block``, in raster order."""
-        ranges = [a.starts[slice(*a.owned[b])] for a, b in zip(self.axes, block)]
-        mesh = np.meshgrid(*ranges, indexing="ij")
-        return np.stack([m.ravel() for m in mesh], axis=1)
+        return self._starts(self.patch_indices_of(block))
 
     def patch_indices_of(self, block: Sequence[int]) -> np.ndarray:
         """Per-axis window indices ``(n, ndim)`` of the patches owned by ``block``."""
-        ranges = [np.arange(*a.owned[b]) for a, b in zip(self.axes, block)]
-        mesh = np.meshgrid(*ranges, indexing="ij")
-        return np.stack([m.ravel() for m in mesh], axis=1)
+        return self._indices([np.arange(*a.owned[b]) for a, b in zip(self.axes, block)])
 
     def patches_overlapping(self, block: Sequence[int]) -> np.ndarray:
-        """Start corners ``(n, ndim)`` of every patch that covers part of ``block``."""
+        """Start corners ``(n, ndim)`` of every (active) patch that covers part of ``block``."""
         ranges = []
         for a, b in zip(self.axes, block):
             lo, hi = a.bounds[b], a.bounds[b + 1]
-            ranges.append(a.starts[(a.starts < hi) & (a.starts + a.patch > lo)])
-        mesh = np.meshgrid(*ranges, indexing="ij")
-        return np.stack([m.ravel() for m in mesh], axis=1)
+            ranges.append(np.flatnonzero((a.starts < hi) & (a.starts + a.patch > lo)))
+        return self._starts(self._indices(ranges))
 
     def region(self, block: Sequence[int]) -> tuple[tuple[int, int], ...]:
-        """Pixel box covered by the patches owned by ``block``."""
-        return tuple(a.region(b) for a, b in zip(self.axes, block))  # type: ignore[misc]
+        """Pixel box covered by the (active) patches owned by ``block``."""
+        if self.active is None:
+            return tuple(a.region(b) for a, b in zip(self.axes, block))  # type: ignore[misc]
+        starts = self.patches_of(block)
+        return tuple((int(starts[:, d].min()), int(starts[:, d].max()) + a.patch) for d, a in enumerate(self.axes))
 
     def targets(self, block: Sequence[int]):
         """Blocks that the patches owned by ``block`` write into."""
-        return product(*(a.targets(b) for a, b in zip(self.axes, block)))
+        if self.active is None:
+            return product(*(a.targets(b) for a, b in zip(self.axes, block)))
+        box = self.region(block)
+        return product(*(range(a.block_of(lo), a.block_of(hi - 1) + 1) for a, (lo, hi) in zip(self.axes, box)))
 
     def sources(self, block: Sequence[int]):
         """Owner blocks whose patches write into ``block``."""
@@ -295,7 +338,7 @@ def tile_steps(
 
     >>> tile_steps((64, 64), overlap=0.25)
     ((64, 64), (48, 48))
-    >>> tile_steps(32, overlap_px=8, ndim=3)
+    >>> tile_steps(32, overlap=None, overlap_px=8, ndim=3)
     ((32, 32, 32), (24, 24, 24))
     """
     if ndim is None:

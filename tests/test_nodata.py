@@ -1,0 +1,134 @@
+"""Nodata never reaches the model: all-invalid patches are skipped, results unchanged elsewhere."""
+
+from __future__ import annotations
+
+import threading
+
+import dask.array as da
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+import tileseg
+from tileseg.image import Image
+from tileseg.tiling.grid import make_grid
+
+
+class Counting:
+    """A 3x3-mean model that records the patches it sees."""
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.batches.append(batch.copy())
+        mean = ndi.uniform_filter(batch[:, 0], size=(1, 3, 3), mode="nearest")
+        return np.stack([-mean, mean], axis=1).astype(np.float32)
+
+    @property
+    def n(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+
+def _scene(seed: int = 0):
+    """A scene with a rotated valid footprint (nodata outside) and a masked strip."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:150, :170]
+    footprint = (np.abs((yy - 75) * 0.8 + (xx - 85) * 0.6) < 45) & (np.abs(-(yy - 75) * 0.6 + (xx - 85) * 0.8) < 60)
+    raw = (rng.random((150, 170)) * 100 + 50).astype(np.float32)
+    raw[~footprint] = -9999.0
+    mask = np.ones_like(footprint)
+    mask[:, 150:] = False
+    return raw, footprint & mask, mask
+
+
+def _image(raw, mask):
+    return Image(da.from_array(raw, chunks=(40, 50)), axes=("y", "x"), nodata=-9999.0,
+                 mask=da.from_array(mask, chunks=(40, 50)))
+
+
+def test_all_nodata_patches_never_reach_the_model_and_results_are_unchanged():
+    raw, valid, mask = _scene()
+    img = _image(raw, mask)
+    skipping, full = Counting(), Counting()
+    kw = dict(patch_size=(32, 32), overlap=0.5, chunks=48, batch_size=4, output="probabilities",
+              preprocess=["zscore"], fill_value=0.0, out_channels=2)
+    a = tileseg.segment(img, skipping, **kw).data.compute()
+    b = tileseg.segment(img, full, skip_nodata=False, **kw).data.compute()
+    grid = make_grid(raw.shape, (32, 32), overlap=0.5, chunks=48)
+    expected = sum(valid[y:y + 32, x:x + 32].any() for y in grid.axes[0].starts for x in grid.axes[1].starts)
+    assert skipping.n == expected < full.n == grid.n_patches
+    # every patch the model saw holds valid pixels; the invalid ones arrive as fill_value (0 after zscore)
+    seen = np.concatenate(skipping.batches)[:, 0]
+    assert all((p != 0).any() for p in seen)
+    # valid pixels: identical to predicting everything (the same patches cover them); invalid: NaN nodata
+    np.testing.assert_array_equal(a[:, valid], b[:, valid])
+    assert np.isnan(a[:, ~valid]).all() and np.isnan(b[:, ~valid]).all()
+    # zscore statistics come from the valid pixels only
+    z = (raw - raw[valid].mean()) / raw[valid].std()
+    z[~valid] = 0.0
+    ref = tileseg.segment(Image(da.from_array(z, chunks=(40, 50)), axes=("y", "x")), Counting(),
+                          patch_size=(32, 32), overlap=0.5, chunks=48, output="probabilities").data.compute()
+    np.testing.assert_allclose(a[:, valid], ref[:, valid], atol=2e-5)
+
+
+def test_labels_and_blocks_without_any_patch():
+    raw, valid, mask = _scene(1)
+    raw[:, :60] = -9999.0  # whole output blocks of nodata
+    valid[:, :60] = False
+    model = Counting()
+    out = tileseg.segment(_image(raw, mask), model, patch_size=(24, 24), chunks=30)
+    got = out.data.compute()
+    assert out.nodata == 255 and (got[~valid] == 255).all() and set(np.unique(got[valid])) <= {0, 1}
+    mean = ndi.uniform_filter(np.where(valid, raw, 0), 3, mode="nearest")
+    interior = ndi.binary_erosion(valid, iterations=2)  # away from the footprint's edge
+    np.testing.assert_array_equal(got[interior], (mean[interior] > 0).astype(np.uint8))
+
+
+@pytest.mark.parametrize("shape, patch, slab", [
+    ((40, 37, 29), (16, 16, 16), np.s_[:20]),
+    ((12, 90, 80), (16, 32, 32), np.s_[:, :, :45]),  # z is padded (12 < 16)
+])
+def test_3d_and_padded_axes(shape, patch, slab):
+    rng = np.random.default_rng(2)
+    raw = rng.random(shape).astype(np.float32) + 1
+    raw[slab] = 0  # nodata
+    img = Image(da.from_array(raw, chunks=16), axes=("z", "y", "x"), nodata=0.0)
+    model = Counting()
+
+    def model3d(batch):
+        model.batches.append(batch.copy())
+        return np.concatenate([-batch, batch], axis=1)
+
+    out = tileseg.segment(img, model3d, patch_size=patch, overlap=0.25, output="logits",
+                          out_channels=2).data.compute()
+    full = tileseg.segment(img, lambda b: np.concatenate([-b, b], axis=1), patch_size=patch, overlap=0.25,
+                           output="logits", skip_nodata=False).data.compute()
+    valid = raw != 0
+    np.testing.assert_allclose(out[:, valid], full[:, valid], rtol=1e-6)
+    assert 0 < model.n < make_grid(shape, patch, overlap=0.25).n_patches
+
+
+def test_run_report_counts_skipped_patches(tmp_path):
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    raw, valid, mask = _scene(3)
+    tileseg.write(Image(da.from_array(raw, chunks=(40, 50)), axes=("y", "x"), nodata=-9999.0), tmp_path / "s.zarr")
+    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(conv), str(tmp_path / "m.pt"))
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: s.zarr}\ntiling: {patch_size: [32, 32], overlap: 0.5, chunks: [48, 48]}\n"
+        "model: {torchscript: {path: m.pt}}\noutput: {path: 'out/{stem}.zarr'}\n")
+    item = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous").items[0]
+    assert item.status == "ok", item.error
+    nodata_valid = raw != -9999.0
+    grid = make_grid(raw.shape, (32, 32), overlap=0.5, chunks=48)
+    active = sum(nodata_valid[y:y + 32, x:x + 32].any() for y in grid.axes[0].starts for x in grid.axes[1].starts)
+    assert (item.n_patches, item.n_patches_skipped) == (active, grid.n_patches - active)
+    back = tileseg.open(tmp_path / "out" / "s.zarr")
+    assert back.nodata == 255 and (back.data.compute()[~nodata_valid] == 255).all()
