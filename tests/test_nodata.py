@@ -121,9 +121,12 @@ def test_run_report_counts_skipped_patches(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.save(torch.jit.script(conv), str(tmp_path / "m.pt"))
+    truth = np.where(raw == -9999.0, 255, (raw > 100).astype(np.uint8)).astype(np.uint8)
+    tileseg.write(Image(da.from_array(truth, chunks=64), axes=("y", "x"), nodata=255), tmp_path / "ref.zarr")
     (tmp_path / "p.yaml").write_text(
         "version: 1\ninput: {path: s.zarr}\ntiling: {patch_size: [32, 32], overlap: 0.5, chunks: [48, 48]}\n"
-        "model: {torchscript: {path: m.pt}}\noutput: {path: 'out/{stem}.zarr'}\n")
+        "model: {torchscript: {path: m.pt}, classes: [a, b]}\noutput: {path: 'out/{stem}.zarr'}\n"
+        "evaluate: {reference: {path: ref.zarr}}\n")
     item = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous").items[0]
     assert item.status == "ok", item.error
     nodata_valid = raw != -9999.0
@@ -131,4 +134,8 @@ def test_run_report_counts_skipped_patches(tmp_path):
     active = sum(nodata_valid[y:y + 32, x:x + 32].any() for y in grid.axes[0].starts for x in grid.axes[1].starts)
     assert (item.n_patches, item.n_patches_skipped) == (active, grid.n_patches - active)
     back = tileseg.open(tmp_path / "out" / "s.zarr")
-    assert back.nodata == 255 and (back.data.compute()[~nodata_valid] == 255).all()
+    pred = back.data.compute()
+    assert back.nodata == 255 and (pred[~nodata_valid] == 255).all()
+    # Dice only over the pixels both the reference and the output call valid
+    p, r = pred[nodata_valid] == 1, truth[nodata_valid] == 1
+    assert item.dice["b"] == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()))

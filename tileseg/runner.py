@@ -308,6 +308,13 @@ def evaluate_item(cfg: PipelineConfig, item: str, index: int, out: str,
                          f"but the output has {tuple(pdata.shape)!r}")
     from .metrics import metrics
 
+    # nodata in the reference, and pixels the output marks nodata, are not scored
+    ignore = None if ref.nodata is None else int(ref.nodata)
+    if pred.nodata is not None and not (isinstance(pred.nodata, float) and np.isnan(pred.nodata)):
+        import dask.array as da
+
+        ignore = -1 if ignore is None else ignore
+        rdata = da.where(pdata == pred.nodata, ignore, rdata.astype(np.int64))
     names = list(pred.class_names) if pred.class_names else None
     if names is None and cfg.model is not None and cfg.model.classes:
         names = list(cfg.model.classes)
@@ -318,7 +325,7 @@ def evaluate_item(cfg: PipelineConfig, item: str, index: int, out: str,
     if n > MAX_EVAL_CLASSES:
         raise InputError(f"evaluate: labels go up to {n - 1}: too many classes for Dice "
                          f"(at most {MAX_EVAL_CLASSES}); evaluate before instance labelling")
-    scores = metrics(pdata, rdata, n)
+    scores = metrics(pdata, rdata, n, ignore_index=ignore)
     return {(names[int(c)] if names and int(c) < len(names) else str(c)): v["dice"]
             for c, v in scores["classes"].items()}
 
