@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ModelError, TilingError
-from .image import Image, label_dtype
+from .image import Image, label_dtype, nodata_outside
 from .options import InferenceOptions, TilingOptions
 from .stitching import buffers
 from .stitching import overlap_add as oa
@@ -270,12 +270,9 @@ def crop_padding(result, grid: PatchGrid):
 def result_image(image: Image, result, n_classes: int, inference: InferenceOptions) -> Image:
     """Wrap the stitched result in the input's geometry, with class names and nodata.
 
-    Labels of invalid input pixels (``image.valid()``) become the largest
-    value of the label dtype (widened if a class needs it), probabilities
-    and logits NaN; that value is the result's ``nodata``.
+    Invalid input pixels (``image.valid()``) become the result's nodata (see
+    :func:`tileseg.image.nodata_outside`).
     """
-    import dask.array as da
-
     names = inference.class_names
     n_names = max(n_classes, 2) if inference.output == "labels" or n_classes == 1 else n_classes
     if names is not None and len(names) != n_names:
@@ -283,19 +280,9 @@ def result_image(image: Image, result, n_classes: int, inference: InferenceOptio
                          f"{n_classes} channel(s) ({n_names} classes)")
     if names is None and inference.output == "labels":
         names = ("background", "foreground") if n_names == 2 else tuple(f"class_{i}" for i in range(n_names))
-    valid = image.valid()
-    nodata: Any = None
-    if valid is not None:
-        valid = valid.rechunk(result.chunks[-image.spatial_ndim:])
-        if inference.output == "labels":
-            dtype = label_dtype(n_names + 1)
-            nodata = int(np.iinfo(dtype).max)
-            result = da.where(valid, result.astype(dtype), dtype.type(nodata))
-        else:
-            nodata = float("nan")
-            result = da.where(valid[None], result, np.float32(nodata))
     axes = image.spatial_axes if inference.output == "labels" else ("c",) + image.spatial_axes
-    return image.with_data(result, axes=axes, class_names=names, nodata=nodata)
+    out = image.with_data(result, axes=axes, class_names=names, nodata=None)
+    return nodata_outside(out, image.valid(), n_labels=n_names if inference.output == "labels" else None)
 
 
 def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_size: int = 8,

@@ -259,6 +259,29 @@ def geometry_from_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def nodata_outside(result: Image, valid: Any, n_labels: int | None = None) -> Image:
+    """``result`` with the pixels where ``valid`` is false set to its nodata (nothing if ``valid`` is None).
+
+    Labels (``n_labels`` classes) get the largest value of their dtype, widened
+    when a class needs that value (e.g. 256 classes -> uint16, nodata 65535);
+    float results get NaN. The value becomes ``result.nodata``.
+    """
+    if valid is None:
+        return result
+    import dask.array as da
+
+    data = result.data
+    valid = valid.rechunk(data.chunks[-result.spatial_ndim:])
+    if n_labels is not None:
+        dtype = label_dtype(n_labels + 1)
+        nodata: Any = int(np.iinfo(dtype).max)
+        data = da.where(valid, data.astype(dtype), dtype.type(nodata))
+    else:
+        nodata = float("nan")
+        data = da.where(valid[None] if result.has_channels else valid, data, data.dtype.type(nodata))
+    return result.with_data(data, nodata=nodata)
+
+
 def label_dtype(n_classes: int) -> np.dtype:
     """Smallest unsigned integer dtype of a class map with ``n_classes`` classes (at least uint8).
 

@@ -144,14 +144,18 @@ class _Timer:
             self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
 
 
-def open_item(cfg: PipelineConfig, item: str) -> Image:
-    """The input image of one item, with ``input.nodata`` applied when given."""
+def open_item(cfg: PipelineConfig, item: str, index: int = 0) -> Image:
+    """The input image of one item, with ``input.nodata`` and ``input.aoi`` applied when given."""
     from .readers import open_image
 
     i = cfg.input
     image = open_image(item, reader=i.reader, array=i.array, level=i.level, axes=i.axes, **dict(i.options))
     if i.nodata is not None:
         image = dataclasses.replace(image, nodata=i.nodata)
+    if i.aoi is not None:
+        from .aoi import apply_aoi
+
+        image = apply_aoi(image, render_output(i.aoi, item, index))
     return image
 
 
@@ -447,7 +451,7 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
         with PeakRSS() as mem:
             try:
                 with timer.stage("open"):
-                    image = open_item(cfg, item)
+                    image = open_item(cfg, item, index)
                 result.shape = [int(s) for s in image.spatial_shape]
                 with timer.stage("graph"):
                     raw, final, stats = build_item(cfg, image, predictor, sched)
@@ -513,7 +517,7 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
             row["error"] = _error_text(err, item)
             continue
         try:
-            image = open_item(cfg, item)
+            image = open_item(cfg, item, index)
             if cfg.model is not None:
                 from .graph import plan
 

@@ -258,7 +258,9 @@ def resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
     """A copy of ``cfg`` with input, model file, output and reference paths made absolute."""
     base = Path(base_dir).expanduser().resolve()
     updates: dict[str, Any] = {
-        "input": cfg.input.model_copy(update={"path": [_resolve(p, base) for p in cfg.input.path]}),
+        "input": cfg.input.model_copy(update={
+            "path": [_resolve(p, base) for p in cfg.input.path],
+            "aoi": None if cfg.input.aoi is None else _resolve(cfg.input.aoi, base)}),
     }
     if cfg.output is not None:
         updates["output"] = cfg.output.model_copy(update={"path": _resolve(cfg.output.path, base)})

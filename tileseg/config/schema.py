@@ -18,6 +18,8 @@ Schema (version 1)
       level: 0                      # multiscale level, 0 = full resolution
       axes: null                    # axis names of the stored array, e.g. cyx (overrides the file)
       nodata: null                  # pixel value meaning "no data" (overrides the file)
+      aoi: null                     # area of interest: a mask raster or a vector file (.gpkg, .geojson);
+                                    # outside it pixels are nodata (template fields allowed)
       nan_policy: error             # error | fill: NaN pixels raise, or become fill_value
       fill_value: 0.0               # for nan_policy: fill (and pad_mode: constant)
       options: {}                   # extra reader-specific keyword arguments
@@ -217,6 +219,7 @@ class InputConfig(_Section):
     level: int = Field(default=0, ge=0)
     axes: str | None = None
     nodata: int | float | None = None
+    aoi: str | None = None
     nan_policy: Literal["error", "fill"] = "error"
     fill_value: int | float = 0.0
     options: dict[str, Any] = Field(default_factory=dict)
@@ -229,6 +232,11 @@ class InputConfig(_Section):
 
             parse_axes(v)
         return v
+
+    @field_validator("aoi")
+    @classmethod
+    def _aoi(cls, v: str | None) -> str | None:
+        return None if v is None else check_template(v, "aoi")
 
     @field_validator("options")
     @classmethod

@@ -82,9 +82,11 @@ def apply_method(image: Image, name: str, params: dict[str, Any]) -> Image:
     -------
     Image
         Same geometry; a class map (``class_names``) for the methods in
-        :data:`CLASS_MAPS` (``background``/``foreground`` for two classes).
+        :data:`CLASS_MAPS` (``background``/``foreground`` for two classes),
+        nodata where the image is invalid (its ``nodata``, ``mask`` or AOI).
     """
     from ..image import Image as _Image
+    from ..image import nodata_outside
     from ..step_call import call_step
 
     result = call_step(registry.get("methods", name), image, params)
@@ -95,4 +97,7 @@ def apply_method(image: Image, name: str, params: dict[str, Any]) -> Image:
     names = None
     if k is not None and result.dtype.kind in "biu":
         names = ("background", "foreground") if k == 2 else tuple(f"class_{i}" for i in range(k))
-    return image.with_data(result, class_names=names)
+    out = image.with_data(result, class_names=names, nodata=None)
+    if names is None or out.has_channels:
+        return out
+    return nodata_outside(out, image.valid(), n_labels=len(names))  # outside the image's mask/AOI: nodata
