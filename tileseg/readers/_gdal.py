@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -124,7 +125,10 @@ def _handle(path: str, overview: int | None, env: dict[str, Any], fresh: bool = 
         ds = None
     if ds is None:
         kwargs = {} if overview is None else {"overview_level": overview}
-        with rasterio.Env(**env):
+        from rasterio.errors import NotGeoreferencedWarning
+
+        with rasterio.Env(**env), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path, **kwargs)
         handles[key] = ds
     return ds
@@ -145,7 +149,8 @@ def with_retries(what: str, attempts: int, delay: float, fn: Any) -> Any:
             return fn(attempt)
         except (RasterioError, OSError) as exc:
             if attempt + 1 >= max(attempts, 1):
-                raise InputError(f"{what}: {exc}") from exc
+                detail = f"{exc} ({exc.__cause__})" if exc.__cause__ is not None else str(exc)
+                raise InputError(f"{what}: {detail}") from exc
             time.sleep(delay * (attempt + 1))
     raise AssertionError("unreachable")  # pragma: no cover
 

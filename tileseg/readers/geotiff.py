@@ -338,8 +338,8 @@ class GeoTiffReader(Reader):
 
         cy, cx = block_chunks(block, shape[1:], chunks)
         token = tokenize(source, meta["stat"], idx, sel, scale_offset, (cy, cx))
-        common = dict(overview=overview, bands=sel, env=genv, cache_bytes=cache_bytes, retries=retries,
-                      token=token)
+        common = dict(overview=overview, bands=sel, env=genv, cache_bytes=cache_bytes, token=token,
+                      retries=retries if is_remote(source) else 1)  # a local read error is not transient
         nodata = meta["nodata"]
         if scale_offset:
             src = WindowSource(gpath, source, shape=shape, dtype=out_dtype, kind="scaled", scales=meta["scales"],
