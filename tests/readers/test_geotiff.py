@@ -233,10 +233,10 @@ def test_size_budget_checked_on_metadata(tif):
 def test_end_to_end_run_keeps_crs_and_transform(tmp_path):
     from skimage.filters import threshold_otsu
 
-    data = scene((1, 200, 230), seed=3)
-    write_tif(tmp_path / "in.tif", data)
+    data = scene((2, 200, 230), seed=3)[::-1]
+    write_tif(tmp_path / "in.tif", data, descriptions=("nir", "red"))
     (tmp_path / "p.yaml").write_text(
-        "version: 1\ninput: {path: '*.tif', reader: auto}\nmethod: otsu\n"
+        "version: 1\ninput: {path: '*.tif', reader: auto, options: {bands: [red]}}\nmethod: otsu\n"
         "output: {path: 'out/{stem}.zarr', overwrite: true}\n")
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -247,4 +247,17 @@ def test_end_to_end_run_keeps_crs_and_transform(tmp_path):
     assert report.ok, report.items[0].error
     out = tileseg.open(str(tmp_path / "out" / "in.zarr"))
     assert out.crs == "EPSG:32621" and out.transform == tuple(TRANSFORM)[:6]
-    np.testing.assert_array_equal(np.squeeze(out.data.compute()), data[0] > threshold_otsu(data[0]))
+    np.testing.assert_array_equal(np.squeeze(out.data.compute()), data[1] > threshold_otsu(data[1]))
+
+
+def test_lazy_image_pickles_and_handles_stay_bounded(tmp_path):
+    import pickle
+
+    from tileseg.readers import _gdal
+
+    paths = [write_tif(tmp_path / f"f{i}.tif", scene((1, 40, 50), seed=i)) for i in range(20)]
+    for i, path in enumerate(paths):
+        img = pickle.loads(pickle.dumps(tileseg.open(path)))  # what a distributed worker receives
+        np.testing.assert_array_equal(img.data.compute(scheduler="sync"), scene((1, 40, 50), seed=i))
+    assert len(_gdal._HANDLES.handles) == _gdal.MAX_HANDLES_PER_THREAD
+    _gdal.close_handles()

@@ -113,24 +113,29 @@ WINDOW_CACHE = _LRU()
 _HANDLES = threading.local()
 
 
-def _handle(path: str, overview: int | None, env: dict[str, Any], fresh: bool = False) -> Any:
-    """This thread's open dataset for ``(path, overview)``, opened on first use."""
-    import rasterio
+#: Open datasets kept per thread (least recently used closed first: bounds file descriptors).
+MAX_HANDLES_PER_THREAD = 16
 
-    handles = _HANDLES.__dict__.setdefault("handles", {})
-    key = (path, overview)
-    ds = handles.get(key)
+
+def _handle(path: str, overview: int | None, env: dict[str, Any], token: str = "", fresh: bool = False) -> Any:
+    """This thread's open dataset for ``(path, overview, env, token)``, opened on first use."""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    handles: OrderedDict[Any, Any] = _HANDLES.__dict__.setdefault("handles", OrderedDict())
+    key = (path, overview, token, tuple(sorted((k, str(v)) for k, v in env.items())))
+    ds = handles.pop(key, None)
     if ds is not None and (fresh or ds.closed):
         ds.close()
         ds = None
     if ds is None:
         kwargs = {} if overview is None else {"overview_level": overview}
-        from rasterio.errors import NotGeoreferencedWarning
-
         with rasterio.Env(**env), warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path, **kwargs)
-        handles[key] = ds
+    handles[key] = ds
+    while len(handles) > MAX_HANDLES_PER_THREAD:
+        handles.popitem(last=False)[1].close()
     return ds
 
 
@@ -226,7 +231,7 @@ class WindowSource:
             where += f" of overview {self.overview}"
 
         def attempt(n: int) -> np.ndarray:
-            ds = _handle(self.path, self.overview, self.env, fresh=n > 0)
+            ds = _handle(self.path, self.overview, self.env, self.token, fresh=n > 0)
             with rasterio.Env(**self.env):
                 if self.kind == "mask":
                     return (ds.read_masks(list(self.bands), window=window) != 0).any(axis=0)
