@@ -261,3 +261,21 @@ def test_lazy_image_pickles_and_handles_stay_bounded(tmp_path):
         np.testing.assert_array_equal(img.data.compute(scheduler="sync"), scene((1, 40, 50), seed=i))
     assert len(_gdal._HANDLES.handles) == _gdal.MAX_HANDLES_PER_THREAD
     _gdal.close_handles()
+
+
+def test_url_mapping_and_env_override(tif):
+    from tileseg.readers._gdal import DEFAULT_ENV, gdal_path
+
+    assert gdal_path("https://h/a.tif") == "/vsicurl/https://h/a.tif"
+    assert gdal_path("s3://b/k/a.tif") == "/vsis3/b/k/a.tif" and gdal_path("gs://b/a.tif") == "/vsigs/b/a.tif"
+    assert gdal_path("file:///d/a.tif") == "/d/a.tif" and gdal_path("/d/a.tif") == "/d/a.tif"
+    with pytest.raises(InputError, match="unsupported URL scheme 'ftp'"):
+        gdal_path("ftp://h/a.tif")
+    assert DEFAULT_ENV["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR" and DEFAULT_ENV["VSI_CACHE"] == "TRUE"
+    path, data = tif
+    img = tileseg.open(path, options={"env": {"GDAL_HTTP_MAX_RETRY": "7"}})
+    assert img.reader_info["env"]["GDAL_HTTP_MAX_RETRY"] == "7"
+    assert img.reader_info["env"]["GDAL_HTTP_MERGE_CONSECUTIVE_RANGES"] == "YES"
+    np.testing.assert_array_equal(img.data.compute(), data)
+    with pytest.raises(tileseg.errors.ConfigError, match="unknown geotiff reader option"):
+        tileseg.open(path, options={"bandz": [1]})
