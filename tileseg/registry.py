@@ -29,6 +29,7 @@ KINDS = ("readers", "writers", "models", "architectures", "preprocess", "methods
 _BUILTINS: dict[str, dict[str, str]] = {
     "readers": {
         "zarr": "tileseg.readers.zarr:ZarrReader",
+        "geotiff": "tileseg.readers.geotiff:GeoTiffReader",
     },
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",

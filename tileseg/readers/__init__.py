@@ -177,10 +177,15 @@ def open_image(
         return reader.open(path, **kwargs)
     if isinstance(reader, type) and issubclass(reader, Reader):
         return reader().open(path, **kwargs)
+    named = get_reader(str(reader)) if reader != "auto" else None
+    if local_path(path) is None:  # a URL: some readers (GDAL) check it themselves, without fsspec
+        cls = named or detect_reader(path, storage_options)
+        if cls is not None and cls.opens_urls_itself:
+            return cls().open(path, **kwargs)
     if not _exists(path, storage_options):
         raise ImageNotFoundError(f"{path!r} does not exist")
-    if reader != "auto":
-        return get_reader(str(reader))().open(path, **kwargs)
+    if named is not None:
+        return named().open(path, **kwargs)
     cls = detect_reader(path, storage_options)
     if cls is None:
         hint = ""
@@ -242,9 +247,12 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
                 f"{item!r} matches {len(matches)} path(s) but none is an image tileseg can read: {shown}"
             )
         return images
+    found = detect_reader(item, storage_options)
+    if local is None and found is not None and found.opens_urls_itself:
+        return [item]  # the reader reports a missing URL when it opens it
     if not _exists(item, storage_options):
         raise ImageNotFoundError(f"{item!r} does not exist")
-    if detect_reader(item, storage_options) is not None:
+    if found is not None:
         return [item]
     if local is not None:
         if os.path.isdir(local):

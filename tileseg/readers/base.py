@@ -48,6 +48,9 @@ class Reader:
     """
 
     name: ClassVar[str] = ""
+    #: True when :meth:`open` reports a missing URL itself (e.g. GDAL reads it), so
+    #: :func:`~tileseg.readers.open_image` skips its fsspec existence check for URLs.
+    opens_urls_itself: ClassVar[bool] = False
 
     @classmethod
     def can_open(cls, path: str, storage_options: dict[str, Any] | None = None) -> bool:
