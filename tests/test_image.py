@@ -70,10 +70,11 @@ def test_with_data_derives_shape_and_drops_reader_facts():
 
 
 def test_valid_combines_mask_and_nodata():
-    raw = np.array([[[1, 0, 3], [0, 5, 6]], [[1, 2, 0], [4, 5, 6]]], dtype=np.uint16)
+    raw = np.array([[[1, 0, 3], [0, 5, 6]], [[1, 0, 0], [4, 5, 6]]], dtype=np.uint16)
     mask = np.array([[True, True, True], [True, True, False]])
     img = Image(da.from_array(raw), axes=("c", "y", "x"), nodata=0, mask=da.from_array(mask))
-    expected = mask & ~(raw == 0).any(axis=0)
+    expected = mask & ~(raw == 0).all(axis=0)  # GDAL's rule: nodata only where every band is
+    assert not expected[0, 1] and expected[1, 0] and expected[0, 2]
     np.testing.assert_array_equal(img.valid().compute(), expected)
     nan = np.array([[1.0, np.nan], [2.0, 3.0]], dtype=np.float32)
     img2 = Image(da.from_array(nan), axes=("y", "x"), nodata=float("nan"))

@@ -159,8 +159,9 @@ class Image:
     def valid(self) -> Any:
         """Lazy boolean array of the spatial shape: ``True`` where pixels are valid, or ``None``.
 
-        Combines :attr:`mask` with :attr:`nodata` (a pixel is invalid when any
-        channel equals nodata; NaN nodata matches NaN).
+        Combines :attr:`mask` with :attr:`nodata`: a pixel is invalid when all
+        its channels equal nodata (GDAL's rule for a dataset's mask; NaN nodata
+        matches NaN).
         """
         valid = self.mask
         if self.nodata is not None:
@@ -170,7 +171,7 @@ class Image:
             else:
                 bad = data == self.nodata  # a value the dtype cannot hold matches nothing
             if self.has_channels:
-                bad = bad.any(axis=0)
+                bad = bad.all(axis=0)
             valid = ~bad if valid is None else valid & ~bad
         return valid
 

@@ -27,8 +27,8 @@ The image
   selected band has a real mask (internal/external ``.msk`` mask or alpha
   band); then a pixel is valid where **any** selected band's GDAL mask is
   valid (GDAL's ``dataset_mask`` rule). Nodata-only files get ``mask=None``
-  and :meth:`tileseg.image.Image.valid` drops pixels where any band equals
-  nodata.
+  and :meth:`tileseg.image.Image.valid` applies the same rule to the values:
+  a pixel is nodata where every selected band equals nodata.
 * ``crs`` (``"EPSG:n"`` when the CRS is exactly that code, else WKT),
   ``transform`` (corner-based, as rasterio gives it), ``spacing``/``origin``
   from :func:`tileseg.geometry.grid_from_affine` (centre of first pixel),
