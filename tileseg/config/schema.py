@@ -15,7 +15,7 @@ Schema (version 1)
       path: "data/scenes/*.zarr"    # file, directory, glob, URL, or a list of them
       reader: auto                  # reader name from the registry, or auto
       array: image                  # array inside a group/container (optional)
-      level: 0                      # multiscale level, 0 = full resolution
+      level: 0                      # multiscale level or overview: 0 = full resolution, -1 = coarsest
       axes: null                    # axis names of the stored array, e.g. cyx (overrides the file)
       nodata: null                  # pixel value meaning "no data" (overrides the file)
       aoi: null                     # area of interest: a mask raster or a vector file (.gpkg, .geojson);
@@ -216,7 +216,7 @@ class InputConfig(_Section):
     path: list[str]
     reader: str = "auto"
     array: str | None = None
-    level: int = Field(default=0, ge=0)
+    level: int = 0  # negative counts from the coarsest level, as the readers do
     axes: str | None = None
     nodata: int | float | None = None
     aoi: str | None = None
@@ -474,7 +474,7 @@ class ReferenceConfig(_Section):
     path: str | None = None
     array: str | None = None
     reader: str = "auto"
-    level: int = Field(default=0, ge=0)
+    level: int = 0  # negative counts from the coarsest level, as the readers do
 
     @field_validator("path")
     @classmethod
