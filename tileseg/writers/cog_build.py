@@ -21,6 +21,8 @@ import numpy as np
 from .base import WriteHandle
 
 STORE = "blocks.zarr"
+#: GDAL block cache (MiB) while building the COG
+CACHE_MB = 128
 
 
 def read_block(arr: Any, selection: tuple[slice, ...]) -> np.ndarray:
@@ -85,7 +87,8 @@ def build_cog(handle: WriteHandle, cog: str, tags: dict[str, str]) -> None:
         all_tags["CLASS_NAMES"] = json.dumps(d["class_names"])
     if d["attrs"]:
         all_tags["TILESEG_ATTRS"] = d["attrs"]
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+    # A bounded GDAL block cache keeps memory flat whatever the scene size.
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=CACHE_MB):
         with rasterio.open(stage, "w", **profile) as dst:
             for window, block in iter_blocks(arr, handle.chunks):
                 dst.write(block.astype(plan["gdal"], copy=False), window=window)
