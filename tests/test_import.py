@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-HEAVY = ("torch", "scipy", "skimage", "dask_image", "sklearn", "zarr", "monai", "distributed", "onnxruntime", "rasterio")
+HEAVY = ("torch", "scipy", "skimage", "dask_image", "sklearn", "zarr", "monai", "distributed", "onnxruntime",
+         "rasterio", "rio_cogeo", "pyogrio", "shapely")
 
 
 def test_import_and_registry_listing_load_nothing_heavy():

@@ -220,7 +220,7 @@ def write(
     path : str or os.PathLike
         Output path or fsspec URL.
     writer : str
-        Writer name from the registry (``"zarr"``).
+        Writer name from the registry (``"zarr"``, ``"cog"``, ``"vector"``).
     overwrite : bool
         Replace a finished output already at ``path``.
     storage_options : dict, optional

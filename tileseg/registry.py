@@ -33,6 +33,8 @@ _BUILTINS: dict[str, dict[str, str]] = {
     },
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
+        "cog": "tileseg.writers.cog:COGWriter",
+        "vector": "tileseg.writers.vector:VectorWriter",
     },
     # model kinds: how a model is given (a file format), each with its own parameters
     "models": {

@@ -1,7 +1,9 @@
 """Writers: store a lazy result, chunk by chunk, carrying the input's metadata.
 
-Writers are plugins of kind ``"writers"`` in :mod:`tileseg.registry` (the
-built-in ``zarr`` writer; later GeoTIFF, DICOM-SEG, NIfTI). Each subclasses
+Writers are plugins of kind ``"writers"`` in :mod:`tileseg.registry`: the
+built-in ``zarr`` (OME-Zarr), ``cog`` (Cloud-Optimized GeoTIFF, extra
+``geo``) and ``vector`` (polygons per class as GeoPackage/GeoJSON, extra
+``vector``); later DICOM-SEG, NIfTI. Each subclasses
 :class:`tileseg.writers.base.Writer` and follows its prepare / write task /
 finalize protocol (see :mod:`tileseg.writers.base`).
 

@@ -21,6 +21,9 @@ record completion only for the items that really finished:
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -183,3 +186,52 @@ def check_axes(axes: tuple[str, ...], ndim: int, path: str) -> tuple[str, ...]:
             "(expected optional 'c' first, then ('y', 'x') or ('z', 'y', 'x'))"
         )
     return axes
+
+
+def partial_sibling(path: str) -> tuple[str, str]:
+    """``(final, target)`` of a local output: its absolute path and a hidden partial sibling.
+
+    The sibling ``<dir>/.<name>.partial-<uuid>`` is on the same filesystem as
+    the final path, so renaming it into place is atomic. The parent folder is
+    created.
+
+    Raises
+    ------
+    OutputError
+        The parent folder cannot be created.
+    """
+    from ..errors import OutputError
+
+    final = os.path.abspath(path.rstrip("/") or path)
+    parent, base = os.path.split(final)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path!r}: cannot create the output folder {parent!r}: {exc}") from exc
+    return final, os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+
+
+def move_into_place(src: str, dst: str) -> None:
+    """Rename ``src`` onto ``dst``, replacing an existing ``dst`` (file or folder).
+
+    A file replaces a file atomically (:func:`os.replace`); otherwise the old
+    ``dst`` is moved aside first and removed after the rename.
+    """
+    if os.path.isfile(src) and (not os.path.lexists(dst) or os.path.isfile(dst)):
+        os.replace(src, dst)
+        return
+    parent, base = os.path.split(dst)
+    if os.path.lexists(dst):
+        old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(dst, old)
+        try:
+            os.rename(src, dst)
+        except OSError:
+            os.rename(old, dst)
+            raise
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.remove(old)
+    else:
+        os.rename(src, dst)

@@ -83,7 +83,7 @@ from ..errors import ConfigError, FormatError, OutputError
 from ..image import Image
 from ..report import now_iso
 from ..store import RESERVED_ATTRS, RawStore, local_path, node_metadata, open_store
-from .base import WriteHandle, Writer, check_axes
+from .base import WriteHandle, Writer, check_axes, move_into_place, partial_sibling
 
 log = logging.getLogger(__name__)
 
@@ -381,13 +381,7 @@ class ZarrWriter(Writer):
             raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
         local = local_path(path)
         if local is not None:
-            local = os.path.abspath(local.rstrip("/") or local)
-            parent, base = os.path.split(local)
-            try:
-                os.makedirs(parent, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"{path!r}: cannot create the output folder {parent!r}: {exc}") from exc
-            target = os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+            local, target = partial_sibling(local)
         else:
             target = path
 
@@ -511,7 +505,7 @@ class ZarrWriter(Writer):
                     )
         group.attrs["tileseg"] = status
         if handle.details.get("local"):
-            _move_into_place(handle.target, final)
+            move_into_place(handle.target, final)
         log.info("finished %s", handle.path)
 
     def abort(self, handle: WriteHandle) -> None:
@@ -524,25 +518,6 @@ class ZarrWriter(Writer):
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """See :func:`is_complete`."""
         return is_complete(path, storage_options)
-
-
-def _move_into_place(src: str, dst: str) -> None:
-    """Rename ``src`` onto ``dst``, replacing an existing ``dst`` (a Zarr store)."""
-    parent, base = os.path.split(dst)
-    if os.path.lexists(dst):
-        old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:12]}")
-        os.rename(dst, old)
-        try:
-            os.rename(src, dst)
-        except OSError:
-            os.rename(old, dst)
-            raise
-        if os.path.isdir(old) and not os.path.islink(old):
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.remove(old)
-    else:
-        os.rename(src, dst)
 
 
 def read_status(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
