@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 10000, 20000])
     ap.add_argument("--usual-max", type=int, default=10000, help="largest scene for the whole-scene baseline")
     ap.add_argument("--remote", type=int, nargs="*", default=[5000], help="scene sizes also read over HTTP")
+    ap.add_argument("--variants", nargs="+", default=["tileseg", "usual", "remote"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -160,8 +161,8 @@ def main() -> None:
         t0 = time.perf_counter()
         scene(size, workdir)
         print(f"scene {size}^2 x 4 written in {time.perf_counter() - t0:.1f} s", flush=True)
-        variants = ["tileseg"] + (["usual"] if size <= args.usual_max else []) + (
-            ["remote"] if size in args.remote else [])
+        variants = [v for v in ("tileseg", "usual", "remote") if v in args.variants and (
+            v == "tileseg" or (v == "usual" and size <= args.usual_max) or (v == "remote" and size in args.remote))]
         for name in variants:
             rows.append(launch(name, size, workdir))
             print(rows[-1], flush=True)

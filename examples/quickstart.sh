@@ -9,4 +9,4 @@ if [ ! -d data/demo/scene2d.zarr ]; then
   python examples/make_demo_data.py --out data/demo
 fi
 tileseg run pipelines/demo.yaml "$@"
-python examples/preview.py data/demo/scene2d.zarr out/demo/scene2d_seg.zarr out/demo/preview.png
+python examples/preview.py data/demo/scene2d.zarr out/demo/scene2d_seg.zarr out/demo/preview.png --array image

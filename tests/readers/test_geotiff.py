@@ -280,3 +280,25 @@ def test_url_mapping_and_env_override(tif):
     np.testing.assert_array_equal(img.data.compute(), data)
     with pytest.raises(tileseg.errors.ConfigError, match="unknown geotiff reader option"):
         tileseg.open(path, options={"bandz": [1]})
+
+
+def test_band_count_different_from_the_models_channels_names_the_file(tmp_path):
+    """A 4-band scene and a one-channel model: the item fails naming the file, other items go on."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    write_tif(tmp_path / "four.tif", scene((4, 64, 80)))
+    write_tif(tmp_path / "one.tif", scene((1, 64, 80), seed=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Conv2d(1, 2, 3, padding=1)), str(tmp_path / "m.pt"))
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: ['four.tif', 'one.tif']}\ntiling: {patch_size: [32, 32]}\n"
+        "model: {torchscript: {path: m.pt}}\noutput: {path: 'out/{stem}.tif', writer: cog}\n")
+    report = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous")
+    bad, good = report.items
+    assert bad.status == "failed" and "four.tif" in bad.error and "expects 1 input channels" in bad.error
+    assert "has 4" in bad.error and not (tmp_path / "out" / "four.tif").exists()
+    assert good.status == "ok"
+    with rasterio.open(tmp_path / "out" / "one.tif") as ds, rasterio.open(tmp_path / "one.tif") as src:
+        assert ds.crs == src.crs and ds.transform == src.transform and ds.tags()["TILESEG_STATUS"] == "complete"

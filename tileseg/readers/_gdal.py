@@ -37,10 +37,14 @@ DEFAULT_ENV: dict[str, Any] = {
     "GDAL_HTTP_MAX_RETRY": "3",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF,.ovr,.msk",
+    # GDAL's own block cache defaults to 5% of the machine's memory (1.2 GB here) and fills up
+    # with every block of a large scene; tileseg's window cache already keeps what owners share
+    "GDAL_CACHEMAX": 64 * 2**20,
 }
 
-#: Default bound of the per-process cache of decoded windows (bytes).
+#: Default bound of the per-process cache of decoded windows (bytes): remote files, local files.
 DEFAULT_CACHE_BYTES = 256 * 2**20
+LOCAL_CACHE_BYTES = 32 * 2**20
 
 _VSI = {"http": "/vsicurl/", "https": "/vsicurl/", "s3": "/vsis3/", "gs": "/vsigs/", "gcs": "/vsigs/"}
 

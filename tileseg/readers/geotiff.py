@@ -15,8 +15,9 @@ The image
   window of a multiple of the file's internal block size (about 1024 px by
   default, ``chunks=`` to change), read in the task by a
   :class:`~tileseg.readers._gdal.WindowSource` that caches decoded windows per
-  process (``cache_bytes``, 256 MiB by default), so windows several owner
-  tasks need are fetched once per process.
+  process (``cache_bytes``: 256 MiB by default for remote files, where it
+  saves requests, 32 MiB for local ones, which the OS already caches), so
+  windows several owner tasks need are fetched once per process.
 * ``level``: 0 is full resolution, ``k`` the k-th overview (negative counts
   from the coarsest); shape and transform are that level's.
 * ``bands``: 1-based indexes (``[4, 3, 2]``) or band descriptions
@@ -62,7 +63,15 @@ import numpy as np
 from ..errors import ConfigError, FormatError, ImageNotFoundError, InputError, require
 from ..geometry import grid_from_affine
 from ..image import Image
-from ._gdal import DEFAULT_CACHE_BYTES, DEFAULT_ENV, WindowSource, gdal_path, is_remote, with_retries
+from ._gdal import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_ENV,
+    LOCAL_CACHE_BYTES,
+    WindowSource,
+    gdal_path,
+    is_remote,
+    with_retries,
+)
 from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Reader, check_budget
 
 log = logging.getLogger(__name__)
@@ -178,7 +187,7 @@ class GeoTiffReader(Reader):
         scale_offset: bool = False,
         chunks: Any = None,
         env: dict[str, Any] | None = None,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int | None = None,
         retries: int = 3,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
@@ -203,8 +212,9 @@ class GeoTiffReader(Reader):
             Dask chunk ``(rows, cols)``; default a multiple of the block size near 1024.
         env : dict, optional
             GDAL settings, merged over :data:`~tileseg.readers._gdal.DEFAULT_ENV`.
-        cache_bytes : int
-            Per-process cache of decoded windows; 0 disables it.
+        cache_bytes : int, optional
+            Per-process cache of decoded windows; 0 disables it (default: 256 MiB for
+            remote files, 32 MiB for local ones).
         retries : int
             Attempts per open/read on a fresh handle (after GDAL's own HTTP retries).
         max_pixels, max_bytes : int or None
@@ -285,6 +295,8 @@ class GeoTiffReader(Reader):
         out_dtype = np.dtype(np.float32) if scale_offset else dtype
         shape = (len(sel), height, width)
         check_budget(source, shape, out_dtype, max_pixels=max_pixels, max_bytes=max_bytes)
+        if cache_bytes is None:
+            cache_bytes = DEFAULT_CACHE_BYTES if is_remote(source) else LOCAL_CACHE_BYTES
         return self._image(source, gpath, genv, sel, idx, overview, n_levels, shape, dtype, out_dtype, block,
                            transform, meta, scale_offset, chunks, cache_bytes, retries)
 
