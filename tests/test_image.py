@@ -111,3 +111,20 @@ def test_axes_option_reorders_lazily():
 def test_label_dtype():
     assert label_dtype(1) == np.uint8 and label_dtype(256) == np.uint8
     assert label_dtype(257) == np.uint16 and label_dtype(70000) == np.uint32
+
+
+def test_world_affine_matches_the_index_to_physical_rule_and_inverts():
+    """origin + (p * spacing) @ direction in (z, y, x) order equals the 4x4 index -> LPS affine, reversed."""
+    from scipy.spatial.transform import Rotation
+
+    rot = Rotation.from_euler("zyx", [20, -35, 10], degrees=True).as_matrix()
+    spacing, origin = (2.5, 0.7, 0.9), (-120.0, 33.0, 7.5)
+    a = np.asarray(geometry.world_affine(spacing, origin, rot))
+    p = np.array([4.0, 11.0, 3.0])  # (z, y, x) index
+    physical = np.asarray(origin) + (p * np.asarray(spacing)) @ rot
+    lps = a @ np.array([p[2], p[1], p[0], 1.0])
+    np.testing.assert_allclose(lps[:3], physical[::-1])
+    sp, og, dr = geometry.geometry_from_world_affine(a)
+    np.testing.assert_allclose(sp, spacing)
+    np.testing.assert_allclose(og, origin)
+    np.testing.assert_allclose(dr, rot, atol=1e-12)

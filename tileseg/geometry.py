@@ -108,3 +108,51 @@ def grid_from_affine(transform: Any) -> tuple[tuple[float, float], tuple[float, 
     cx = c + a / 2 + b / 2
     cy = f + d / 2 + e / 2
     return (sy, sx), (cy, cx)
+
+
+# --------------------------------------------------------------------------- 3D patient space
+
+#: Patient coordinates are DICOM's LPS (x to the patient's Left, y to Posterior, z to Superior).
+#: An Image lists physical coordinates in its own axis order, ``(z, y, x)``: a point ``(S, P, L)``.
+#: NIfTI's RAS world is ``diag(-1, -1, 1)`` times LPS (the one place that conversion lives).
+RAS_FROM_LPS = ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def world_affine(spacing: Sequence[float], origin: Sequence[float], direction: Any) -> list[list[float]]:
+    """4x4 matrix mapping an index ``(x, y, z, 1)`` (column, row, slice) to LPS ``(x, y, z, 1)``.
+
+    ``spacing``/``origin``/``direction`` are an Image's 3D geometry in ``(z, y, x)`` order
+    (``origin`` the centre of voxel 0, ``direction`` rows the unit vectors of the array axes).
+    This is the affine NIfTI and ITK use, before the RAS flip.
+
+    >>> world_affine((3.0, 0.5, 0.5), (-100.0, 20.0, 10.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1)))[0]
+    [0.5, 0.0, 0.0, 10.0]
+    """
+    d = [list(map(float, row)) for row in direction]
+    out = [[0.0] * 4 for _ in range(4)]
+    out[3][3] = 1.0
+    for col, axis in enumerate((2, 1, 0)):  # index column x, y, z = array axes 2, 1, 0
+        for row in range(3):  # LPS component row = tileseg physical component 2 - row
+            out[row][col] = d[axis][2 - row] * float(spacing[axis])
+    for row in range(3):
+        out[row][3] = float(origin[2 - row])
+    return out
+
+
+def geometry_from_world_affine(affine: Any) -> tuple[tuple[float, ...], tuple[float, ...], tuple[tuple[float, ...], ...]]:
+    """``(spacing, origin, direction)`` in ``(z, y, x)`` order from a 4x4 index->LPS affine (inverse of :func:`world_affine`).
+
+    >>> geometry_from_world_affine(world_affine((3.0, 0.5, 0.5), (-100.0, 20.0, 10.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1))))
+    ((3.0, 0.5, 0.5), (-100.0, 20.0, 10.0), ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
+    """
+    a = [[float(v) for v in row] for row in affine]
+    spacing, direction = [0.0] * 3, [[0.0] * 3 for _ in range(3)]
+    for col, axis in enumerate((2, 1, 0)):
+        vec = [a[row][col] for row in range(3)]  # LPS components of this index axis
+        norm = math.sqrt(sum(v * v for v in vec))
+        if norm == 0:
+            raise ValueError(f"affine {affine!r} has a zero column")
+        spacing[axis] = norm
+        direction[axis] = [vec[2 - k] / norm for k in range(3)]  # back to (z, y, x) component order
+    origin = tuple(a[2 - k][3] for k in range(3))
+    return tuple(spacing), origin, tuple(tuple(r) for r in direction)  # type: ignore[return-value]
