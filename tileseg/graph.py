@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, ModelError, TilingError
-from .image import Image, label_dtype, nodata_outside
+from .image import Image, label_dtype
 from .options import InferenceOptions, TilingOptions
 from .stitching import buffers
 from .stitching import overlap_add as oa
@@ -82,9 +82,19 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     data = model_input(img, grid, tiling, inference, valid)
     n_classes = model_classes(predictor, inference.out_channels, int(data.shape[0]), grid.patch_size,
                               img.source or "image")
-    stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image")
+    names = class_names(inference, n_classes)
+    labels = inference.output == "labels"
+    # invalid input pixels become the result's nodata: the largest label value (a wider dtype when a
+    # class needs it), NaN for scores; the final tasks apply it, reading the validity themselves
+    dtype = label_dtype(len(names) + (valid is not None)) if labels else np.dtype(np.float32)
+    nodata: Any = None if valid is None else (int(np.iinfo(dtype).max) if labels else float("nan"))
+    stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
+                           dtype=dtype, valid=valid, nodata=nodata)
+    axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
+    result = img.with_data(crop_padding(stitched, grid), axes=axes, class_names=names if labels or
+                           inference.class_names else None, nodata=nodata)
     stats = {"n_patches": grid.n_patches, "n_patches_skipped": grid.n_windows - grid.n_patches}
-    return result_image(img, crop_padding(stitched, grid), n_classes, inference), stats
+    return result, stats
 
 
 def check_input(image: Image) -> Image:
@@ -164,8 +174,14 @@ def model_classes(predictor: Any, out_channels: int | None, n_ch: int, patch: tu
 
 
 def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: str, inference: InferenceOptions,
-                source: str):
-    """The owner / piece / final (and lookahead token) tasks as one dask array over the padded grid."""
+                source: str, *, dtype: Any = None, valid: Any = None, nodata: Any = None):
+    """The owner / piece / final (and lookahead token) tasks as one dask array over the padded grid.
+
+    With ``valid`` (the input's lazy validity, unpadded), each final task reads
+    its own block of it (:mod:`tileseg.tiling.reads`) and writes ``nodata``
+    where it is false, so the validity is never shared between tasks nor
+    computed ahead of its block.
+    """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
@@ -174,16 +190,19 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     names = _Names(token)
     output = inference.output
     window = None if blend == "crop" else blend_window(grid.patch_size, blend)
-    dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
+    if dtype is None:
+        dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
+    dtype = np.dtype(dtype)
     owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
                                            n_classes, inference, source)
     lead = () if output == "labels" else (0,)
     blocks = list(product(*(range(n) for n in grid.n_blocks)))  # blocks no patch reaches are final too
+    checks, extra_layers = _validity_reads(valid, grid, blocks)
     final_dsk = {
         (names.final,) + lead + t: (
-            oa.finalize_block, grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t),
-            names.window, *sources.get(t, ()),
-        )
+            (oa.finalize_valid, checks[t], nodata) if checks is not None else (oa.finalize_block,)
+        ) + (grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t), names.window,
+             *sources.get(t, ()))
         for t in blocks
     }
     # block t is done when its output is final and its owner's buffer has been cut up (freed)
@@ -202,6 +221,10 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
         deps = {k: set(v) for k, v in data.dask.dependencies.items()}
         layers[names.final] = layer
         deps[names.final] = {data.name}
+    if extra_layers is not None:  # an in-memory validity mask: shared blocks
+        layers.update(extra_layers.dask.layers)
+        deps.update({k: set(v) for k, v in extra_layers.dask.dependencies.items()})
+        deps[names.final] = deps[names.final] | {extra_layers.name}
     out_chunks = grid.chunks if output == "labels" else ((n_classes,),) + grid.chunks
     return da.Array(HighLevelGraph(layers, deps), names.final, out_chunks, dtype=dtype)
 
@@ -259,6 +282,25 @@ def _cells_any(block: np.ndarray, lo: list[int], cuts: list[np.ndarray]) -> tupl
     return tuple(firsts), hit
 
 
+def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) -> tuple[dict | None, Any]:
+    """Per output block, what its final task uses to read the validity: a RegionRead, or a shared key.
+
+    Returns ``(per-block, None)`` normally; ``(per-block keys, the padded dask array)`` when the
+    validity is an in-memory array that cannot be packed into every task.
+    """
+    if valid is None:
+        return None, None
+    if any(p != (0, 0) for p in grid.pad):
+        valid = pad(valid, grid.pad, "constant", 0)
+    valid = valid.rechunk(grid.chunks)
+    keys = {t: (valid.name,) + t for t in blocks}
+    readers = private_reads(valid.__dask_graph__(), {t: [k] for t, k in keys.items()})
+    if readers is None:
+        valid = valid.map_blocks(buffers.copy, dtype=bool, name=f"tileseg-valid-{uuid.uuid4().hex}")
+        return {t: (valid.name,) + t for t in blocks}, valid
+    return readers, None
+
+
 def crop_padding(result, grid: PatchGrid):
     """Remove the padding added for axes shorter than the patch."""
     if all(p == (0, 0) for p in grid.pad):
@@ -267,22 +309,24 @@ def crop_padding(result, grid: PatchGrid):
     return result[(slice(None),) * (result.ndim - len(crop_sl)) + crop_sl]
 
 
-def result_image(image: Image, result, n_classes: int, inference: InferenceOptions) -> Image:
-    """Wrap the stitched result in the input's geometry, with class names and nodata.
+def class_names(inference: InferenceOptions, n_classes: int) -> tuple[str, ...]:
+    """The classes of the result: ``inference.class_names`` checked against the model, or defaults.
 
-    Invalid input pixels (``image.valid()``) become the result's nodata (see
-    :func:`tileseg.image.nodata_outside`).
+    A one-channel model has two classes (background, foreground).
+
+    Raises
+    ------
+    ModelError
+        Names that do not match the model's output channels.
     """
-    names = inference.class_names
     n_names = max(n_classes, 2) if inference.output == "labels" or n_classes == 1 else n_classes
+    names = inference.class_names
     if names is not None and len(names) != n_names:
         raise ModelError(f"class_names lists {len(names)} classes {list(names)!r} but the model gives "
                          f"{n_classes} channel(s) ({n_names} classes)")
-    if names is None and inference.output == "labels":
+    if names is None:
         names = ("background", "foreground") if n_names == 2 else tuple(f"class_{i}" for i in range(n_names))
-    axes = image.spatial_axes if inference.output == "labels" else ("c",) + image.spatial_axes
-    out = image.with_data(result, axes=axes, class_names=names, nodata=None)
-    return nodata_outside(out, image.valid(), n_labels=n_names if inference.output == "labels" else None)
+    return tuple(names)
 
 
 def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_size: int = 8,

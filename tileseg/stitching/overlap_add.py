@@ -13,6 +13,7 @@ geometry (so the weight never travels between tasks).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -189,6 +190,23 @@ def finalize_block(
         if window is not None:
             logits = _normalised(logits, weight_sum(block, starts, window), out=logits)
     return reduce_logits(logits, output, dtype)
+
+
+def finalize_valid(valid: Any, nodata: Any, block: Box, n_classes: int, output: str, dtype: str,
+                   starts: np.ndarray, window: np.ndarray | None, *pieces: tuple[Box, np.ndarray]) -> np.ndarray:
+    """:func:`finalize_block`, then ``nodata`` wherever the input is invalid.
+
+    ``valid`` is the block's boolean validity, or a callable returning it in a
+    list (a :class:`~tileseg.tiling.reads.RegionRead`: the final task reads it
+    itself, so validity is computed only when its block is finished).
+    """
+    out = finalize_block(block, n_classes, output, dtype, starts, window, *pieces)
+    v = np.asarray(valid()[0] if callable(valid) else valid, dtype=bool)
+    if v.all():
+        return out
+    if out.ndim == v.ndim:
+        return np.where(v, out, out.dtype.type(nodata))
+    return np.where(v[None], out, out.dtype.type(nodata))
 
 
 def _normalised(acc: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
