@@ -30,6 +30,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "readers": {
         "zarr": "tileseg.readers.zarr:ZarrReader",
         "geotiff": "tileseg.readers.geotiff:GeoTiffReader",
+        "nifti": "tileseg.readers.nifti:NiftiReader",
     },
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
