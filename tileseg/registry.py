@@ -36,6 +36,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
         "cog": "tileseg.writers.cog:COGWriter",
         "vector": "tileseg.writers.vector:VectorWriter",
+        "nifti": "tileseg.writers.nifti:NiftiWriter",
     },
     # model kinds: how a model is given (a file format), each with its own parameters
     "models": {

@@ -21,6 +21,8 @@ The image
   chunking would decompress the same bytes many times over; slabs along z are
   contiguous in the file. ``chunks=n`` sets the slab thickness;
   ``chunks=(z, y, x)`` chunks freely, for uncompressed ``.nii`` only.
+* ``class_names``: from the JSON record the nifti writer stores in a header
+  extension (code 6), for integer data.
 * Values are what ``dataobj`` gives: ``scl_slope``/``scl_inter`` applied when
   set (then floating point); the header values are in ``attrs``
   (``scl_slope``, ``scl_inter``, ``scaling_applied``).
@@ -43,6 +45,7 @@ at compute time, naming the file and the slab. All name the file.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 
 #: Target bytes per dask chunk (a slab of whole z-slices).
 TARGET_CHUNK_BYTES = 64 * 2**20
+#: NIFTI_ECODE_COMMENT: the header extension code holding tileseg's JSON record (see the nifti writer).
+ECODE = 6
 _UNITS = {"mm": "millimeter", "meter": "meter", "micron": "micrometer"}
 
 
@@ -85,6 +90,20 @@ def load(path: str) -> Any:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise FormatError(f"{path!r} is a {type(img).__name__}, not a single-file NIfTI image")
     return img
+
+
+def tileseg_record(header: Any) -> dict[str, Any] | None:
+    """tileseg's JSON record from a NIfTI header's extensions, or ``None``."""
+    for ext in getattr(header, "extensions", ()):
+        if ext.get_code() != ECODE:
+            continue
+        try:
+            doc = json.loads(bytes(ext.get_content()).rstrip(b"\x00").decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("tileseg"), dict):
+            return doc["tileseg"]
+    return None
 
 
 class _ProxySource:
@@ -271,9 +290,12 @@ class NiftiReader(Reader):
         reader_info = {"path": local, "stored_shape": list(stored), "stored_dtype": str(hdr.get_data_dtype()),
                        "compressed": gz, "chunks": [cz, cy, cx], "nifti_version": 2 if "2" in type(img).__name__
                        else 1, "ras_affine": affine.tolist()}
+        record = tileseg_record(hdr) or {}
+        names = record.get("class_names")
+        names = tuple(str(n) for n in names) if isinstance(names, list) and dtype.kind in "iu" else None
         try:
             return Image(data=data, axes=(("c",) if n_c else ()) + ("z", "y", "x"), spacing=spacing, origin=origin,
-                         direction=direction, units=(unit,) * 3, attrs=attrs, reader_info=reader_info,
+                         direction=direction, units=(unit,) * 3, class_names=names, attrs=attrs, reader_info=reader_info,
                          source=str(path), format=self.name)
         except ValueError as exc:
             raise FormatError(f"{path!r}: {exc}") from exc
@@ -286,4 +308,4 @@ def _text(v: Any) -> str:
     return str(raw).strip()
 
 
-__all__ = ["NiftiReader", "is_nifti_name", "load"]
+__all__ = ["ECODE", "NiftiReader", "is_nifti_name", "load", "tileseg_record"]
