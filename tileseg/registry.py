@@ -53,6 +53,8 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "percentile": "tileseg.preprocess:percentile",
         "clip": "tileseg.preprocess:clip",
         "scale": "tileseg.preprocess:scale",
+        "ct_window": "tileseg.preprocess_medical:ct_window",
+        "zscore_masked": "tileseg.preprocess_medical:zscore_masked",
     },
     "methods": {},
     "postprocess": {},
