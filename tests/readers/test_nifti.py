@@ -148,3 +148,18 @@ def test_budget_checked_on_header(tmp_path):
     path = save(tmp_path, "big.nii.gz", np.zeros((30, 30, 30), np.uint8))
     with pytest.raises(InputError, match="big.nii.gz"):
         open_image(path, max_pixels=1000)
+
+
+def test_2d_file_gets_a_z_axis_of_one(tmp_path):
+    arr = RNG.integers(0, 50, size=(9, 7)).astype(np.uint16)
+    path = save(tmp_path, "flat.nii.gz", arr, affine=np.diag([0.5, 0.25, 1.0, 1.0]))
+    image = open_image(path)
+    assert image.axes == ("z", "y", "x") and image.shape == (1, 7, 9)
+    np.testing.assert_array_equal(image.data.compute()[0], arr.T)
+    assert image.spacing == (1.0, 0.25, 0.5)
+
+
+def test_several_extra_dimensions_refused(tmp_path):
+    path = save(tmp_path, "5d.nii", np.zeros((3, 3, 3, 2, 2), np.uint8))
+    with pytest.raises(InputError, match="5d.nii"):
+        open_image(path)

@@ -173,3 +173,28 @@ def test_real_nibabel_file_round_trip(tmp_path):
     back, ref = nib.load(str(tmp_path / "copy.nii.gz")), nib.load(path)
     assert back.shape == ref.shape and np.allclose(back.affine, ref.affine, atol=1e-5)
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(ref.dataobj))
+
+
+def test_nodata_recorded_and_wide_image_written_as_nifti2(tmp_path):
+    ref = RNG.integers(0, 3, size=(1, 2, 40000)).astype(np.uint8)
+    ref[0, 0, :5] = 255
+    image = Image(da.from_array(ref, chunks=(1, 2, 10000)), axes=("z", "y", "x"), class_names=NAMES,
+                  nodata=np.uint8(255))
+    out = tmp_path / "wide.nii.gz"
+    get_writer("nifti").write(image, str(out))
+    back = nib.load(str(out))
+    assert isinstance(back, nib.Nifti2Image) and back.shape == (40000, 2, 1)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj).transpose(2, 1, 0), ref)
+    again = open_image(str(out))
+    assert again.nodata == 255 and again.class_names == NAMES and is_complete(str(out), writer="nifti")
+
+
+def test_rerun_skips_finished_nifti_output(tmp_path):
+    vol = RNG.normal(0, 1, (8, 9, 10)).astype(np.float32)
+    nib.save(nib.Nifti1Image(vol, oblique_ras()), str(tmp_path / "v.nii.gz"))
+    pipeline = {"version": 1, "input": {"path": str(tmp_path / "v.nii.gz")}, "method": "otsu",
+                "output": {"path": str(tmp_path / "out" / "{stem}.nii.gz"), "writer": "nifti"}}
+    first = tileseg.run(pipeline, scheduler="synchronous")
+    assert first.ok and first.items[0].status == "ok"
+    second = tileseg.run(pipeline, scheduler="synchronous")
+    assert second.items[0].status == "skipped"

@@ -21,8 +21,8 @@ The image
   chunking would decompress the same bytes many times over; slabs along z are
   contiguous in the file. ``chunks=n`` sets the slab thickness;
   ``chunks=(z, y, x)`` chunks freely, for uncompressed ``.nii`` only.
-* ``class_names``: from the JSON record the nifti writer stores in a header
-  extension (code 6), for integer data.
+* ``class_names`` (integer data) and ``nodata``: from the JSON record the
+  nifti writer stores in a header extension (code 6); otherwise none.
 * Values are what ``dataobj`` gives: ``scl_slope``/``scl_inter`` applied when
   set (then floating point); the header values are in ``attrs``
   (``scl_slope``, ``scl_inter``, ``scaling_applied``).
@@ -293,9 +293,11 @@ class NiftiReader(Reader):
         record = tileseg_record(hdr) or {}
         names = record.get("class_names")
         names = tuple(str(n) for n in names) if isinstance(names, list) and dtype.kind in "iu" else None
+        nodata = record.get("nodata")
+        nodata = nodata if isinstance(nodata, (int, float)) and not isinstance(nodata, bool) else None
         try:
             return Image(data=data, axes=(("c",) if n_c else ()) + ("z", "y", "x"), spacing=spacing, origin=origin,
-                         direction=direction, units=(unit,) * 3, class_names=names, attrs=attrs, reader_info=reader_info,
+                         direction=direction, units=(unit,) * 3, class_names=names, nodata=nodata, attrs=attrs, reader_info=reader_info,
                          source=str(path), format=self.name)
         except ValueError as exc:
             raise FormatError(f"{path!r}: {exc}") from exc

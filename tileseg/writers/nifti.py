@@ -39,10 +39,12 @@ flipped to RAS, stored as **both sform and qform** with code 1
 scanner space) unless the image's ``attrs`` carry the source's
 ``sform_code``/``qform_code`` (from the nifti reader), which are kept.
 Class maps get the smallest unsigned dtype holding their labels (and nodata)
-and ``intent_code`` 1002 (``NIFTI_INTENT_LABEL``); floating-point images
+and ``intent_code`` 1002 (``NIFTI_INTENT_LABEL``); class names and nodata go into the record (the
+nifti reader gives them back); floating-point images
 (probabilities) float32; other integer images keep their dtype (bool ->
 uint8). Units: millimetres unless the image says metres or micrometres.
-3-D images only; local paths only.
+NIfTI-1, or NIfTI-2 when a dimension exceeds 32767 (NIfTI-1 stores int16
+dimensions). 3-D images only; local paths only.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ from .zarr import align
 log = logging.getLogger(__name__)
 
 STORE = "slabs.zarr"
+#: NIfTI-1 stores dimensions as int16; larger images are written as NIfTI-2.
+NIFTI1_MAX_DIM = 32767
 #: Target bytes per slab (store chunk and unit of the final stream).
 TARGET_SLAB_BYTES = 64 * 2**20
 _UNITS = {"millimeter": "mm", "millimetre": "mm", "mm": "mm", "meter": "meter", "metre": "meter", "m": "meter",
@@ -224,7 +228,7 @@ class NiftiWriter(Writer):
             "local": final, "overwrite": bool(overwrite), "affine": affine, "codes": codes,
             "unit": _UNITS.get(str(image.units[0]).lower(), "mm") if image.units[0] else "mm",
             "class_names": list(image.class_names) if image.class_names is not None else None,
-            "is_class_map": image.is_class_map, "nodata": image.nodata, "attrs": _json_attrs(image.attrs),
+            "is_class_map": image.is_class_map, "nodata": _json_nodata(image.nodata), "attrs": _json_attrs(image.attrs),
             "source": image.source, "version": __version__, "compresslevel": compresslevel,
         }
         return WriteHandle(path=path, target=target, writer=self.name, shape=shape, chunks=chunks,
@@ -260,7 +264,8 @@ class NiftiWriter(Writer):
         final = d["local"]
         out = os.path.join(handle.target, os.path.basename(final))
         record = {"status": "complete", "run_id": handle.run_id, "completed_at": now_iso(), "writer": self.name,
-                  "version": d["version"], "info": info, "class_names": d["class_names"], "attrs": d["attrs"],
+                  "version": d["version"], "info": info, "class_names": d["class_names"], "nodata": d["nodata"],
+                  "attrs": d["attrs"],
                   "source": d["source"]}
         try:
             _stream(handle, out, record)
@@ -286,11 +291,12 @@ class NiftiWriter(Writer):
 
 
 def header_for(handle: WriteHandle, record: dict[str, Any]) -> Any:
-    """The NIfTI-1 header of a prepared write, with tileseg's extension ``record``."""
+    """The header of a prepared write (NIfTI-1, NIfTI-2 when a dimension exceeds 32767), with tileseg's ``record``."""
     nib = require("nibabel", "medical")
     d = handle.details
     shape = handle.shape
-    hdr = nib.Nifti1Header()
+    big = max(shape) > NIFTI1_MAX_DIM
+    hdr = nib.Nifti2Header() if big else nib.Nifti1Header()
     hdr.set_data_dtype(np.dtype(handle.dtype))
     xyz = tuple(reversed(shape[-3:]))
     hdr.set_data_shape(xyz + ((shape[0],) if handle.axes[0] == "c" else ()))
@@ -339,6 +345,14 @@ def _stream(handle: WriteHandle, out: str, record: dict[str, Any]) -> None:
                 f.close()
     finally:
         raw.close()
+
+
+def _json_nodata(nodata: Any) -> int | float | None:
+    """nodata as a JSON number (NaN needs no record: NaN voxels say it themselves)."""
+    if nodata is None:
+        return None
+    value = nodata.item() if hasattr(nodata, "item") else nodata
+    return value if isinstance(value, int) or (isinstance(value, float) and np.isfinite(value)) else None
 
 
 def _json_attrs(attrs: dict[str, Any]) -> dict[str, Any] | None:
