@@ -163,3 +163,19 @@ def test_several_extra_dimensions_refused(tmp_path):
     path = save(tmp_path, "5d.nii", np.zeros((3, 3, 3, 2, 2), np.uint8))
     with pytest.raises(InputError, match="5d.nii"):
         open_image(path)
+
+
+def test_open_is_lazy_and_budget_uses_the_header(tmp_path):
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.uint8)
+    hdr.set_data_shape((2000, 2000, 2000))  # 8 GB declared, a few bytes stored
+    path = tmp_path / "huge.nii.gz"
+    with gzip.open(path, "wb") as f:
+        hdr.write_to(f)
+        f.write(b"\x00" * 1000)
+    image = open_image(str(path))  # nothing beyond the first voxel is read
+    assert image.shape == (2000, 2000, 2000) and image.data.chunksize == (16, 2000, 2000)
+    with pytest.raises(InputError, match="huge.nii.gz.*over the budget"):
+        open_image(str(path), max_bytes=2**30)
+    with pytest.raises(InputError, match="huge.nii.gz"):
+        image.data[-1].compute()

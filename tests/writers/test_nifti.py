@@ -198,3 +198,24 @@ def test_rerun_skips_finished_nifti_output(tmp_path):
     assert first.ok and first.items[0].status == "ok"
     second = tileseg.run(pipeline, scheduler="synchronous")
     assert second.items[0].status == "skipped"
+
+
+def test_finalize_streams_one_slab_at_a_time(tmp_path):
+    import tracemalloc
+
+    import dask
+
+    vol = RNG.random((32, 256, 256)).astype(np.float32)  # 8 MiB; slabs of 2 slices = 0.5 MiB
+    image = Image(da.from_array(vol, chunks=(8, 256, 256)), axes=("z", "y", "x"))
+    writer = get_writer("nifti")
+    job = writer.write(image, str(tmp_path / "big.nii.gz"), compute=False, options={"slab": 2, "compresslevel": 1})
+    dask.compute(job.task, scheduler="synchronous")
+    del vol, image
+    tracemalloc.start()
+    try:
+        writer.finalize(job.handle)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * 2**20, peak  # a few slabs, never the 8 MiB volume
+    assert nib.load(str(tmp_path / "big.nii.gz")).shape == (256, 256, 32)
