@@ -179,3 +179,11 @@ def test_open_is_lazy_and_budget_uses_the_header(tmp_path):
         open_image(str(path), max_bytes=2**30)
     with pytest.raises(InputError, match="huge.nii.gz"):
         image.data[-1].compute()
+
+
+def test_sheared_affine_refused_naming_the_file(tmp_path):
+    shear = np.eye(4)
+    shear[0, 1] = 0.5
+    path = save(tmp_path, "shear.nii.gz", np.zeros((4, 4, 4), np.uint8), affine=shear)
+    with pytest.raises(FormatError, match="shear.nii.gz.*sheared"):
+        open_image(path)

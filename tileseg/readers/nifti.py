@@ -140,6 +140,32 @@ def _affine(img: Any) -> tuple[np.ndarray, str]:
     return np.asarray(hdr.get_best_affine(), dtype=float), "voxel sizes"
 
 
+def _geometry(affine: np.ndarray, affine_source: str, source: str) -> tuple[Any, Any, Any]:
+    """``(spacing, origin, direction)`` in ``(z, y, x)`` order from a RAS affine; a sheared one is refused."""
+    try:
+        spacing, origin, direction = geometry_from_world_affine(lps_from_ras_affine(affine))
+        d = np.asarray(direction)
+        if not np.allclose(d @ d.T, np.eye(3), atol=1e-4):
+            raise ValueError(f"sheared affine {affine.tolist()!r} (axes not orthogonal)")
+    except ValueError as exc:
+        raise FormatError(f"{source!r}: unusable affine ({affine_source}): {exc}") from exc
+    return spacing, origin, direction
+
+
+def _attrs(img: Any, affine_source: str) -> dict[str, Any]:
+    """Header facts a writer may carry: scaling, xform codes, description, intent."""
+    hdr = img.header
+    # nibabel moves scl_slope/scl_inter from the header into the proxy at load
+    slope, inter = (_finite(getattr(img.dataobj, k, None)) for k in ("slope", "inter"))
+    return {
+        "scl_slope": slope, "scl_inter": inter,
+        "scaling_applied": slope not in (None, 0.0) and (slope, inter or 0.0) != (1.0, 0.0),
+        "affine_source": affine_source, "sform_code": int(hdr["sform_code"]),
+        "qform_code": int(hdr["qform_code"]), "descrip": _text(hdr["descrip"]),
+        "intent_code": int(hdr["intent_code"]), "intent_name": _text(hdr["intent_name"]),
+    }
+
+
 def _finite(v: Any) -> float | None:
     try:
         f = float(v)
@@ -253,7 +279,8 @@ class NiftiReader(Reader):
         zyx = (stored[2], stored[1], stored[0])
         check_budget(local, (max(n_c, 1),) + zyx, dtype, max_pixels=max_pixels, max_bytes=max_bytes)
         if not gz:
-            need = int(getattr(img.dataobj, "offset", 0)) + math.prod(stored_read) * np.dtype(hdr.get_data_dtype()).itemsize
+            itemsize = np.dtype(hdr.get_data_dtype()).itemsize
+            need = int(getattr(img.dataobj, "offset", 0)) + math.prod(stored_read) * itemsize
             size = os.path.getsize(local)
             if size < need:
                 raise InputError(f"{path!r} is truncated: {size} bytes, its header declares {need}")
@@ -270,26 +297,12 @@ class NiftiReader(Reader):
         data = data[index]
         data = data.transpose((3, 2, 1, 0) if n_c else (2, 1, 0))
         affine, affine_source = _affine(img)
-        try:
-            spacing, origin, direction = geometry_from_world_affine(lps_from_ras_affine(affine))
-            d = np.asarray(direction)
-            if not np.allclose(d @ d.T, np.eye(3), atol=1e-4):
-                raise ValueError(f"sheared affine {affine.tolist()!r} (axes not orthogonal)")
-        except ValueError as exc:
-            raise FormatError(f"{path!r}: unusable affine ({affine_source}): {exc}") from exc
-        # nibabel moves scl_slope/scl_inter from the header into the proxy at load
-        slope, inter = (_finite(getattr(img.dataobj, k, None)) for k in ("slope", "inter"))
+        spacing, origin, direction = _geometry(affine, affine_source, str(path))
+        attrs = _attrs(img, affine_source)
         unit = _UNITS.get(hdr.get_xyzt_units()[0])
-        attrs = {
-            "scl_slope": slope, "scl_inter": inter,
-            "scaling_applied": slope not in (None, 0.0) and (slope, inter or 0.0) != (1.0, 0.0),
-            "affine_source": affine_source, "sform_code": int(hdr["sform_code"]),
-            "qform_code": int(hdr["qform_code"]), "descrip": _text(hdr["descrip"]),
-            "intent_code": int(hdr["intent_code"]), "intent_name": _text(hdr["intent_name"]),
-        }
         reader_info = {"path": local, "stored_shape": list(stored), "stored_dtype": str(hdr.get_data_dtype()),
-                       "compressed": gz, "chunks": [cz, cy, cx], "nifti_version": 2 if "2" in type(img).__name__
-                       else 1, "ras_affine": affine.tolist()}
+                       "compressed": gz, "chunks": [cz, cy, cx], "nifti_version": int(hdr.sizeof_hdr == 540) + 1,
+                       "ras_affine": affine.tolist()}
         record = tileseg_record(hdr) or {}
         names = record.get("class_names")
         names = tuple(str(n) for n in names) if isinstance(names, list) and dtype.kind in "iu" else None
@@ -297,7 +310,8 @@ class NiftiReader(Reader):
         nodata = nodata if isinstance(nodata, (int, float)) and not isinstance(nodata, bool) else None
         try:
             return Image(data=data, axes=(("c",) if n_c else ()) + ("z", "y", "x"), spacing=spacing, origin=origin,
-                         direction=direction, units=(unit,) * 3, class_names=names, nodata=nodata, attrs=attrs, reader_info=reader_info,
+                         direction=direction, units=(unit,) * 3, class_names=names, nodata=nodata, attrs=attrs,
+                         reader_info=reader_info,
                          source=str(path), format=self.name)
         except ValueError as exc:
             raise FormatError(f"{path!r}: {exc}") from exc
