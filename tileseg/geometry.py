@@ -156,3 +156,20 @@ def geometry_from_world_affine(affine: Any) -> tuple[tuple[float, ...], tuple[fl
         direction[axis] = [vec[2 - k] / norm for k in range(3)]  # back to (z, y, x) component order
     origin = tuple(a[2 - k][3] for k in range(3))
     return tuple(spacing), origin, tuple(tuple(r) for r in direction)  # type: ignore[return-value]
+
+
+def ras_from_lps_affine(affine: Any) -> list[list[float]]:
+    """A 4x4 affine to LPS turned into the same affine to RAS (NIfTI), or back (the flip is its own inverse).
+
+    >>> ras_from_lps_affine(world_affine((1, 1, 1), (3.0, 2.0, 1.0), ((1, 0, 0), (0, 1, 0), (0, 0, 1))))[0]
+    [-1.0, 0.0, 0.0, -1.0]
+    """
+    a = [[float(v) for v in row] for row in affine]
+    if len(a) != 4 or any(len(r) != 4 for r in a):
+        raise ValueError(f"expected a 4x4 affine, got {affine!r}")
+    flip = [list(row) + [0.0] for row in RAS_FROM_LPS] + [[0.0, 0.0, 0.0, 1.0]]
+    return [[sum(flip[i][k] * a[k][j] for k in range(4)) for j in range(4)] for i in range(4)]
+
+
+#: The inverse flip is the same matrix.
+lps_from_ras_affine = ras_from_lps_affine

@@ -17,6 +17,8 @@ more through the ``tileseg.preprocess`` entry-point group)::
       - clip: {min: 0.0, max: 1.0}
       - scale: {multiply: 2.0, add: -1.0}
 
+Medical steps (``ct_window``, ``zscore_masked``) are in :mod:`tileseg.preprocess_medical`.
+
 Conventions
 -----------
 - Values equal to ``nodata`` (when given) and non-finite values (NaN, inf) are

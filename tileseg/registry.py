@@ -30,11 +30,13 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "readers": {
         "zarr": "tileseg.readers.zarr:ZarrReader",
         "geotiff": "tileseg.readers.geotiff:GeoTiffReader",
+        "nifti": "tileseg.readers.nifti:NiftiReader",
     },
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
         "cog": "tileseg.writers.cog:COGWriter",
         "vector": "tileseg.writers.vector:VectorWriter",
+        "nifti": "tileseg.writers.nifti:NiftiWriter",
     },
     # model kinds: how a model is given (a file format), each with its own parameters
     "models": {
@@ -51,6 +53,8 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "percentile": "tileseg.preprocess:percentile",
         "clip": "tileseg.preprocess:clip",
         "scale": "tileseg.preprocess:scale",
+        "ct_window": "tileseg.preprocess_medical:ct_window",
+        "zscore_masked": "tileseg.preprocess_medical:zscore_masked",
     },
     "methods": {},
     "postprocess": {},
