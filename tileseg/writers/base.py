@@ -235,3 +235,26 @@ def move_into_place(src: str, dst: str) -> None:
             os.remove(old)
     else:
         os.rename(src, dst)
+
+
+class GuardedTarget:
+    """A ``dask.array.store`` target that skips writes once the partial folder is gone (an aborted write).
+
+    After a failure, dask may still run blocks already started while ``abort``
+    removes the partial folder; without this check they would recreate parts of it.
+
+    Parameters
+    ----------
+    arr : array-like
+        The store array (supports ``__setitem__``).
+    target : str
+        The partial folder that must still exist for a write to happen.
+    """
+
+    def __init__(self, arr: Any, target: str) -> None:
+        self.arr, self.target = arr, target
+        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if os.path.isdir(self.target):
+            self.arr[key] = value

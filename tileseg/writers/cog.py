@@ -51,7 +51,7 @@ from ..errors import ConfigError, OutputError, require
 from ..image import Image
 from ..report import now_iso
 from ..store import local_path
-from .base import WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
 from .cog_build import STORE
 from .zarr import align
 
@@ -285,7 +285,7 @@ class COGWriter(Writer):
             arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r+")
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from exc
-        return da.store(align(data, handle.chunks), _Guarded(arr, handle.target), lock=False, compute=False)
+        return da.store(align(data, handle.chunks), GuardedTarget(arr, handle.target), lock=False, compute=False)
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Build the COG from the complete store, tag it complete and rename it into place.
@@ -328,22 +328,6 @@ class COGWriter(Writer):
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """See :func:`is_complete`."""
         return is_complete(path, storage_options)
-
-
-class _Guarded:
-    """Store target that skips writes once the partial folder was removed (an aborted write).
-
-    After a failure, dask may still run blocks already started while ``abort``
-    removes the folder; without this check they would recreate parts of it.
-    """
-
-    def __init__(self, arr: Any, target: str) -> None:
-        self.arr, self.target = arr, target
-        self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        if os.path.isdir(self.target):
-            self.arr[key] = value
 
 
 def _descriptions(image: Image, plan: dict[str, Any], names: list[str] | None, n_bands: int) -> list[str | None]:

@@ -65,8 +65,7 @@ from ..image import Image, label_dtype
 from ..readers.nifti import ECODE, tileseg_record
 from ..report import now_iso
 from ..store import local_path
-from .base import WriteHandle, Writer, check_axes, move_into_place, partial_sibling
-from .cog import _Guarded
+from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ class NiftiWriter(Writer):
             arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r+")
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from exc
-        return da.store(align(data, handle.chunks), _Guarded(arr, handle.target), lock=False, compute=False)
+        return da.store(align(data, handle.chunks), GuardedTarget(arr, handle.target), lock=False, compute=False)
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Stream header and slabs into the NIfTI file, then rename it into place.

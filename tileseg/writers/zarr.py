@@ -83,7 +83,7 @@ from ..errors import ConfigError, FormatError, OutputError
 from ..image import Image
 from ..report import now_iso
 from ..store import RESERVED_ATTRS, RawStore, local_path, node_metadata, open_store
-from .base import WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +461,8 @@ class ZarrWriter(Writer):
             ) from exc
         if tuple(arr.chunks) != tuple(handle.chunks):  # pragma: no cover - guards a changed store
             raise OutputError(f"{handle.path!r}: store chunks {arr.chunks!r} != prepared {handle.chunks!r}")
+        if handle.details.get("local"):  # an aborted write must not recreate the removed partial folder
+            arr = GuardedTarget(arr, handle.target)
         return da.store(data, arr, lock=False, compute=False)
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
