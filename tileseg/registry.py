@@ -37,6 +37,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "cog": "tileseg.writers.cog:COGWriter",
         "vector": "tileseg.writers.vector:VectorWriter",
         "nifti": "tileseg.writers.nifti:NiftiWriter",
+        "dicom_seg": "tileseg.writers.dicom_seg:DicomSegWriter",
     },
     # model kinds: how a model is given (a file format), each with its own parameters
     "models": {

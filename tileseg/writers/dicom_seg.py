@@ -1,0 +1,368 @@
+"""DICOM SEG writer: label slabs to a Zarr store, one Segmentation instance per series built in ``finalize``.
+
+highdicom builds a :class:`highdicom.seg.Segmentation` from a whole array in
+memory, so the write follows the NIfTI writer's plan
+(:mod:`tileseg.writers.nifti`):
+
+* ``prepare`` checks the image's DICOM references (``attrs["dicom"]``, see
+  below), creates a hidden partial folder beside the output holding a Zarr
+  array of slabs of whole z-slices;
+* the write task stores the slabs there, one whole chunk per dask block
+  (idempotent);
+* ``finalize`` reads the source headers (pydicom, ``stop_before_pixels``:
+  highdicom 0.28 needs no source pixels, only their geometry, UIDs and
+  patient/study attributes), the slabs, builds the SEG with
+  ``omit_empty_frames=True`` (per segment, only frames holding it), saves it
+  inside the partial folder and renames it onto the final path.
+
+The image must come from a DICOM series: ``attrs["dicom"]`` with
+``study_instance_uid``, ``series_instance_uid``, ``frame_of_reference_uid``,
+``sop_instance_uids`` and ``files`` (one per z slice, sorted along the slice
+normal, as the dicom reader gives them). Frame ``k`` of the SEG references
+source slice ``k``; highdicom takes each frame's ImagePositionPatient, the
+orientation, pixel spacing and the patient/study attributes from the source
+instances. The source files must still exist at ``finalize``.
+
+Segments
+--------
+``segmentation_type="binary"`` (default): an integer class map (or a bool
+mask); class ``k >= 1`` is segment ``k``, labelled ``class_names[k]`` (class
+0 is background, no segment; without class names a 0/1 mask is one segment
+``"foreground"``, else ``"class k"``); nodata pixels become background.
+``"fractional"``: float probabilities in [0, 1], ``(z, y, x)`` (one segment)
+or ``(c, z, y, x)`` (channel ``k`` is segment ``k`` with ``class_names``
+labelling channels, channel 0 the background, not written).
+Category/type codes are the generic SNOMED "Tissue"; algorithm "tileseg"
+with its version, family DCM "Image Processing".
+
+Size and memory
+---------------
+One SEG per series: the whole label volume is in memory at ``finalize``
+(``z*y*x`` bytes as uint8, e.g. 150 MiB for 512x512x600), plus the SEG's
+frames, bit-packed for binary segmentations (one frame per non-empty
+slice per segment: at most ``512*512*600*n_segments/8`` bytes, 19 MiB
+per segment), one byte per pixel for fractional ones, plus the source
+headers (small). That bounds the series size this handles: a few thousand
+512x512 slices; whole-slide sizes need a tiled SEG, not written here.
+
+Completion
+----------
+Recorded inside the file, in a private block of group ``0x0011`` with
+creator ``"tileseg"``: element ``0x01`` (LO) ``"complete"``, ``0x02`` (LO)
+the run id, ``0x03`` (UT) a JSON record (writer, version, completed_at,
+info). The file reaches the final path only by the rename after it was
+saved: :func:`is_complete` reads that block (the header only), so a DICOM
+file made by anyone else is never complete and is replaced only with
+``overwrite=True``; a path that is not a DICOM file never.
+
+Privacy
+-------
+Errors and logs name files, paths and UIDs only: messages from
+pydicom/highdicom are scrubbed of the source's patient identifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, OutputError, require
+from ..image import Image, label_dtype
+from ..report import now_iso
+from ..store import local_path
+from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .zarr import align
+
+log = logging.getLogger(__name__)
+
+STORE = "slabs.zarr"
+TARGET_SLAB_BYTES = 64 * 2**20
+PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "tileseg"
+TYPES = ("binary", "fractional")
+REF_KEYS = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "sop_instance_uids", "files")
+#: Source attributes whose values never appear in tileseg's messages.
+IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
+               "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "AccessionNumber",
+               "ReferringPhysicianName", "InstitutionName")
+
+
+def _read_header(path: str, **kwargs: Any) -> Any:
+    pydicom = require("pydicom", "medical")
+    return pydicom.dcmread(path, stop_before_pixels=True, **kwargs)
+
+
+def _record(ds: Any) -> dict[str, Any] | None:
+    """tileseg's private block of ``ds`` as a dict, or ``None``."""
+    try:
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+        status = str(block[0x01].value)
+        run_id = str(block[0x02].value)
+    except (KeyError, ValueError):
+        return None
+    return {"status": status, "run_id": run_id}
+
+
+def _status(path: str) -> str | None:
+    """``None`` (absent), ``"complete"`` (a finished tileseg SEG) or ``"foreign"`` (another DICOM file).
+
+    Raises
+    ------
+    OutputError
+        ``path`` exists and is not a DICOM file.
+    """
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isfile(path):
+        raise OutputError(f"{path!r} exists and is not a DICOM file; refusing to replace it")
+    try:
+        ds = _read_header(path)
+    except Exception:
+        raise OutputError(f"{path!r} exists and is not a DICOM file; refusing to replace it") from None
+    record = _record(ds)
+    return "complete" if record is not None and record["status"] == "complete" else "foreign"
+
+
+def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``path`` is a DICOM file whose tileseg private block says ``complete``."""
+    local = local_path(str(path))
+    try:
+        return local is not None and _status(local) == "complete"
+    except OutputError:
+        return False
+
+
+def scrub(message: str, datasets: Any) -> str:
+    """``message`` with the patient identifiers of ``datasets`` (see :data:`IDENTIFIERS`) replaced."""
+    values = set()
+    for ds in datasets:
+        for key in IDENTIFIERS:
+            value = ds.get(key)
+            items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+            for item in items:
+                text = str(item).strip() if item is not None else ""
+                if len(text) >= 2:
+                    values.update({text, text.replace("^", " "), repr(text)})
+    for text in sorted(values, key=len, reverse=True):
+        message = message.replace(text, "<redacted>")
+    return message
+
+
+def _label_store_dtype(image: Image) -> np.dtype:
+    """uint8 or uint16 holding the labels (and an integer nodata) of a binary SEG's input."""
+    if image.dtype.kind == "b":
+        return np.dtype(np.uint8)
+    if image.class_names is not None:
+        top = len(image.class_names)
+        if isinstance(image.nodata, (int, np.integer)) and image.nodata >= 0:
+            top = max(top, int(image.nodata) + 1)
+        return label_dtype(top)
+    return label_dtype(2 ** (8 * min(image.dtype.itemsize, 2)))
+
+
+def _references(image: Image, path: str) -> dict[str, Any]:
+    """The checked ``attrs["dicom"]`` of ``image`` (see the module docstring)."""
+    refs = image.attrs.get("dicom")
+    if not isinstance(refs, dict) or any(k not in refs for k in REF_KEYS):
+        raise OutputError(f"{path!r}: the dicom_seg writer needs an image read from a DICOM series "
+                          f"(attrs['dicom'] with {', '.join(REF_KEYS)})")
+    files, uids = list(refs["files"]), list(refs["sop_instance_uids"])
+    n = image.spatial_shape[0]
+    if len(files) != n or len(uids) != n:
+        raise OutputError(f"{path!r}: the image has {n} slices but its DICOM references list {len(files)} files "
+                          f"and {len(uids)} SOP instance UIDs (series {refs['series_instance_uid']})")
+    return {k: refs[k] for k in REF_KEYS}
+
+
+class DicomSegWriter(Writer):
+    """Write a segmentation of a DICOM series as one DICOM SEG file (see the module docstring)."""
+
+    name = "dicom_seg"
+
+    def prepare(
+        self,
+        image: Image,
+        path: str,
+        *,
+        overwrite: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        segmentation_type: str = "binary",
+        series_number: int = 9901,
+        series_description: str = "tileseg segmentation",
+        slab: int | None = None,
+        run_id: str | None = None,
+    ) -> WriteHandle:
+        """Check the image, its DICOM references and the destination; create the partial slab store.
+
+        Parameters
+        ----------
+        image : Image
+            ``(z, y, x)`` class map or mask (binary), or float probabilities,
+            optionally ``(c, z, y, x)`` (fractional), with ``attrs["dicom"]``.
+        path : str
+            Local ``*.dcm`` path.
+        overwrite : bool
+            Replace a finished output or another DICOM file (never a non-DICOM path).
+        storage_options : dict, optional
+            Not supported (local files only); must be empty.
+        segmentation_type : {"binary", "fractional"}
+        series_number : int
+            SeriesNumber of the SEG.
+        series_description : str
+            SeriesDescription of the SEG.
+        slab : int, optional
+            z-slices per store chunk (default about 64 MiB).
+        run_id : str, optional
+            Recorded in the output (default a new uuid).
+
+        Returns
+        -------
+        WriteHandle
+
+        Raises
+        ------
+        OutputError
+            A URL, wrong suffix, missing/mismatched DICOM references, wrong dtype, or an existing path.
+        ConfigError
+            An invalid option.
+        """
+        require("highdicom", "medical")
+        import zarr
+        from pydicom.uid import generate_uid
+        from zarr.storage import LocalStore
+
+        path = os.fspath(path)
+        local = local_path(path)
+        if local is None or storage_options:
+            raise OutputError(f"{path!r}: the dicom_seg writer writes local files only (write locally, then upload)")
+        if not local.lower().endswith(".dcm"):
+            raise OutputError(f"{path!r}: a DICOM SEG output must be named *.dcm")
+        axes = check_axes(image.axes, image.data.ndim, path)
+        if segmentation_type not in TYPES:
+            raise ConfigError(f"segmentation_type must be one of {TYPES}, got {segmentation_type!r}")
+        if slab is not None and (isinstance(slab, bool) or not isinstance(slab, int) or slab < 1):
+            raise ConfigError(f"slab must be a positive int, got {slab!r}")
+        if isinstance(series_number, bool) or not isinstance(series_number, int) or series_number < 0:
+            raise ConfigError(f"series_number must be a non-negative int, got {series_number!r}")
+        if image.spatial_ndim != 3:
+            raise OutputError(f"{path!r}: the dicom_seg writer writes 3-D images; got axes {axes!r}")
+        kind = image.dtype.kind
+        if segmentation_type == "binary" and (image.has_channels or kind not in "biu"):
+            raise OutputError(f"{path!r}: a binary SEG needs a (z, y, x) class map or mask (integer or bool), got "
+                              f"{image.dtype} with axes {axes!r}; use segmentation_type='fractional' for probabilities")
+        if segmentation_type == "fractional" and kind != "f":
+            raise OutputError(f"{path!r}: a fractional SEG needs float probabilities, got {image.dtype}")
+        refs = _references(image, path)
+        first = refs["files"][0]
+        try:
+            ds = _read_header(first)
+        except Exception as exc:
+            raise OutputError(f"{path!r}: cannot read the source DICOM file {first!r}: {type(exc).__name__}") from None
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        if (rows, cols) != image.spatial_shape[1:]:
+            raise OutputError(f"{path!r}: image slices are {image.spatial_shape[1:]} (y, x) but the source "
+                              f"{first!r} has {rows} rows x {cols} columns")
+
+        final, target = partial_sibling(local)
+        existing = _status(final)
+        if existing is not None and not overwrite:
+            what = "a finished tileseg output" if existing == "complete" else "a DICOM file"
+            raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
+        if segmentation_type == "binary":
+            dtype = _label_store_dtype(image)
+        else:
+            dtype = np.dtype(np.float32)
+        shape = image.shape
+        n_c = shape[0] if image.has_channels else 1
+        thick = slab or max(1, TARGET_SLAB_BYTES // max(1, rows * cols * dtype.itemsize * n_c))
+        chunks = ((shape[0],) if image.has_channels else ()) + (min(thick, shape[-3]), rows, cols)
+        try:
+            os.makedirs(target)
+            zarr.create_array(store=LocalStore(os.path.join(target, STORE)), shape=shape, chunks=chunks,
+                              dtype=dtype, fill_value=0, attributes={"tileseg": {"status": "incomplete"}})
+        except Exception as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise OutputError(f"{path!r}: cannot create the partial store in {target!r}: {exc}") from exc
+        from .. import __version__
+
+        nodata = image.nodata.item() if hasattr(image.nodata, "item") else image.nodata
+        details = {
+            "local": final, "overwrite": bool(overwrite), "refs": refs, "type": segmentation_type,
+            "class_names": list(image.class_names) if image.class_names is not None else None,
+            "nodata": nodata if isinstance(nodata, (int, float)) else None,
+            "series_number": series_number, "series_description": str(series_description),
+            "series_instance_uid": generate_uid(), "sop_instance_uid": generate_uid(), "version": __version__,
+        }
+        return WriteHandle(path=path, target=target, writer=self.name, shape=shape, chunks=chunks,
+                           dtype=str(dtype), axes=axes, run_id=run_id or uuid.uuid4().hex, details=details)
+
+    def write_task(self, handle: WriteHandle, image: Image) -> Any:
+        """A ``Delayed`` storing the slabs into the partial store (idempotent)."""
+        import dask.array as da
+        import zarr
+        from zarr.storage import LocalStore
+
+        data = image.data
+        if tuple(data.shape) != handle.shape:
+            raise OutputError(f"{handle.path!r}: data shape {tuple(data.shape)!r} != prepared {handle.shape!r}")
+        dtype = np.dtype(handle.dtype)
+        data = data.map_blocks(lambda b: b.astype(dtype, copy=False), dtype=dtype)
+        try:
+            arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r+")
+        except Exception as exc:
+            raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from exc
+        return da.store(align(data, handle.chunks), GuardedTarget(arr, handle.target), lock=False, compute=False)
+
+    def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
+        """Build the SEG from the slabs and the source headers, save it, rename it into place.
+
+        Raises
+        ------
+        OutputError
+            The partial store or a source file is gone or does not match, highdicom
+            refuses, or a file appeared at the final path meanwhile (without ``overwrite``).
+        """
+        from .dicom_seg_build import build_segmentation, load_sources
+
+        d = handle.details
+        final = d["local"]
+        out = os.path.join(handle.target, os.path.basename(final))
+        sources = load_sources(handle)
+        try:
+            seg = build_segmentation(handle, sources)
+            record = {"writer": self.name, "version": d["version"], "run_id": handle.run_id,
+                      "completed_at": now_iso(), "info": info}
+            block = seg.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+            block.add_new(0x01, "LO", "complete")
+            block.add_new(0x02, "LO", handle.run_id[:64])
+            block.add_new(0x03, "UT", json.dumps(record, default=str))
+            seg.save_as(out, enforce_file_format=True)
+        except OutputError as exc:
+            raise OutputError(scrub(str(exc), sources[:1])) from None
+        except Exception as exc:
+            raise OutputError(f"{handle.path!r}: building the DICOM SEG failed: "
+                              f"{type(exc).__name__}: {scrub(str(exc), sources[:1])}") from None
+        existing = _status(final)
+        if existing is not None and not d["overwrite"]:
+            raise OutputError(f"{handle.path!r} was created by someone else while writing; left the new output "
+                              f"at {out!r}")
+        move_into_place(out, final)
+        shutil.rmtree(handle.target, ignore_errors=True)
+        log.info("finished %s (SEG %s for series %s)", handle.path, d["sop_instance_uid"],
+                 d["refs"]["series_instance_uid"])
+
+    def abort(self, handle: WriteHandle) -> None:
+        """Remove the partial folder (the final path is untouched)."""
+        shutil.rmtree(handle.target, ignore_errors=True)
+
+    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
+        """See :func:`is_complete`."""
+        return is_complete(path, storage_options)
+
+
+__all__ = ["DicomSegWriter", "is_complete", "scrub"]
