@@ -227,3 +227,20 @@ def test_dciodvfy_reports_no_errors(series, tmp_path):
     # allowed warnings: only tileseg's private block (dciodvfy does not know its tags)
     warnings = [line for line in text.splitlines() if "Warning" in line]
     assert all(line.startswith("(0x0011,") for line in warnings), text
+
+
+def test_highdicom_errors_are_scrubbed_of_patient_identifiers(series, tmp_path, monkeypatch):
+    from tileseg.writers import dicom_seg_build
+
+    def leaky(handle, sources):
+        src = sources[0]
+        raise ValueError(f"patient {src.PatientName} ({src.PatientID}, {src.PatientBirthDate}) does not match")
+
+    monkeypatch.setattr(dicom_seg_build, "build_segmentation", leaky)
+    _, image = class_map_image(series)
+    with pytest.raises(OutputError) as err:
+        get_writer("dicom_seg").write(image, str(tmp_path / "x.dcm"))
+    text = str(err.value)
+    assert "x.dcm" in text and "ValueError" in text and text.count("<redacted>") == 3, text
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # the raw message is not chained
+    assert not os.path.exists(tmp_path / "x.dcm")
