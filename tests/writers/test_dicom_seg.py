@@ -213,6 +213,8 @@ def test_pipeline_zarr_copy_of_series_to_seg_and_nifti(series, tmp_path):
         np.testing.assert_array_equal(frame, fg[series.sop_instance_uids.index(ref)])
     back = nib.load(str(tmp_path / "out" / "ct.nii.gz"))
     np.testing.assert_array_equal(np.asanyarray(back.dataobj).transpose(2, 1, 0), fg)
+    again = tileseg.run(pipeline, scheduler="synchronous")  # both outputs recorded complete: skipped
+    assert again.ok and again.items[0].status == "skipped"
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
