@@ -166,10 +166,10 @@ class Writer:
 
         try:
             dask.compute(task)
+            self.finalize(handle, info)
         except BaseException:
             self.abort(handle)
             raise
-        self.finalize(handle, info)
         return WriteJob(handle=handle, task=None, done=True)
 
 
