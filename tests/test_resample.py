@@ -1,0 +1,137 @@
+"""Resampling: chunked == whole-array SciPy, geometry kept, round trips."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from tileseg.image import Image
+from tileseg.resample import index_map, labels_from_scores, resample, resample_to, resampled_shape
+
+CASES = [  # shape, spacing, new spacing, input chunks, output chunks
+    ((23, 31), (1.0, 1.0), (0.7, 1.9), (5, 7), (3, 4)),
+    ((23, 31), (1.0, 2.0), (2.5, 0.75), (23, 31), (7, 11)),
+    ((17, 19), (0.5, 0.5), (0.5, 0.5), (4, 9), (5, 5)),
+    ((9, 13, 17), (2.0, 1.0, 0.5), (0.9, 1.3, 0.6), (4, 5, 6), (3, 7, 5)),
+    ((11, 8, 10), (1.0, 1.0, 1.0), (2.0, 0.5, 3.0), (3, 3, 3), (2, 5, 4)),
+]
+
+
+def _image(shape, spacing, chunks, *, seed=0, origin=None, dtype=np.float32, **kw):
+    x = np.random.default_rng(seed).random(shape).astype(dtype)
+    origin = origin if origin is not None else tuple(0.5 + i for i in range(len(shape)))
+    axes = ("z", "y", "x")[-len(shape):]
+    return x, Image(data=da.from_array(x, chunks=chunks), axes=axes, spacing=spacing, origin=origin, **kw)
+
+
+@pytest.mark.parametrize("shape, spacing, new, in_chunks, out_chunks", CASES)
+def test_linear_equals_scipy_on_the_whole_array(shape, spacing, new, in_chunks, out_chunks):
+    x, img = _image(shape, spacing, in_chunks)
+    out = resample(img, new, order=1, chunks=out_chunks)
+    assert out.spatial_shape == resampled_shape(shape, spacing, new)
+    assert out.data.npartitions > 1
+    # SciPy's zoom-like map: input index = output index * new / old spacing (same origin)
+    ref = ndi.affine_transform(x, np.diag(np.divide(new, spacing)), 0.0, output_shape=out.spatial_shape, order=1,
+                               mode="nearest")
+    np.testing.assert_allclose(out.data.compute(), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, spacing, new, in_chunks, out_chunks", CASES)
+def test_nearest_is_exact_and_rounds_ties_up(shape, spacing, new, in_chunks, out_chunks):
+    x = np.random.default_rng(1).integers(0, 5, shape).astype(np.uint8)
+    img = Image(data=da.from_array(x, chunks=in_chunks), axes=("z", "y", "x")[-len(shape):], spacing=spacing,
+                class_names=tuple("abcde"))
+    out = resample(img, new, order=0, chunks=out_chunks)
+    assert out.dtype == np.uint8 and out.is_class_map
+    # independent oracle: index = clip(floor(j * new / old + 0.5))
+    idx = [np.clip(np.floor(np.arange(m) * t / s + 0.5).astype(int), 0, n - 1)
+           for m, t, s, n in zip(out.spatial_shape, new, spacing, shape)]
+    np.testing.assert_array_equal(out.data.compute(), x[np.ix_(*idx)])
+
+
+def test_cubic_is_close_to_scipy():
+    x, img = _image((40, 37), (1.0, 1.0), (9, 8))
+    out = resample(img, (0.6, 1.7), order=3, chunks=(7, 6))
+    m, o = index_map(img, out.spacing, out.origin, out.direction)
+    ref = ndi.affine_transform(x, m, o, output_shape=out.spatial_shape, order=3, mode="nearest")
+    np.testing.assert_allclose(out.data.compute(), ref, atol=1e-4)
+
+
+def test_world_positions_of_voxel_centres_match():
+    direction = ((0.0, 0.6, 0.8), (0.0, 0.8, -0.6), (1.0, 0.0, 0.0))
+    x, img = _image((6, 8, 10), (3.0, 0.5, 0.8), (3, 4, 5), origin=(-10.0, 4.0, 7.0), direction=direction)
+    out = resample(img, (1.0, 1.0, 1.0))
+    assert out.origin == img.origin and out.direction == img.direction and out.spacing == (1.0, 1.0, 1.0)
+    world = lambda im, p: np.asarray(im.origin) + (np.asarray(p) * im.spacing) @ np.asarray(im.direction)  # noqa: E731
+    m, o = index_map(img, out.spacing, out.origin, out.direction)
+    for p in [(0, 0, 0), (5, 2, 7), (17, 3, 1)]:
+        q = m @ np.asarray(p, dtype=float) + o  # where output voxel p reads the input
+        np.testing.assert_allclose(world(out, p), world(img, q), atol=1e-9)
+    # the physical extent (shape x spacing) is kept to within half a new voxel
+    extent_old = np.multiply(img.spatial_shape, img.spacing)
+    extent_new = np.multiply(out.spatial_shape, out.spacing)
+    assert np.all(np.abs(extent_new - extent_old) <= np.asarray(out.spacing) / 2)
+
+
+def test_resample_to_another_grid_matches_scipy_and_takes_its_geometry():
+    x, img = _image((20, 30), (1.0, 1.0), (6, 7), origin=(0.0, 0.0))
+    like = Image(data=da.zeros((12, 9), chunks=(5, 4)), axes=("y", "x"), spacing=(1.3, 2.2), origin=(2.25, -1.0))
+    out = resample_to(img, like, order=1)
+    assert (out.spatial_shape, out.spacing, out.origin) == (like.spatial_shape, like.spacing, like.origin)
+    assert out.data.chunks == like.data.chunks
+    ref = ndi.affine_transform(x, np.diag([1.3, 2.2]), (2.25, -1.0), output_shape=(12, 9), order=1, mode="nearest")
+    np.testing.assert_allclose(out.data.compute(), ref, atol=1e-5)
+
+
+def test_round_trip_of_a_smooth_image_is_close():
+    zz, yy, xx = np.meshgrid(*(np.linspace(0, 1, n) for n in (12, 30, 28)), indexing="ij")
+    x = (np.sin(2 * yy) + np.cos(3 * xx) + zz).astype(np.float32)
+    img = Image(data=da.from_array(x, chunks=(5, 7, 9)), axes=("z", "y", "x"), spacing=(2.0, 0.7, 0.7))
+    back = resample_to(resample(img, (1.0, 0.5, 1.1), order=1), img, order=1).data.compute()
+    np.testing.assert_allclose(back[:-1, :-1, :-1], x[:-1, :-1, :-1], atol=0.01)
+
+
+def test_class_map_round_trip_at_the_same_spacing_is_exact():
+    x = np.random.default_rng(3).integers(0, 7, (15, 22)).astype(np.uint16)
+    img = Image(data=da.from_array(x, chunks=(4, 5)), axes=("y", "x"), spacing=(0.8, 1.2), origin=(5.0, 6.0))
+    back = resample_to(resample(img, (0.8, 1.2), order=0), img, order=0)
+    np.testing.assert_array_equal(back.data.compute(), x)
+    up = resample(img, (0.4, 0.6), order=0)  # an exact 2x: every pixel doubled, back to itself
+    np.testing.assert_array_equal(resample_to(up, img, order=0).data.compute(), x)
+
+
+def test_channels_validity_and_transform():
+    x = np.random.default_rng(4).random((2, 10, 12)).astype(np.float32)
+    mask = np.ones((10, 12), bool)
+    mask[:, :3] = False
+    img = Image(data=da.from_array(x, chunks=(1, 4, 5)), axes=("c", "y", "x"), spacing=(30.0, 30.0),
+                origin=(4000015.0, 500015.0), mask=da.from_array(mask, chunks=4),
+                transform=(30.0, 0.0, 500000.0, 0.0, -30.0, 4000030.0))
+    out = resample(img, (15.0, 60.0))
+    assert out.shape == (2, 20, 6) and out.has_channels
+    for c in range(2):
+        ref = ndi.affine_transform(x[c], np.diag([0.5, 2.0]), 0.0, output_shape=(20, 6), order=1, mode="nearest")
+        np.testing.assert_allclose(out.data[c].compute(), ref, atol=1e-5)
+    ref_mask = mask[np.ix_(np.clip(np.floor(np.arange(20) * 0.5 + 0.5).astype(int), 0, 9), np.arange(6) * 2)]
+    np.testing.assert_array_equal(out.mask.compute(), ref_mask)
+    assert out.transform == (60.0, 0.0, 500015.0 - 30.0, 0.0, -15.0, 4000015.0 + 7.5)
+
+
+def test_labels_from_scores_is_argmax():
+    s = np.random.default_rng(5).random((3, 9, 8)).astype(np.float32)
+    img = Image(data=da.from_array(s, chunks=(1, 4, 4)), axes=("c", "y", "x"))
+    out = labels_from_scores(img, ("a", "b", "c"))
+    np.testing.assert_array_equal(out.data.compute(), s.argmax(0))
+    assert out.is_class_map
+
+
+def test_bad_arguments():
+    _, img = _image((5, 5), (1.0, 1.0), 5)
+    with pytest.raises(ValueError, match="spacing"):
+        resample(img, (1.0,))
+    with pytest.raises(ValueError, match="spacing"):
+        resample(img, (1.0, 0.0))
+    with pytest.raises(ValueError, match="order"):
+        resample(img, (1.0, 1.0), order=2)
