@@ -135,3 +135,106 @@ def test_bad_arguments():
         resample(img, (1.0, 0.0))
     with pytest.raises(ValueError, match="order"):
         resample(img, (1.0, 1.0), order=2)
+
+
+# --------------------------------------------------------------------------- the engine with target_spacing
+
+
+def _mean3(batch: np.ndarray) -> np.ndarray:
+    """(N, 1, *patch) -> (N, 3, *patch): a patch-local 3x3 mean and two pointwise maps (patch borders matter)."""
+    x = batch[:, :1]
+    m = ndi.uniform_filter(x, size=(1, 1) + (3,) * (x.ndim - 2), mode="constant")
+    return np.concatenate([m, 1.0 - x, 0.5 * x * x + 0.2], axis=1).astype(np.float32)
+
+
+def _scipy_to(x: np.ndarray, matrix, offset, shape) -> np.ndarray:
+    return ndi.affine_transform(x, matrix, offset, output_shape=shape, order=1, mode="nearest")
+
+
+@pytest.mark.parametrize("shape, spacing, target, patch, chunks", [
+    ((45, 38), (1.0, 0.8), (0.7, 1.1), (16, 16), (13, 11)),
+    ((14, 20, 17), (2.5, 1.0, 1.0), (1.5, 1.3, 0.9), (8, 8, 8), (7, 9, 6)),
+])
+def test_segment_with_target_spacing_equals_the_steps_done_by_hand(shape, spacing, target, patch, chunks):
+    import tileseg
+
+    x, img = _image(shape, spacing, tuple(c + 2 for c in chunks), origin=tuple(-3.0 + i for i in range(len(shape))))
+    got = tileseg.segment(img, _mean3, patch_size=patch, chunks=chunks, target_spacing=target)
+    assert (got.spatial_shape, got.spacing, got.origin, got.direction) == (
+        img.spatial_shape, img.spacing, img.origin, img.direction)
+    assert got.class_names == ("class_0", "class_1", "class_2") and got.dtype == np.uint8
+    # by hand: SciPy resampling to the target grid, segment there, SciPy back, argmax
+    new_shape = resampled_shape(shape, spacing, target)
+    moved = _scipy_to(x, np.diag(np.divide(target, spacing)), 0.0, new_shape)
+    logits = tileseg.segment(moved, _mean3, patch_size=patch, chunks=chunks, output="logits").data.compute()
+    back = np.stack([_scipy_to(c, np.diag(np.divide(spacing, target)), 0.0, shape) for c in logits])
+    top2 = np.sort(back, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-4
+    labels = got.data.compute()
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(labels[clear], back.argmax(0)[clear])
+
+
+def test_segment_with_target_spacing_probabilities_and_nodata():
+    import tileseg
+
+    x, _ = _image((30, 26), (1.0, 1.0), 9)
+    x[:, :5] = -1.0
+    img = Image(data=da.from_array(x, chunks=9), axes=("y", "x"), spacing=(1.0, 1.0), nodata=-1.0)
+    probs = tileseg.segment(img, _mean3, patch_size=(12, 12), target_spacing=(0.6, 1.4), output="probabilities")
+    p = probs.data.compute()
+    assert p.shape == (3, 30, 26) and probs.nodata != probs.nodata  # NaN
+    assert np.isnan(p[:, :, :5]).all()
+    np.testing.assert_allclose(p[:, :, 5:].sum(0), 1.0, atol=1e-5)
+    labels = tileseg.segment(img, _mean3, patch_size=(12, 12), target_spacing=(0.6, 1.4))
+    lab = labels.data.compute()
+    assert labels.nodata == 255 and (lab[:, :5] == 255).all() and (lab[:, 5:] < 3).all()
+
+
+def test_target_spacing_is_checked():
+    import tileseg
+    from tileseg.errors import ConfigError, TilingError
+
+    _, img = _image((20, 20), (1.0, 1.0), 10)
+    with pytest.raises(ConfigError, match="target_spacing"):
+        tileseg.segment(img, _mean3, patch_size=(8, 8), target_spacing=(1.0, -2.0))
+    with pytest.raises(TilingError, match="target_spacing"):
+        tileseg.segment(img, _mean3, patch_size=8, target_spacing=(1.0, 1.0, 1.0))
+
+
+def test_pipeline_yaml_with_target_spacing_runs(tmp_path):
+    pytest.importorskip("torch")
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import zarr
+
+    import tileseg
+    from tileseg.runner import run_pipeline
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_helpers import save_conv_model, write_scene
+
+    save_conv_model(tmp_path / "model.pt")
+    image, _ = write_scene(tmp_path / "a.zarr", shape=(50, 45), seed=3)
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        version: 1
+        input: {path: "a.zarr", array: image}
+        tiling: {patch_size: [24, 24], overlap: 0.25, chunks: [32, 32], target_spacing: [0.75, 1.5]}
+        model: {torchscript: {path: model.pt}, output: labels, batch_size: 4, classes: [background, object]}
+        output: {path: "out/{stem}_seg.zarr"}
+        execution: {scheduler: threads, workers: 2}
+        """))
+    report = run_pipeline(tmp_path / "p.yaml")
+    assert report.ok, report.items
+    out = zarr.open_group(report.items[0].output, mode="r")["0"][...]
+    assert out.shape == image.shape
+    want = tileseg.segment(image, str(tmp_path / "model.pt"), patch_size=(24, 24), overlap=0.25, chunks=(32, 32),
+                           target_spacing=(0.75, 1.5)).data.compute()
+    np.testing.assert_array_equal(out, want)
+    assert 0.05 < out.mean() < 0.95
+    text = (tmp_path / "p.yaml").read_text().replace("[0.75, 1.5]", "[0.75, 0]")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(Exception, match="target_spacing"):
+        tileseg.load_pipeline(tmp_path / "bad.yaml")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import product
 from typing import Any
 
@@ -74,6 +75,8 @@ def segment_image(image: Image, predictor: Any, tiling: TilingOptions, inference
 def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
                        inference: InferenceOptions) -> tuple[Image, dict[str, int]]:
     """:func:`segment_image` plus ``{"n_patches", "n_patches_skipped"}`` (patches left out as all-nodata)."""
+    if tiling.target_spacing is not None:
+        return segment_resampled(image, predictor, tiling, inference)
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
@@ -95,6 +98,55 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
                            inference.class_names else None, nodata=nodata)
     stats = {"n_patches": grid.n_patches, "n_patches_skipped": grid.n_windows - grid.n_patches}
     return result, stats
+
+
+def segment_resampled(image: Image, predictor: Any, tiling: TilingOptions,
+                      inference: InferenceOptions) -> tuple[Image, dict[str, int]]:
+    """:func:`segment_with_stats` on the image resampled to ``tiling.target_spacing``, back on its grid.
+
+    nnU-Net's order: the input (invalid and, with ``nan_policy="fill"``, NaN
+    pixels first set to ``fill_value``) is resampled linearly to the target
+    spacing, its validity with nearest; the engine returns logits there; they
+    are resampled linearly onto exactly the input's grid (shape, spacing,
+    origin, direction) and only then turned into labels or probabilities.
+    Pixels the input marks invalid are the result's nodata. Lazy throughout.
+    """
+    import dask.array as da
+
+    from .image import nodata_outside
+    from .resample import resample, resample_to
+    from .stitching.overlap_add import reduce_logits
+
+    img = check_input(image)
+    if len(tiling.target_spacing) != img.spatial_ndim:
+        raise TilingError(f"target_spacing {tiling.target_spacing!r} has {len(tiling.target_spacing)} entries but "
+                          f"{img.source or 'the image'} has {img.spatial_ndim} spatial axes {img.axes!r}")
+    valid = img.valid()
+    data = img.data
+    if data.dtype.kind == "f" and inference.nan_policy == "fill":
+        data = da.where(da.isnan(data), inference.fill_value, data)
+    if valid is not None:
+        data = da.where(valid[None] if img.has_channels else valid, data.astype(np.float32),
+                        np.float32(inference.fill_value))
+    source = img.with_data(data, axes=img.axes, nodata=None, mask=valid)
+    moved = resample(source, tiling.target_spacing, order=1, chunks=tiling.chunks)
+    inner_tiling = replace(tiling, target_spacing=None)
+    scores, stats = segment_with_stats(moved, predictor, inner_tiling, replace(inference, output="logits"))
+    if valid is not None:  # invalid pixels are NaN there: no weight on the way back (validity is applied below)
+        scores = scores.with_data(da.where(da.isnan(scores.data), np.float32(0), scores.data), nodata=None)
+    chunks = tiling.chunks if tiling.chunks is not None else tuple(max(c) for c in scores.data.chunks[1:])
+    back = resample_to(scores, img, order=1, chunks=chunks).data.rechunk({0: -1})
+    labels = inference.output == "labels"
+    names = class_names(inference, int(back.shape[0]))
+    if labels:
+        dtype = label_dtype(len(names) + (valid is not None))
+        out = back.map_blocks(reduce_logits, "labels", dtype.str, drop_axis=0, dtype=dtype)
+    else:
+        out = back.map_blocks(reduce_logits, inference.output, "f4", dtype=np.float32)
+    axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
+    result = img.with_data(out, axes=axes, class_names=names if labels or inference.class_names else None,
+                           nodata=None)
+    return nodata_outside(result, valid, len(names) if labels else None), stats
 
 
 def check_input(image: Image) -> Image:
