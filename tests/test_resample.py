@@ -238,3 +238,13 @@ def test_pipeline_yaml_with_target_spacing_runs(tmp_path):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(Exception, match="target_spacing"):
         tileseg.load_pipeline(tmp_path / "bad.yaml")
+
+
+def test_plan_lays_the_grid_on_the_resampled_image():
+    from tileseg.graph import plan
+    from tileseg.options import TilingOptions
+
+    _, img = _image((40, 30), (1.0, 1.0), 10)
+    p = plan(img, TilingOptions(patch_size=(16, 16), overlap=0.0, target_spacing=(0.5, 2.0)))
+    assert p["shape"] == (40, 30) and p["resampled_shape"] == (80, 15)
+    assert p["n_patches"] == 5 * 1  # 80 / 16 rows; the 15 columns are padded to one patch

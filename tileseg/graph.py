@@ -388,12 +388,27 @@ def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_si
     Returns
     -------
     dict
-        ``shape`` (spatial), ``channels``, ``chunks`` (output chunk sizes per
-        axis), ``n_patches``, ``n_blocks``, ``n_owner_tasks`` and
+        ``shape`` (spatial), ``resampled_shape`` (with a ``target_spacing``
+        that changes it: the grid the patches are laid on), ``channels``,
+        ``chunks`` (output chunk sizes per axis), ``n_patches``, ``n_blocks``, ``n_owner_tasks`` and
         ``est_peak_task_bytes`` (largest owner task: input region, one batch,
         the ``K x region`` accumulator, plus one output chunk).
     """
     img = check_input(image)
+    source_shape = img.spatial_shape
+    if tiling.target_spacing is not None:  # the grid is laid on the resampled image
+        import dask.array as da
+
+        from .resample import resampled_shape
+
+        if len(tiling.target_spacing) != img.spatial_ndim:
+            raise TilingError(f"target_spacing {tiling.target_spacing!r} does not match the {img.spatial_ndim} "
+                              f"spatial axes of {img.source or 'the image'}")
+        lead = tuple(img.data.shape[:1]) if img.has_channels else ()
+        shape = resampled_shape(source_shape, img.spacing, tiling.target_spacing)
+        img = img.with_data(da.empty(lead + shape, dtype=img.dtype, chunks=-1), axes=img.axes,
+                            spacing=tiling.target_spacing)
+        tiling = replace(tiling, target_spacing=None)
     grid = plan_grid(img, tiling, int(batch_size))
     n_ch = img.data.shape[0] if img.has_channels else 1
     k = int(out_channels)
@@ -403,8 +418,10 @@ def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_si
     block_px = int(np.prod([max(c) for c in grid.chunks]))
     out_bytes = block_px * (k * 4 if output != "labels" else label_dtype(k).itemsize)
     est = 4 * (largest * (n_ch + k) + batch_size * patch_px * (n_ch + k)) + out_bytes
+    extra = {"resampled_shape": tuple(img.spatial_shape)} if source_shape != img.spatial_shape else {}
     return {
-        "shape": tuple(img.spatial_shape),
+        **extra,
+        "shape": tuple(source_shape),
         "channels": n_ch,
         "chunks": tuple(max(c) for c in grid.chunks),
         "n_patches": grid.n_patches,
