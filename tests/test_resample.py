@@ -248,3 +248,16 @@ def test_plan_lays_the_grid_on_the_resampled_image():
     p = plan(img, TilingOptions(patch_size=(16, 16), overlap=0.0, target_spacing=(0.5, 2.0)))
     assert p["shape"] == (40, 30) and p["resampled_shape"] == (80, 15)
     assert p["n_patches"] == 5 * 1  # 80 / 16 rows; the 15 columns are padded to one patch
+
+
+def test_each_output_chunk_reads_only_the_input_blocks_under_it():
+    from dask.optimization import cull
+
+    x = np.zeros((200, 300), np.float32)
+    img = Image(data=da.from_array(x, chunks=(20, 30)), axes=("y", "x"))  # 10 x 10 input blocks
+    out = resample(img, (0.5, 0.5), order=1, chunks=(40, 60))  # 400 x 600: 10 x 10 output chunks
+    block = out.data.blocks[4, 7]
+    kept, _ = cull(dict(block.__dask_graph__()), block.__dask_keys__())
+    inputs = {k for k in kept if isinstance(k, tuple) and k[0] == img.data.name}
+    # output rows 160..199 read input rows 80..100 (with the halo): blocks 4-5, likewise columns 7-8
+    assert 1 <= len(inputs) <= 4, sorted(inputs)
