@@ -261,3 +261,27 @@ def test_each_output_chunk_reads_only_the_input_blocks_under_it():
     inputs = {k for k in kept if isinstance(k, tuple) and k[0] == img.data.name}
     # output rows 160..199 read input rows 80..100 (with the halo): blocks 4-5, likewise columns 7-8
     assert 1 <= len(inputs) <= 4, sorted(inputs)
+
+
+def test_target_spacing_with_channels_xarray_and_no_change():
+    import tileseg
+
+    xr = pytest.importorskip("xarray")
+    x = np.random.default_rng(6).random((2, 21, 25)).astype(np.float32)
+    img = Image(data=da.from_array(x, chunks=(1, 8, 8)), axes=("c", "y", "x"), spacing=(2.0, 2.0))
+
+    def two_channel(b):
+        return np.concatenate([b[:, :1] - b[:, 1:], b[:, 1:] - b[:, :1]], axis=1)
+
+    got = tileseg.segment(img, two_channel, patch_size=(8, 8), target_spacing=(1.0, 3.0)).data.compute()
+    moved = np.stack([_scipy_to(c, np.diag([0.5, 1.5]), 0.0, (42, 17)) for c in x])
+    logits = two_channel(moved[None])[0]
+    back = np.stack([_scipy_to(c, np.diag([2.0, 2 / 3]), 0.0, (21, 25)) for c in logits])
+    clear = np.abs(back[0] - back[1]) > 1e-4
+    np.testing.assert_array_equal(got[clear], back.argmax(0)[clear])
+    same = tileseg.segment(img, two_channel, patch_size=(8, 8), target_spacing=(2.0, 2.0)).data.compute()
+    np.testing.assert_array_equal(same, (x[1] > x[0]).astype(np.uint8))
+    arr = xr.DataArray(x[0], dims=("y", "x"), coords={"y": np.arange(21) * 2.0, "x": np.arange(25) * 2.0})
+    out = tileseg.segment(arr, _mean3, patch_size=(8, 8), target_spacing=(1.0, 3.0))
+    assert isinstance(out, xr.DataArray) and out.shape == (21, 25)
+    np.testing.assert_array_equal(out["x"].values, arr["x"].values)

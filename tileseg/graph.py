@@ -121,6 +121,8 @@ def segment_resampled(image: Image, predictor: Any, tiling: TilingOptions,
     if len(tiling.target_spacing) != img.spatial_ndim:
         raise TilingError(f"target_spacing {tiling.target_spacing!r} has {len(tiling.target_spacing)} entries but "
                           f"{img.source or 'the image'} has {img.spatial_ndim} spatial axes {img.axes!r}")
+    if tuple(tiling.target_spacing) == img.spacing:  # already there: nothing to resample
+        return segment_with_stats(img, predictor, replace(tiling, target_spacing=None), inference)
     valid = img.valid()
     data = img.data
     if data.dtype.kind == "f" and inference.nan_policy == "fill":
