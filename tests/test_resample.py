@@ -6,6 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tileseg.image import Image
 from tileseg.resample import index_map, labels_from_scores, resample, resample_to, resampled_shape
@@ -285,3 +287,26 @@ def test_target_spacing_with_channels_xarray_and_no_change():
     out = tileseg.segment(arr, _mean3, patch_size=(8, 8), target_spacing=(1.0, 3.0))
     assert isinstance(out, xr.DataArray) and out.shape == (21, 25)
     np.testing.assert_array_equal(out["x"].values, arr["x"].values)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), ndim=st.sampled_from([2, 3]), order=st.sampled_from([0, 1]))
+def test_any_chunking_equals_the_whole_array(data, ndim, order):
+    shape = data.draw(st.tuples(*[st.integers(1, 13)] * ndim))
+    in_chunks = data.draw(st.tuples(*[st.integers(1, 13)] * ndim))
+    out_chunks = data.draw(st.tuples(*[st.integers(1, 9)] * ndim))
+    steps = st.sampled_from([0.25, 0.5, 0.7, 1.0, 1.3, 2.0, 3.0])
+    spacing, new = data.draw(st.tuples(*[steps] * ndim)), data.draw(st.tuples(*[steps] * ndim))
+    x = np.random.default_rng(0).integers(0, 9, shape).astype(np.float32)
+    img = Image(data=da.from_array(x, chunks=in_chunks), axes=("z", "y", "x")[-ndim:], spacing=spacing)
+    out = resample(img, new, order=order, chunks=out_chunks)
+    whole = resample(img.with_data(img.data.rechunk(-1)), new, order=order, chunks=-1).data.compute()
+    np.testing.assert_allclose(out.data.compute(), whole, atol=1e-5 if order else 0)
+    if order == 0:
+        idx = [np.clip(np.floor(np.arange(m) * t / s + 0.5).astype(int), 0, n - 1)
+               for m, t, s, n in zip(out.spatial_shape, new, spacing, shape)]
+        np.testing.assert_array_equal(whole, x[np.ix_(*idx)])
+    else:
+        ref = ndi.affine_transform(x, np.diag(np.divide(new, spacing)), 0.0, output_shape=out.spatial_shape,
+                                   order=1, mode="nearest")
+        np.testing.assert_allclose(whole, ref, atol=1e-5)
