@@ -90,6 +90,7 @@ def segment(
     output: str = "labels",
     chunks: Any = None,
     pad_mode: str = "reflect",
+    target_spacing: Sequence[float] | None = None,
     device: str | None = None,
     precision: str = "fp32",
     preprocess: Sequence[Any] | None = None,
@@ -129,6 +130,12 @@ def segment(
         Output chunk size per spatial axis; the result does not depend on it.
     pad_mode : {"reflect", "constant", "edge", "symmetric"}
         Padding of axes shorter than the patch.
+    target_spacing : sequence of float, optional
+        Run the model on the image resampled (linearly, lazily) to this spacing,
+        in the image's units, and resample its logits back onto exactly the
+        input's grid before making labels (nnU-Net's way, see
+        :mod:`tileseg.resample`). ``patch_size`` and ``chunks`` then count
+        pixels at the target spacing.
     device : str, optional
         Torch device (default CUDA when available in the worker, else CPU).
     precision : {"fp32", "fp16", "bf16"}
@@ -175,7 +182,8 @@ def segment(
     from .predictors import load_predictor
 
     tiling = TilingOptions(patch_size=patch_size if np.isscalar(patch_size) else tuple(patch_size), overlap=overlap,
-                           overlap_px=overlap_px, blend=blend, chunks=chunks, pad_mode=pad_mode)
+                           overlap_px=overlap_px, blend=blend, chunks=chunks, pad_mode=pad_mode,
+                           target_spacing=None if target_spacing is None else tuple(target_spacing))
     inference = InferenceOptions(batch_size=batch_size, output=output, nan_policy=nan_policy, fill_value=fill_value,
                                  preprocess=tuple(preprocess or ()), out_channels=out_channels,
                                  class_names=None if class_names is None else tuple(class_names),

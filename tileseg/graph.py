@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import product
 from typing import Any
 
@@ -74,6 +75,8 @@ def segment_image(image: Image, predictor: Any, tiling: TilingOptions, inference
 def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
                        inference: InferenceOptions) -> tuple[Image, dict[str, int]]:
     """:func:`segment_image` plus ``{"n_patches", "n_patches_skipped"}`` (patches left out as all-nodata)."""
+    if tiling.target_spacing is not None:
+        return segment_resampled(image, predictor, tiling, inference)
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
@@ -95,6 +98,57 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
                            inference.class_names else None, nodata=nodata)
     stats = {"n_patches": grid.n_patches, "n_patches_skipped": grid.n_windows - grid.n_patches}
     return result, stats
+
+
+def segment_resampled(image: Image, predictor: Any, tiling: TilingOptions,
+                      inference: InferenceOptions) -> tuple[Image, dict[str, int]]:
+    """:func:`segment_with_stats` on the image resampled to ``tiling.target_spacing``, back on its grid.
+
+    nnU-Net's order: the input (invalid and, with ``nan_policy="fill"``, NaN
+    pixels first set to ``fill_value``) is resampled linearly to the target
+    spacing, its validity with nearest; the engine returns logits there; they
+    are resampled linearly onto exactly the input's grid (shape, spacing,
+    origin, direction) and only then turned into labels or probabilities.
+    Pixels the input marks invalid are the result's nodata. Lazy throughout.
+    """
+    import dask.array as da
+
+    from .image import nodata_outside
+    from .resample import resample, resample_to
+    from .stitching.overlap_add import reduce_logits
+
+    img = check_input(image)
+    if len(tiling.target_spacing) != img.spatial_ndim:
+        raise TilingError(f"target_spacing {tiling.target_spacing!r} has {len(tiling.target_spacing)} entries but "
+                          f"{img.source or 'the image'} has {img.spatial_ndim} spatial axes {img.axes!r}")
+    if tuple(tiling.target_spacing) == img.spacing:  # already there: nothing to resample
+        return segment_with_stats(img, predictor, replace(tiling, target_spacing=None), inference)
+    valid = img.valid()
+    data = img.data
+    if data.dtype.kind == "f" and inference.nan_policy == "fill":
+        data = da.where(da.isnan(data), inference.fill_value, data)
+    if valid is not None:
+        data = da.where(valid[None] if img.has_channels else valid, data.astype(np.float32),
+                        np.float32(inference.fill_value))
+    source = img.with_data(data, axes=img.axes, nodata=None, mask=valid)
+    moved = resample(source, tiling.target_spacing, order=1, chunks=tiling.chunks)
+    inner_tiling = replace(tiling, target_spacing=None)
+    scores, stats = segment_with_stats(moved, predictor, inner_tiling, replace(inference, output="logits"))
+    if valid is not None:  # invalid pixels are NaN there: no weight on the way back (validity is applied below)
+        scores = scores.with_data(da.where(da.isnan(scores.data), np.float32(0), scores.data), nodata=None)
+    chunks = tiling.chunks if tiling.chunks is not None else tuple(max(c) for c in scores.data.chunks[1:])
+    back = resample_to(scores, img, order=1, chunks=chunks).data.rechunk({0: -1})
+    labels = inference.output == "labels"
+    names = class_names(inference, int(back.shape[0]))
+    if labels:
+        dtype = label_dtype(len(names) + (valid is not None))
+        out = back.map_blocks(reduce_logits, "labels", dtype.str, drop_axis=0, dtype=dtype)
+    else:
+        out = back.map_blocks(reduce_logits, inference.output, "f4", dtype=np.float32)
+    axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
+    result = img.with_data(out, axes=axes, class_names=names if labels or inference.class_names else None,
+                           nodata=None)
+    return nodata_outside(result, valid, len(names) if labels else None), stats
 
 
 def check_input(image: Image) -> Image:
@@ -336,12 +390,27 @@ def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_si
     Returns
     -------
     dict
-        ``shape`` (spatial), ``channels``, ``chunks`` (output chunk sizes per
-        axis), ``n_patches``, ``n_blocks``, ``n_owner_tasks`` and
+        ``shape`` (spatial), ``resampled_shape`` (with a ``target_spacing``
+        that changes it: the grid the patches are laid on), ``channels``,
+        ``chunks`` (output chunk sizes per axis), ``n_patches``, ``n_blocks``, ``n_owner_tasks`` and
         ``est_peak_task_bytes`` (largest owner task: input region, one batch,
         the ``K x region`` accumulator, plus one output chunk).
     """
     img = check_input(image)
+    source_shape = img.spatial_shape
+    if tiling.target_spacing is not None:  # the grid is laid on the resampled image
+        import dask.array as da
+
+        from .resample import resampled_shape
+
+        if len(tiling.target_spacing) != img.spatial_ndim:
+            raise TilingError(f"target_spacing {tiling.target_spacing!r} does not match the {img.spatial_ndim} "
+                              f"spatial axes of {img.source or 'the image'}")
+        lead = tuple(img.data.shape[:1]) if img.has_channels else ()
+        shape = resampled_shape(source_shape, img.spacing, tiling.target_spacing)
+        img = img.with_data(da.empty(lead + shape, dtype=img.dtype, chunks=-1), axes=img.axes,
+                            spacing=tiling.target_spacing)
+        tiling = replace(tiling, target_spacing=None)
     grid = plan_grid(img, tiling, int(batch_size))
     n_ch = img.data.shape[0] if img.has_channels else 1
     k = int(out_channels)
@@ -351,8 +420,10 @@ def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_si
     block_px = int(np.prod([max(c) for c in grid.chunks]))
     out_bytes = block_px * (k * 4 if output != "labels" else label_dtype(k).itemsize)
     est = 4 * (largest * (n_ch + k) + batch_size * patch_px * (n_ch + k)) + out_bytes
+    extra = {"resampled_shape": tuple(img.spatial_shape)} if source_shape != img.spatial_shape else {}
     return {
-        "shape": tuple(img.spatial_shape),
+        **extra,
+        "shape": tuple(source_shape),
         "channels": n_ch,
         "chunks": tuple(max(c) for c in grid.chunks),
         "n_patches": grid.n_patches,

@@ -9,6 +9,7 @@ are.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,11 @@ class TilingOptions:
         Output chunk size per spatial axis (default: see :func:`tileseg.tiling.grid.make_grid`).
     pad_mode : {"reflect", "constant", "edge", "symmetric"}
         Padding of axes shorter than the patch.
+    target_spacing : tuple of float, optional
+        Resample the model input to this spacing (image units, one per spatial
+        axis) and the logits back to the source grid before the labels are
+        made (see :func:`tileseg.graph.segment_resampled`); ``patch_size`` and
+        ``chunks`` then count pixels of the resampled grid.
     """
 
     patch_size: Any
@@ -47,6 +53,7 @@ class TilingOptions:
     blend: str = "gaussian"
     chunks: Any = None
     pad_mode: str = "reflect"
+    target_spacing: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         from .stitching.weights import check_blend
@@ -59,6 +66,13 @@ class TilingOptions:
             raise ConfigError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
         if not isinstance(self.patch_size, (int, Sequence)) or isinstance(self.patch_size, (str, bool)):
             raise ConfigError(f"patch_size must be an int or a sequence of ints, got {self.patch_size!r}")
+        if self.target_spacing is not None:
+            ts = self.target_spacing
+            ok = isinstance(ts, Sequence) and not isinstance(ts, str) and len(ts) in (2, 3)
+            values = tuple(float(v) for v in ts) if ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ts) else ()
+            if not values or not all(math.isfinite(v) and v > 0 for v in values):
+                raise ConfigError(f"target_spacing must be 2 or 3 positive numbers, got {ts!r}")
+            object.__setattr__(self, "target_spacing", values)
         if not isinstance(self.patch_size, int):
             tile_steps(self.patch_size, overlap=self.overlap, overlap_px=self.overlap_px)
 

@@ -82,6 +82,7 @@ Next to the outputs (their common folder) a run writes ``tileseg-run.json``
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from typing import Any, Literal
@@ -281,6 +282,14 @@ class TilingConfig(_Section):
     chunks: list[int] | None = None
     pad_mode: Literal["reflect", "constant", "edge", "symmetric"] = "reflect"
     skip_nodata: bool = True
+    target_spacing: list[float] | None = None
+
+    @field_validator("target_spacing")
+    @classmethod
+    def _target_spacing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (len(v) not in (2, 3) or not all(math.isfinite(s) and s > 0 for s in v)):
+            raise ValueError(f"needs 2 or 3 positive numbers, one per spatial axis (got {v!r})")
+        return v
 
     @field_validator("chunks")
     @classmethod
@@ -296,6 +305,8 @@ class TilingConfig(_Section):
                 raise ValueError(f"chunks needs 2 or 3 entries (got {self.chunks!r})")
             if self.overlap_px is not None:
                 raise ValueError("overlap_px needs patch_size")
+            if self.target_spacing is not None:
+                raise ValueError("target_spacing needs a model and patch_size (methods run on the source grid)")
             return self
         from ..errors import TilingError
         from ..tiling.grid import tile_steps
@@ -309,6 +320,8 @@ class TilingConfig(_Section):
             self.overlap = 0.25
         if self.chunks is not None and len(self.chunks) != n:
             raise ValueError(f"chunks needs {n} entries like patch_size (got {self.chunks!r})")
+        if self.target_spacing is not None and len(self.target_spacing) != n:
+            raise ValueError(f"target_spacing needs {n} entries like patch_size (got {self.target_spacing!r})")
         return self
 
 
@@ -605,7 +618,8 @@ class PipelineConfig(_Section):
         assert t is not None and t.patch_size is not None
         return TilingOptions(patch_size=tuple(t.patch_size), overlap=t.overlap,
                              overlap_px=None if t.overlap_px is None else tuple(t.overlap_px), blend=t.blend,
-                             chunks=None if t.chunks is None else tuple(t.chunks), pad_mode=t.pad_mode)
+                             chunks=None if t.chunks is None else tuple(t.chunks), pad_mode=t.pad_mode,
+                             target_spacing=None if t.target_spacing is None else tuple(t.target_spacing))
 
     def inference_options(self, **runtime: Any) -> Any:
         """The engine's :class:`~tileseg.options.InferenceOptions` (``runtime``: resources, lookahead, ...)."""
