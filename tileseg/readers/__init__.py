@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "expand_inputs",
     "get_reader",
     "item_stem",
+    "safe_name",
     "open_image",
 ]
 
@@ -87,6 +89,8 @@ def detect_reader(path: str, storage_options: dict[str, Any] | None = None) -> t
 def _exists(path: str, storage_options: dict[str, Any] | None) -> bool:
     local = local_path(path)
     if local is not None:
+        if not os.path.exists(local) and "#" in local:  # an item "container#key" from Reader.list_items
+            return os.path.exists(local.rpartition("#")[0])
         return os.path.exists(local)
     import fsspec
 
@@ -253,7 +257,8 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
     if not _exists(item, storage_options):
         raise ImageNotFoundError(f"{item!r} does not exist")
     if found is not None:
-        return [item]
+        listed = found.list_items(item, storage_options=storage_options)
+        return list(listed) if listed else [item]
     if local is not None:
         if os.path.isdir(local):
             images = _list_dir_items(local, storage_options)
@@ -280,7 +285,9 @@ def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -
     spec : str, os.PathLike or sequence of them
         A file, a directory, a glob (``"data/*.zarr"``), an fsspec URL, or a
         list of any of these. A directory that is itself an image (e.g. a Zarr
-        store or group) is one item; a directory holding images (e.g. several
+        store or group) is one item, unless its reader lists several items in
+        it (:meth:`Reader.list_items`: a DICOM study gives ``study#<series>``
+        per series); a directory holding images (e.g. several
         ``*.zarr`` stores) gives one item per image, sorted by name, hidden
         entries skipped.
     storage_options : dict, optional
@@ -318,12 +325,33 @@ def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -
     return out
 
 
+def safe_name(text: str) -> str:
+    """``text`` restricted to ``[A-Za-z0-9._-]``: other characters become ``_``, ``..`` and leading dots go.
+
+    >>> safe_name("../a/b c"), safe_name("...")
+    ('a_b_c', 'item')
+    """
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text))
+    out = re.sub(r"\.{2,}", "_", out).strip("._-")
+    return out or "item"
+
+
 def item_stem(path: str) -> str:
     """Name of an item without folders and image suffixes (for ``{stem}`` in output paths).
 
+    An item ``container#key`` (from :meth:`Reader.list_items`, e.g. one DICOM
+    series) is named by its key, restricted to ``[A-Za-z0-9._-]`` (other
+    characters become ``_``, no leading dot), so no header value can put a
+    separator or ``..`` into an output path.
+
     >>> item_stem("data/scene_01.ome.zarr/"), item_stem("s3://b/x/ct.nii.gz")
     ('scene_01', 'ct')
+    >>> item_stem("study/#1.2.826.0.1"), item_stem("study#../evil")
+    ('1.2.826.0.1', 'evil')
     """
+    head, sep, frag = str(path).rpartition("#")
+    if sep and head and frag:
+        return safe_name(frag)
     base = str(path).rstrip("/").rsplit("/", 1)[-1]
     if is_url(base):  # pragma: no cover - a bare "scheme://" has no name
         return base
