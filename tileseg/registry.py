@@ -30,6 +30,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "readers": {
         "zarr": "tileseg.readers.zarr:ZarrReader",
         "geotiff": "tileseg.readers.geotiff:GeoTiffReader",
+        "dicom": "tileseg.readers.dicom:DicomReader",
     },
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",
