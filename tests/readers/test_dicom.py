@@ -240,3 +240,9 @@ def test_detection_and_non_dicom_folders(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "a.txt").write_text("x" * 200)
     assert not DicomReader.can_open(str(tmp_path / "other"))
+
+
+def test_item_stem_keeps_hash_in_real_file_names(tmp_path):
+    (tmp_path / "scan#2.zarr").mkdir()
+    assert item_stem(str(tmp_path / "scan#2.zarr")) == "scan#2"
+    assert item_stem(str(tmp_path / "study#1.2.3")) == "1.2.3"

@@ -350,7 +350,7 @@ def item_stem(path: str) -> str:
     ('1.2.826.0.1', 'evil')
     """
     head, sep, frag = str(path).rpartition("#")
-    if sep and head and frag:
+    if sep and head and frag and not (local_path(path) is not None and os.path.exists(local_path(path))):
         return safe_name(frag)
     base = str(path).rstrip("/").rsplit("/", 1)[-1]
     if is_url(base):  # pragma: no cover - a bare "scheme://" has no name

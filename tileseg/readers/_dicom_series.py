@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -136,11 +136,29 @@ def series_key(uid: str) -> str:
     return "series-" + hashlib.sha1(uid.encode("utf-8", "replace")).hexdigest()[:16]
 
 
+#: Parsed headers by (path, mtime_ns, size): expanding a study and opening each of its series
+#: items parses every header once per process, not once per item.
+_HEADER_CACHE: dict[tuple[str, int, int], SliceHeader | None] = {}
+_HEADER_CACHE_MAX = 200_000
+
+
+def cached_header(path: str) -> SliceHeader | None:
+    """:func:`read_header` memoised on the file's path, mtime and size."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    if key not in _HEADER_CACHE:
+        if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
+            _HEADER_CACHE.clear()
+        _HEADER_CACHE[key] = read_header(path)
+    h = _HEADER_CACHE[key]
+    return h if h is None or h.path == path else replace(h, path=path)
+
+
 def scan(path: str) -> dict[str, list[SliceHeader]]:
     """Headers of every image file under ``path`` grouped by SeriesInstanceUID (insertion order = first file)."""
     groups: dict[str, list[SliceHeader]] = {}
     for f in dicom_files(path):
-        h = read_header(f)
+        h = cached_header(f)
         if h is not None:
             groups.setdefault(h.series_uid, []).append(h)
     return groups
