@@ -246,3 +246,22 @@ def test_item_stem_keeps_hash_in_real_file_names(tmp_path):
     (tmp_path / "scan#2.zarr").mkdir()
     assert item_stem(str(tmp_path / "scan#2.zarr")) == "scan#2"
     assert item_stem(str(tmp_path / "study#1.2.3")) == "1.2.3"
+
+
+def test_enhanced_multiframe_ct_from_highdicom_equals_the_single_frame_series(tmp_path):
+    hd_legacy = pytest.importorskip("highdicom.legacy")
+    from pydicom.uid import generate_uid
+
+    truth = write_ct_series(tmp_path / "src", shape=SHAPE, spacing=(2.0, 0.7, 0.8),
+                            orientation=(0.8660254, 0.5, 0, -0.5, 0.8660254, 0))
+    shuffled = [pydicom.dcmread(f) for f in truth.files[::2] + truth.files[1::2]]  # frames out of order
+    enhanced = hd_legacy.LegacyConvertedEnhancedCTImage(shuffled, generate_uid(), 2, generate_uid(), 1)
+    (tmp_path / "mf").mkdir()
+    enhanced.save_as(tmp_path / "mf" / "enhanced.dcm")
+    img = open_image(str(tmp_path / "mf" / "enhanced.dcm"), chunks=5)
+    np.testing.assert_array_equal(img.data.compute(), truth.hu)
+    single = open_image(str(tmp_path / "src"))
+    assert img.spacing == pytest.approx(single.spacing) and img.origin == pytest.approx(single.origin)
+    np.testing.assert_allclose(img.direction, single.direction, atol=1e-6)
+    frames = img.attrs["dicom"]["FrameNumbers"]
+    assert sorted(frames) == list(range(1, SHAPE[0] + 1)) and frames != sorted(frames)

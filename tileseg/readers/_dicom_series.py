@@ -55,6 +55,7 @@ class SliceHeader:
     transfer_syntax: str
     compressed: bool
     pixel_bytes: int | None  # bytes available for PixelData (uncompressed only), None if unknown
+    frame: int | None = None  # 0-based frame of an enhanced multi-frame file; None for a single-frame file
 
 
 def is_dicom_file(path: str) -> bool:
@@ -89,8 +90,17 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
-def read_header(path: str) -> SliceHeader | None:
-    """Header facts of one file (``None`` for a DICOM object without pixel data, e.g. a SR)."""
+def _group(ds: Any, frame_item: Any, seq: str, attr: str) -> Any:
+    """``attr`` of functional group ``seq`` in a per-frame item, else in the shared groups."""
+    for holder in (frame_item, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
+        if holder is not None and seq in holder and len(holder[seq].value) and attr in holder[seq].value[0]:
+            return holder[seq].value[0].get(attr)
+    return None
+
+
+def read_header(path: str) -> list[SliceHeader]:
+    """Header facts of one file: one entry, one per frame of an enhanced multi-frame file,
+    or none for a DICOM object without pixel data (e.g. a structured report)."""
     import pydicom
 
     with open(path, "rb") as fh:
@@ -100,7 +110,7 @@ def read_header(path: str) -> SliceHeader | None:
             raise InputError(f"{os.path.basename(path)!r}: not a readable DICOM file: {exc}") from exc
         pixel_start = fh.tell()
     if "Rows" not in ds or "Columns" not in ds:
-        return None
+        return []
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     ts = pydicom.uid.UID(ts or pydicom.uid.ImplicitVRLittleEndian)
     compressed = bool(ts.is_compressed)
@@ -108,21 +118,39 @@ def read_header(path: str) -> SliceHeader | None:
     if not compressed:
         header = 8 if ts.is_implicit_VR else 12
         pixel_bytes = max(os.path.getsize(path) - pixel_start - header, 0)
-    spacing = _floats(ds.get("PixelSpacing"), 2) or (1.0, 1.0)
     thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
-    return SliceHeader(
+    base = SliceHeader(
         path=path, series_uid=str(ds.get("SeriesInstanceUID", "")), study_uid=str(ds.get("StudyInstanceUID", "")),
         frame_uid=str(ds.get("FrameOfReferenceUID", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
         sop_class=str(ds.get("SOPClassUID", "")), modality=str(ds.get("Modality", "")),
         description=str(ds.get("SeriesDescription", "")), rows=int(ds.Rows), cols=int(ds.Columns),
         frames=int(ds.get("NumberOfFrames", 1) or 1), iop=_floats(ds.get("ImageOrientationPatient"), 6),
         ipp=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
-        pixel_spacing=spacing, thickness=float(thickness) if thickness else None,  # type: ignore[arg-type]
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2) or (1.0, 1.0),  # type: ignore[arg-type]
+        thickness=float(thickness) if thickness else None,
         slope=float(ds.get("RescaleSlope", 1.0) or 1.0), intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
         bits_allocated=int(ds.get("BitsAllocated", 16)), bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16))),
         signed=int(ds.get("PixelRepresentation", 0)) == 1, samples=int(ds.get("SamplesPerPixel", 1)),
         transfer_syntax=str(ts), compressed=compressed, pixel_bytes=pixel_bytes,
     )
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if base.frames == 1 or not per_frame:
+        return [base]
+    out = []
+    for i, item in enumerate(per_frame):  # enhanced CT/MR: geometry and rescale per frame or shared
+        spacing = _group(ds, item, "PixelMeasuresSequence", "PixelSpacing")
+        thick = _group(ds, item, "PixelMeasuresSequence", "SpacingBetweenSlices") or _group(
+            ds, item, "PixelMeasuresSequence", "SliceThickness")
+        slope = _group(ds, item, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _group(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")
+        out.append(replace(
+            base, frame=i, iop=_floats(_group(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            ipp=_floats(_group(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            pixel_spacing=_floats(spacing, 2) or base.pixel_spacing, thickness=float(thick) if thick else base.thickness,
+            slope=float(slope) if slope is not None else base.slope,
+            intercept=float(intercept) if intercept is not None else base.intercept,
+        ))
+    return out
 
 
 def series_key(uid: str) -> str:
@@ -138,11 +166,11 @@ def series_key(uid: str) -> str:
 
 #: Parsed headers by (path, mtime_ns, size): expanding a study and opening each of its series
 #: items parses every header once per process, not once per item.
-_HEADER_CACHE: dict[tuple[str, int, int], SliceHeader | None] = {}
+_HEADER_CACHE: dict[tuple[str, int, int], list[SliceHeader]] = {}
 _HEADER_CACHE_MAX = 200_000
 
 
-def cached_header(path: str) -> SliceHeader | None:
+def cached_header(path: str) -> list[SliceHeader]:
     """:func:`read_header` memoised on the file's path, mtime and size."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
@@ -150,22 +178,21 @@ def cached_header(path: str) -> SliceHeader | None:
         if len(_HEADER_CACHE) >= _HEADER_CACHE_MAX:
             _HEADER_CACHE.clear()
         _HEADER_CACHE[key] = read_header(path)
-    h = _HEADER_CACHE[key]
-    return h if h is None or h.path == path else replace(h, path=path)
+    return [h if h.path == path else replace(h, path=path) for h in _HEADER_CACHE[key]]
 
 
 def scan(path: str) -> dict[str, list[SliceHeader]]:
     """Headers of every image file under ``path`` grouped by SeriesInstanceUID (insertion order = first file)."""
     groups: dict[str, list[SliceHeader]] = {}
     for f in dicom_files(path):
-        h = cached_header(f)
-        if h is not None:
+        for h in cached_header(f):
             groups.setdefault(h.series_uid, []).append(h)
     return groups
 
 
 def _names(headers: list[SliceHeader], limit: int = 6) -> str:
-    shown = ", ".join(repr(os.path.basename(h.path)) for h in headers[:limit])
+    shown = ", ".join(repr(os.path.basename(h.path)) + ("" if h.frame is None else f" frame {h.frame + 1}")
+                      for h in headers[:limit])
     return shown + (f" and {len(headers) - limit} more" if len(headers) > limit else "")
 
 
@@ -222,10 +249,10 @@ def assemble(headers: list[SliceHeader], *, tolerance: float = 0.01, repair: Any
     if unknown:
         raise InputError(f"unknown repair(s) {sorted(unknown)!r}; choose from {list(REPAIRS)!r}")
     series = headers[0].series_uid
-    multi = [h for h in headers if h.frames > 1]
+    multi = [h for h in headers if h.frames > 1 and h.frame is None]
     if multi:
         raise InputError(f"DICOM series {series!r}: multi-frame file(s) {_names(multi)} are not supported yet "
-                         "(enhanced CT/MR per-frame geometry is not implemented)")
+                         "(only enhanced multi-frame files with PerFrameFunctionalGroupsSequence are)")
     if len(headers) > 1 or headers[0].iop is not None:
         missing = [h for h in headers if h.iop is None or h.ipp is None]
         if missing:

@@ -34,7 +34,8 @@ The image
   ``units`` millimeter.
 * ``attrs["dicom"]`` (JSON-friendly, copied to outputs, no patient data):
   StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID, SOPClassUID,
-  Modality, SeriesDescription, ``SOPInstanceUIDs`` (sorted order),
+  Modality, SeriesDescription, ``SOPInstanceUIDs`` (sorted order; for an
+  enhanced multi-frame source also ``FrameNumbers``, 1-based, same order),
   ``rescale`` (slope/intercept per slice when they differ, else one pair),
   ``rescale_applied: true`` (so :func:`tileseg.methods.thresholds.fixed_physical`
   does not rescale again), ``irregular_spacing``, TransferSyntaxUID.
@@ -48,9 +49,13 @@ Checks
 Each an :class:`~tileseg.errors.InputError` naming the series and files:
 mixed orientations, differing Rows/Columns, duplicate positions, missing
 slices (a step > 1.5 x the median), non-uniform steps (``spacing_tolerance``,
-default 1 % of the step), tilted stacks, multi-frame files (not supported
-yet), pixel data shorter than Rows x Columns x SamplesPerPixel x BitsAllocated/8
-(uncompressed syntaxes; checked on the header and again when decoding).
+default 1 % of the step), tilted stacks, multi-frame files without
+per-frame functional groups, pixel data shorter than
+Rows x Columns x SamplesPerPixel x frames x BitsAllocated/8 (uncompressed
+syntaxes; checked on the header and again when decoding single-frame files).
+Enhanced CT/MR files (PerFrameFunctionalGroupsSequence) are read frame by
+frame (position, orientation, spacing and rescale per frame or shared) and
+sorted and checked like single-frame files.
 ``repair=["duplicates" | "orientation" | "size" | "spacing"]`` (or ``True``)
 opts into dropping duplicates / minority files or accepting uneven steps,
 with a logged warning. A compressed transfer syntax without a working decoder
@@ -94,6 +99,7 @@ class SliceSource:
 
     def __init__(self, headers: list[SliceHeader], dtype: Any, series: str) -> None:
         self.files = [h.path for h in headers]
+        self.frames = [h.frame for h in headers]
         self.rescale = [(h.slope, h.intercept) for h in headers]
         self.expected = [h.rows * h.cols * h.samples * h.frames * h.bits_allocated // 8 for h in headers]
         self.series = series
@@ -103,18 +109,22 @@ class SliceSource:
 
     def _plane(self, k: int) -> np.ndarray:
         import pydicom
+        from pydicom.pixels import pixel_array
 
         name = os.path.basename(self.files[k])
+        frame = self.frames[k]
+        if frame is not None:
+            name += f" frame {frame + 1}"
         try:
-            ds = pydicom.dcmread(self.files[k])
+            ds = pydicom.dcmread(self.files[k], stop_before_pixels=frame is not None)
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"DICOM series {self.series!r}: cannot read {name!r}: {exc}") from exc
         ts = ds.file_meta.TransferSyntaxUID
-        if not ts.is_compressed and len(ds.get("PixelData", b"") or b"") < self.expected[k]:
+        if frame is None and not ts.is_compressed and len(ds.get("PixelData", b"") or b"") < self.expected[k]:
             raise InputError(f"DICOM series {self.series!r}: {name!r} is truncated: "
                              f"{len(ds.get('PixelData', b'') or b'')} bytes of pixel data, {self.expected[k]} expected")
-        try:
-            raw = ds.pixel_array
+        try:  # one frame of a multi-frame file is decoded alone (pydicom reads only its bytes)
+            raw = ds.pixel_array if frame is None else pixel_array(self.files[k], index=frame)
         except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything
             if ts.is_compressed:
                 raise FormatError(f"DICOM series {self.series!r}: cannot decode {name!r}: transfer syntax "
@@ -302,6 +312,8 @@ class DicomReader(Reader):
             "SOPClassUID": h0.sop_class, "Modality": h0.modality, "SeriesDescription": h0.description,
             "TransferSyntaxUID": sorted({h.transfer_syntax for h in headers}),
             "SOPInstanceUIDs": [h.sop_uid for h in headers],
+            **({"FrameNumbers": [None if h.frame is None else h.frame + 1 for h in headers]}
+               if any(h.frame is not None for h in headers) else {}),
             "rescale": ({"slope": rescale[0][0], "intercept": rescale[0][1]} if len(rescale) == 1 else
                         {"slope": [h.slope for h in headers], "intercept": [h.intercept for h in headers]}),
             "rescale_applied": True, "irregular_spacing": geo.irregular,
