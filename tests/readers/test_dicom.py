@@ -265,3 +265,35 @@ def test_enhanced_multiframe_ct_from_highdicom_equals_the_single_frame_series(tm
     np.testing.assert_allclose(img.direction, single.direction, atol=1e-6)
     frames = img.attrs["dicom"]["FrameNumbers"]
     assert sorted(frames) == list(range(1, SHAPE[0] + 1)) and frames != sorted(frames)
+
+
+def test_each_chunk_decodes_only_its_own_slices(tmp_path, monkeypatch):
+    import pickle
+
+    truth = write_ct_series(tmp_path / "s", shape=SHAPE)
+    img = open_image(str(tmp_path / "s"), chunks=5)
+    opened: list[str] = []
+    real = pydicom.dcmread
+
+    def spy(path, *args, **kwargs):
+        opened.append(os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", spy)
+    block = img.data.blocks[1].compute(scheduler="synchronous")
+    np.testing.assert_array_equal(block, truth.hu[5:10])
+    assert opened == truth.files[5:10]
+    restored = pickle.loads(pickle.dumps(img.data))
+    np.testing.assert_array_equal(restored.compute(scheduler="synchronous"), truth.hu)
+
+
+def test_selection_by_modality_and_unknown_series(tmp_path):
+    make_study(tmp_path / "study")
+    with pytest.raises(InputError, match="holds 3 DICOM series"):
+        open_image(str(tmp_path / "study"), modality="CT")
+    with pytest.raises(InputError, match="no DICOM series matches"):
+        open_image(str(tmp_path / "study"), modality="MR")
+    with pytest.raises(InputError, match="no DICOM series matches"):
+        open_image(str(tmp_path / "study"), series="1.2.3.4")
+    items = expand_inputs(str(tmp_path / "study") + "/")
+    assert all(i.startswith(str(tmp_path / "study") + "#") for i in items)

@@ -226,7 +226,7 @@ class DicomReader(Reader):
         groups = scan(local)
         if len(groups) <= 1:
             return None
-        return [f"{path}#{series_key(uid)}" for uid in groups]
+        return [f"{path.rstrip('/') or '/'}#{series_key(uid)}" for uid in groups]
 
     def open(
         self,
