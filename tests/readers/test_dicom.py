@@ -297,3 +297,24 @@ def test_selection_by_modality_and_unknown_series(tmp_path):
         open_image(str(tmp_path / "study"), series="1.2.3.4")
     items = expand_inputs(str(tmp_path / "study") + "/")
     assert all(i.startswith(str(tmp_path / "study") + "#") for i in items)
+
+
+@pytest.mark.parametrize("name", ["image_dfl.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm"])
+def test_real_files_in_other_uncompressed_syntaxes(name):
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    ds = pydicom.dcmread(path)
+    expected = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    np.testing.assert_array_equal(open_image(path).data.compute()[0], expected)
+
+
+def test_malformed_and_truncated_real_files_name_the_file():
+    from pydicom.data import get_testdata_file
+
+    with pytest.raises(InputError, match=r"'badVR\.dcm'"):
+        open_image(get_testdata_file("badVR.dcm"))
+    with pytest.raises(InputError, match=r"'MR_truncated\.dcm' is truncated: 8130 bytes"):
+        open_image(get_testdata_file("MR_truncated.dcm"))
+    with pytest.raises(InputError, match="samples per pixel"):
+        open_image(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))

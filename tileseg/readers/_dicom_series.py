@@ -115,9 +115,16 @@ def read_header(path: str) -> list[SliceHeader]:
     ts = pydicom.uid.UID(ts or pydicom.uid.ImplicitVRLittleEndian)
     compressed = bool(ts.is_compressed)
     pixel_bytes = None
-    if not compressed:
+    if not compressed and not ts.is_deflated:  # a deflated data set: its length says nothing
         header = 8 if ts.is_implicit_VR else 12
         pixel_bytes = max(os.path.getsize(path) - pixel_start - header, 0)
+    try:
+        return _headers(ds, path, ts, compressed, pixel_bytes)
+    except (TypeError, ValueError) as exc:  # a malformed number in the header
+        raise InputError(f"{os.path.basename(path)!r}: unreadable DICOM header value: {exc}") from exc
+
+
+def _headers(ds: Any, path: str, ts: str, compressed: bool, pixel_bytes: int | None) -> list[SliceHeader]:
     thickness = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
     base = SliceHeader(
         path=path, series_uid=str(ds.get("SeriesInstanceUID", "")), study_uid=str(ds.get("StudyInstanceUID", "")),

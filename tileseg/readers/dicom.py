@@ -55,7 +55,8 @@ Rows x Columns x SamplesPerPixel x frames x BitsAllocated/8 (uncompressed
 syntaxes; checked on the header and again when decoding single-frame files).
 Enhanced CT/MR files (PerFrameFunctionalGroupsSequence) are read frame by
 frame (position, orientation, spacing and rescale per frame or shared) and
-sorted and checked like single-frame files.
+sorted and checked like single-frame files. Colour images (SamplesPerPixel > 1)
+and multi-frame files without functional groups (RT dose, NM, US) are refused.
 ``repair=["duplicates" | "orientation" | "size" | "spacing"]`` (or ``True``)
 opts into dropping duplicates / minority files or accepting uneven steps,
 with a logged warning. A compressed transfer syntax without a working decoder
@@ -289,12 +290,12 @@ class DicomReader(Reader):
         uid = headers[0].series_uid
         geo = assemble(headers, tolerance=float(spacing_tolerance), repair=repair)
         headers = geo.headers
+        dtype = output_dtype(headers)
         for h in headers:
             need = h.rows * h.cols * h.samples * h.frames * h.bits_allocated // 8
             if h.pixel_bytes is not None and h.pixel_bytes < need:
                 raise InputError(f"DICOM series {uid!r}: {os.path.basename(h.path)!r} is truncated: "
                                  f"{h.pixel_bytes} bytes of pixel data, {need} expected")
-        dtype = output_dtype(headers)
         shape = (len(headers), headers[0].rows, headers[0].cols)
         check_budget(path, shape, dtype, max_pixels=max_pixels, max_bytes=max_bytes)
         cz = int(chunks) if chunks is not None else DEFAULT_CHUNK_SLICES
