@@ -318,3 +318,14 @@ def test_malformed_and_truncated_real_files_name_the_file():
         open_image(get_testdata_file("MR_truncated.dcm"))
     with pytest.raises(InputError, match="samples per pixel"):
         open_image(get_testdata_file("SC_ybr_full_422_uncompressed.dcm"))
+
+
+def test_per_slice_rescale_is_applied_slice_by_slice(tmp_path):
+    truth = write_ct_series(tmp_path / "s", shape=SHAPE)
+    ds = pydicom.dcmread(truth.files[3])
+    ds.RescaleIntercept, ds.RescaleSlope = "-1000", "2"
+    ds.save_as(truth.files[3])
+    img = open_image(str(tmp_path / "s"))
+    vol = img.data.compute()
+    np.testing.assert_array_equal(vol, pydicom_volume(truth.files))
+    assert vol.dtype == np.int16 and img.attrs["dicom"]["rescale"]["intercept"][3] == -1000.0
