@@ -62,11 +62,13 @@ class CTSeries:
 def phantom_hu(shape: Sequence[int]) -> np.ndarray:
     """Integer HU phantom of ``shape`` ``(z, y, x)`` (float64 values that are whole numbers)."""
     nz, ny, nx = (int(s) for s in shape)
-    z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij")
+    z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij",
+                          sparse=True)
     hu = np.full((nz, ny, nx), -1000.0)
-    hu[y**2 + x**2 < 0.8**2] = 0.0
-    hu[(z - 0.1) ** 2 + (y - 0.2) ** 2 + (x + 0.2) ** 2 < 0.3**2] = 700.0
-    hu[(z + 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.3) ** 2 < 0.2**2] = 60.0
+    for inside, value in ((y**2 + x**2 < 0.8**2, 0.0),
+                          ((z - 0.1) ** 2 + (y - 0.2) ** 2 + (x + 0.2) ** 2 < 0.3**2, 700.0),
+                          ((z + 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.3) ** 2 < 0.2**2, 60.0)):
+        hu[np.broadcast_to(inside, hu.shape)] = value
     hu += np.round(np.sin(np.arange(nz))[:, None, None] * 3)  # slice-dependent, so order errors show
     return hu
 
