@@ -329,3 +329,20 @@ def test_per_slice_rescale_is_applied_slice_by_slice(tmp_path):
     vol = img.data.compute()
     np.testing.assert_array_equal(vol, pydicom_volume(truth.files))
     assert vol.dtype == np.int16 and img.attrs["dicom"]["rescale"]["intercept"][3] == -1000.0
+
+
+def test_selection_options_filter_the_items_of_a_study(tmp_path):
+    from tileseg.runner import run_pipeline
+
+    make_study(tmp_path / "study")
+    mr = write_ct_series(tmp_path / "study" / "mr", shape=(5, 16, 16), modality="MR")
+    assert len(expand_inputs(str(tmp_path / "study"))) == 4
+    assert len(expand_inputs(str(tmp_path / "study"), options={"modality": "CT"})) == 3
+    assert [item_stem(i) for i in expand_inputs(str(tmp_path / "study"), options={"modality": "mr"})] == [mr.series_uid]
+    assert len(expand_inputs(str(tmp_path / "study"), options={"series": "largest"})) == 1
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: study, options: {modality: CT}}\nmethod: {fixed_physical: {threshold: 300}}\n"
+        "output: {path: 'out/{stem}.zarr'}\n")
+    report = run_pipeline(tmp_path / "p.yaml", scheduler="synchronous")
+    assert report.ok and len(report.items) == 3, [i.error for i in report.items]
+    assert f"{mr.series_uid}.zarr" not in os.listdir(tmp_path / "out")

@@ -230,7 +230,7 @@ def _list_remote_dir_items(url: str, storage_options: dict[str, Any] | None) -> 
     return out
 
 
-def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
+def _expand_one(item: str, storage_options: dict[str, Any] | None, options: dict[str, Any] | None = None) -> list[str]:
     local = local_path(item)
     if any(ch in item for ch in _GLOB_CHARS):
         if local is not None:
@@ -257,7 +257,7 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
     if not _exists(item, storage_options):
         raise ImageNotFoundError(f"{item!r} does not exist")
     if found is not None:
-        listed = found.list_items(item, storage_options=storage_options)
+        listed = found.list_items(item, storage_options=storage_options, options=options)
         return list(listed) if listed else [item]
     if local is not None:
         if os.path.isdir(local):
@@ -277,7 +277,8 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
     raise FormatError(f"{item!r} is not an image tileseg can read")
 
 
-def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None,
+                  options: dict[str, Any] | None = None) -> list[str]:
     """Turn an input spec into the list of items to process.
 
     Parameters
@@ -292,6 +293,9 @@ def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -
         entries skipped.
     storage_options : dict, optional
         fsspec options for URLs.
+    options : dict, optional
+        Reader options (``input.options``); a reader listing items may use its
+        selection options (the DICOM reader's ``series``, ``modality``, ...).
 
     Returns
     -------
@@ -318,7 +322,7 @@ def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -
     out: list[str] = []
     seen: set[str] = set()
     for one in specs:
-        for item in _expand_one(os.fspath(one), storage_options):
+        for item in _expand_one(os.fspath(one), storage_options, options):
             if item not in seen:
                 seen.add(item)
                 out.append(item)

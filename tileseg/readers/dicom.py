@@ -167,8 +167,15 @@ def output_dtype(headers: list[SliceHeader]) -> np.dtype:
     return np.dtype(np.int16) if min(ends) >= -(2**15) and max(ends) < 2**15 else np.dtype(np.int32)
 
 
-def _select(groups: dict[str, list[SliceHeader]], where: str, key: str | None, series: Any,
-            description: str | None, modality: str | None) -> list[SliceHeader]:
+def _matching(groups: dict[str, list[SliceHeader]], where: str, key: str | None, series: Any,
+              description: str | None, modality: str | None) -> list[str]:
+    """UIDs of the series matching the selection (``series="largest"``: the one with most slices).
+
+    Raises
+    ------
+    InputError
+        Nothing matches (the message lists the series).
+    """
     found = list(groups.items())
     if key is not None:
         found = [(u, hs) for u, hs in found if series_key(u) == key or u == key]
@@ -184,11 +191,19 @@ def _select(groups: dict[str, list[SliceHeader]], where: str, key: str | None, s
         raise InputError(f"{where!r}: no DICOM series matches the selection (series available: {listing})")
     if series == "largest":
         found = [max(found, key=lambda t: len(t[1]))]
+    return [u for u, _ in found]
+
+
+def _select(groups: dict[str, list[SliceHeader]], where: str, key: str | None, series: Any,
+            description: str | None, modality: str | None) -> list[SliceHeader]:
+    found = _matching(groups, where, key, series, description, modality)
+    listing = "; ".join(f"{series_key(u)} ({hs[0].modality}, {hs[0].description!r}, {len(hs)} file(s))"
+                        for u, hs in groups.items())
     if len(found) > 1:
         raise InputError(f"{where!r} holds {len(found)} DICOM series: select one with series=<UID>|'largest', "
                          f"series_description or modality, or expand the folder into items "
                          f"(series available: {listing})")
-    return found[0][1]
+    return groups[found[0]]
 
 
 class DicomReader(Reader):
@@ -218,8 +233,13 @@ class DicomReader(Reader):
         return False
 
     @classmethod
-    def list_items(cls, path: str, storage_options: dict[str, Any] | None = None) -> list[str] | None:
-        """One item per series (``path#key``) when ``path`` holds several series, else ``None``."""
+    def list_items(cls, path: str, storage_options: dict[str, Any] | None = None,
+                   options: dict[str, Any] | None = None) -> list[str] | None:
+        """One item per series (``path#key``) when ``path`` holds several series, else ``None``.
+
+        The selection options (``series``, ``series_description``, ``modality``)
+        in ``options`` keep only the series they match.
+        """
         local = local_path(path)
         if local is None or split_item(path)[1] is not None:
             return None
@@ -227,7 +247,10 @@ class DicomReader(Reader):
         groups = scan(local)
         if len(groups) <= 1:
             return None
-        return [f"{path.rstrip('/') or '/'}#{series_key(uid)}" for uid in groups]
+        opts = options or {}
+        keys = [series_key(u) for u in _matching(groups, path, None, opts.get("series"),
+                                                 opts.get("series_description"), opts.get("modality"))]
+        return [f"{path.rstrip('/') or '/'}#{key}" for key in keys]
 
     def open(
         self,

@@ -90,6 +90,7 @@ def write_ct_series(
     series_uid: str | None = None,
     study_uid: str | None = None,
     series_description: str = "phantom",
+    modality: str = "CT",
     seed: int = 0,
     defects: Sequence[str] = (),
     hu: np.ndarray | None = None,
@@ -110,6 +111,8 @@ def write_ct_series(
         ImageOrientationPatient (row direction, then column direction); oblique allowed.
     slope, intercept : float
         Rescale; stored values are ``round((hu - intercept) / slope)`` as int16.
+    modality : str
+        Modality tag (the SOP class stays CT Image Storage).
     defects : sequence of str
         ``"drop"`` (remove a middle slice), ``"duplicate"`` (a slice repeats its
         neighbour's position), ``"truncate"`` (a file loses the end of its
@@ -159,7 +162,7 @@ def write_ct_series(
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
-        ds.Modality, ds.SeriesDescription, ds.SeriesNumber = "CT", series_description, 1
+        ds.Modality, ds.SeriesDescription, ds.SeriesNumber = modality, series_description, 1
         ds.PatientName, ds.PatientID = "Phantom^Secret", "SECRET-ID-42"
         ds.InstanceNumber = int(nz - k)  # deliberately reversed: readers must not rely on it
         iop = list(orientation)
