@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 HEAVY = ("torch", "scipy", "skimage", "dask_image", "sklearn", "zarr", "monai", "distributed", "onnxruntime",
-         "rasterio", "rio_cogeo", "pyogrio", "shapely", "nibabel")
+         "rasterio", "rio_cogeo", "pyogrio", "shapely", "pydicom", "highdicom", "nibabel")
 
 
 def test_import_and_registry_listing_load_nothing_heavy():

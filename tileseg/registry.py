@@ -31,6 +31,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "zarr": "tileseg.readers.zarr:ZarrReader",
         "geotiff": "tileseg.readers.geotiff:GeoTiffReader",
         "nifti": "tileseg.readers.nifti:NiftiReader",
+        "dicom": "tileseg.readers.dicom:DicomReader",
     },
     "writers": {
         "zarr": "tileseg.writers.zarr:ZarrWriter",

@@ -71,7 +71,7 @@ def expand_items(cfg: PipelineConfig) -> list[tuple[str, Exception | None]]:
     seen: set[str] = set()
     for entry in cfg.input.path:
         try:
-            found = expand_inputs(entry, storage_options=storage)
+            found = expand_inputs(entry, storage_options=storage, options=dict(cfg.input.options))
         except Exception as exc:  # ImageNotFoundError, FormatError, OSError from fsspec
             if len(cfg.input.path) == 1:
                 raise ConfigError(f"input.path: {exc}") from exc

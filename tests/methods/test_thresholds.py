@@ -208,3 +208,14 @@ def test_fixed_physical_reads_the_rescale_from_store_attributes(tmp_path):
 
     written = tileseg.open(tmp_path / "out" / "ct.zarr").data.compute()
     np.testing.assert_array_equal(written.astype(bool), remove_small_objects(expected, max_size=2))
+
+
+def test_fixed_physical_does_not_rescale_twice_when_the_reader_applied_it():
+    from tileseg.methods.thresholds import rescale_from_attrs
+
+    attrs = {"dicom": {"rescale_applied": True, "rescale": {"slope": 1.0, "intercept": -1024.0}}}
+    assert rescale_from_attrs(attrs) == (1.0, 0.0)
+    hu = np.array([[-1000, 0], [299, 301]], dtype=np.int16)
+    img = Image(data=da.from_array(hu, chunks=1), axes=("y", "x"), attrs=attrs)
+    out = registry.get("methods", "fixed_physical")(img, threshold=300).compute()
+    np.testing.assert_array_equal(out, [[0, 0], [0, 1]])

@@ -247,9 +247,13 @@ def rescale_from_attrs(metadata: dict) -> tuple[float, float] | None:
 
     Looks for ``rescale_slope``/``rescale_intercept`` and the DICOM keywords
     ``RescaleSlope``/``RescaleIntercept``, at the top level or under
-    ``"dicom"``.
+    ``"dicom"``. An image whose reader already applied the rescale
+    (``attrs["dicom"]["rescale_applied"]`` true, as the DICOM reader sets)
+    gives ``(1.0, 0.0)``.
     """
     if isinstance(metadata.get("dicom"), dict):
+        if metadata["dicom"].get("rescale_applied"):
+            return 1.0, 0.0
         found = rescale_from_attrs(metadata["dicom"])
         if found is not None:
             return found

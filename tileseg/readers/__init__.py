@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "expand_inputs",
     "get_reader",
     "item_stem",
+    "safe_name",
     "open_image",
 ]
 
@@ -87,6 +89,8 @@ def detect_reader(path: str, storage_options: dict[str, Any] | None = None) -> t
 def _exists(path: str, storage_options: dict[str, Any] | None) -> bool:
     local = local_path(path)
     if local is not None:
+        if not os.path.exists(local) and "#" in local:  # an item "container#key" from Reader.list_items
+            return os.path.exists(local.rpartition("#")[0])
         return os.path.exists(local)
     import fsspec
 
@@ -226,7 +230,7 @@ def _list_remote_dir_items(url: str, storage_options: dict[str, Any] | None) -> 
     return out
 
 
-def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
+def _expand_one(item: str, storage_options: dict[str, Any] | None, options: dict[str, Any] | None = None) -> list[str]:
     local = local_path(item)
     if any(ch in item for ch in _GLOB_CHARS):
         if local is not None:
@@ -253,7 +257,8 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
     if not _exists(item, storage_options):
         raise ImageNotFoundError(f"{item!r} does not exist")
     if found is not None:
-        return [item]
+        listed = found.list_items(item, storage_options=storage_options, options=options)
+        return list(listed) if listed else [item]
     if local is not None:
         if os.path.isdir(local):
             images = _list_dir_items(local, storage_options)
@@ -272,7 +277,8 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None) -> list[str]:
     raise FormatError(f"{item!r} is not an image tileseg can read")
 
 
-def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -> list[str]:
+def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None,
+                  options: dict[str, Any] | None = None) -> list[str]:
     """Turn an input spec into the list of items to process.
 
     Parameters
@@ -280,11 +286,16 @@ def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -
     spec : str, os.PathLike or sequence of them
         A file, a directory, a glob (``"data/*.zarr"``), an fsspec URL, or a
         list of any of these. A directory that is itself an image (e.g. a Zarr
-        store or group) is one item; a directory holding images (e.g. several
+        store or group) is one item, unless its reader lists several items in
+        it (:meth:`Reader.list_items`: a DICOM study gives ``study#<series>``
+        per series); a directory holding images (e.g. several
         ``*.zarr`` stores) gives one item per image, sorted by name, hidden
         entries skipped.
     storage_options : dict, optional
         fsspec options for URLs.
+    options : dict, optional
+        Reader options (``input.options``); a reader listing items may use its
+        selection options (the DICOM reader's ``series``, ``modality``, ...).
 
     Returns
     -------
@@ -311,19 +322,40 @@ def expand_inputs(spec: Any, *, storage_options: dict[str, Any] | None = None) -
     out: list[str] = []
     seen: set[str] = set()
     for one in specs:
-        for item in _expand_one(os.fspath(one), storage_options):
+        for item in _expand_one(os.fspath(one), storage_options, options):
             if item not in seen:
                 seen.add(item)
                 out.append(item)
     return out
 
 
+def safe_name(text: str) -> str:
+    """``text`` restricted to ``[A-Za-z0-9._-]``: other characters become ``_``, ``..`` and leading dots go.
+
+    >>> safe_name("../a/b c"), safe_name("...")
+    ('a_b_c', 'item')
+    """
+    out = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text))
+    out = re.sub(r"\.{2,}", "_", out).strip("._-")
+    return out or "item"
+
+
 def item_stem(path: str) -> str:
     """Name of an item without folders and image suffixes (for ``{stem}`` in output paths).
 
+    An item ``container#key`` (from :meth:`Reader.list_items`, e.g. one DICOM
+    series) is named by its key, restricted to ``[A-Za-z0-9._-]`` (other
+    characters become ``_``, no leading dot), so no header value can put a
+    separator or ``..`` into an output path.
+
     >>> item_stem("data/scene_01.ome.zarr/"), item_stem("s3://b/x/ct.nii.gz")
     ('scene_01', 'ct')
+    >>> item_stem("study/#1.2.826.0.1"), item_stem("study#../evil")
+    ('1.2.826.0.1', 'evil')
     """
+    head, sep, frag = str(path).rpartition("#")
+    if sep and head and frag and not (local_path(path) is not None and os.path.exists(local_path(path))):
+        return safe_name(frag)
     base = str(path).rstrip("/").rsplit("/", 1)[-1]
     if is_url(base):  # pragma: no cover - a bare "scheme://" has no name
         return base

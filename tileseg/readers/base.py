@@ -65,6 +65,21 @@ class Reader:
         """
         return False
 
+    @classmethod
+    def list_items(cls, path: str, storage_options: dict[str, Any] | None = None,
+                   options: dict[str, Any] | None = None) -> list[str] | None:
+        """Several items inside ``path`` (e.g. one per DICOM series), or ``None`` when ``path`` is one item.
+
+        ``options`` are the reader options the items will be opened with
+        (a reader may drop items they deselect); unknown keys are ignored.
+
+        Called by :func:`~tileseg.readers.expand_inputs` for a path this
+        reader recognises. Items are ``f"{path}#{key}"`` with a ``key``
+        that :meth:`open` understands; :func:`~tileseg.readers.item_stem`
+        names such an item by its sanitised key.
+        """
+        return None
+
     def open(self, path: str, **options: Any) -> Image:  # pragma: no cover - interface
         """Open ``path`` lazily and return an :class:`~tileseg.image.Image`."""
         raise NotImplementedError
