@@ -1,7 +1,7 @@
 """Check the minimum-versions environment: pins equal pyproject's floors, and are installed.
 
 Run by .ci/run with .venv-min's python. Every ``>=`` floor of the core
-dependencies and of the ``classical``, ``distributed``, ``xarray``, ``geo`` and ``vector`` extras must have a
+dependencies and of the ``classical``, ``distributed``, ``xarray``, ``geo``, ``vector`` and ``medical`` extras must have a
 ``name==floor`` line in .ci/min-versions.txt (and no other lines), and the
 installed distribution must be exactly that version: otherwise the tests in
 that environment would not be testing the declared minimums.
@@ -18,7 +18,7 @@ import tomllib
 from packaging.version import Version  # a dependency of zarr
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("classical", "distributed", "xarray", "geo", "vector")
+EXTRAS = ("classical", "distributed", "xarray", "geo", "vector", "medical")
 
 
 def canon(name: str) -> str:

@@ -95,6 +95,27 @@ def split_item(path: str) -> tuple[str, str | None]:
     return str(path), None
 
 
+def source_files(source: str, series_uid: str, sop_uids: list[str]) -> list[str]:
+    """The files of the slices ``sop_uids`` (in that order) of series ``series_uid`` found under ``source``.
+
+    For writers that must reference the source instances (DICOM SEG) after the
+    reader's own file list was dropped: ``source`` is the item (``"study#key"``,
+    a folder or a file) that the image was read from.
+
+    Raises
+    ------
+    InputError
+        A slice is no longer found under ``source`` (named by its position, never by patient data).
+    """
+    root, _ = split_item(source)
+    by_uid = {h.sop_uid: h.path for h in scan(root).get(series_uid, [])}
+    missing = [i for i, u in enumerate(sop_uids) if u not in by_uid]
+    if missing:
+        raise InputError(f"{root!r}: {len(missing)} source slice(s) of series {series_uid} not found "
+                         f"(first: slice {missing[0]})")
+    return [by_uid[u] for u in sop_uids]
+
+
 class SliceSource:
     """Array-like ``(z, rows, cols)`` over sorted DICOM files; ``__getitem__`` decodes one slab. Picklable."""
 

@@ -164,6 +164,9 @@ def write_ct_series(
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.Modality, ds.SeriesDescription, ds.SeriesNumber = modality, series_description, 1
         ds.PatientName, ds.PatientID = "Phantom^Secret", "SECRET-ID-42"
+        # the rest of the Patient and General Study modules (type 2: present, may be empty)
+        ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "19700101", "O", ""
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
         ds.InstanceNumber = int(nz - k)  # deliberately reversed: readers must not rely on it
         iop = list(orientation)
         if "oblique_one" in defects and k == nz // 3:

@@ -112,9 +112,9 @@ def series_image(series: Series, chunks: Any = (2, -1, -1)) -> Any:
     slices = [pydicom.dcmread(f).pixel_array for f in series.files]
     data = np.stack(slices)
     attrs = {"dicom": {
-        "study_instance_uid": series.study_instance_uid, "series_instance_uid": series.series_instance_uid,
-        "frame_of_reference_uid": series.frame_of_reference_uid, "modality": "CT",
-        "sop_instance_uids": list(series.sop_instance_uids), "files": list(series.files)},
+        "StudyInstanceUID": series.study_instance_uid, "SeriesInstanceUID": series.series_instance_uid,
+        "FrameOfReferenceUID": series.frame_of_reference_uid, "Modality": "CT",
+        "SOPInstanceUIDs": list(series.sop_instance_uids), "files": list(series.files)},
         "rescale_slope": 1.0, "rescale_intercept": 0.0}
     origin = tuple(float(v) for v in series.positions[0][::-1])  # (z, y, x) order of LPS (S, P, L)
     return Image(da.from_array(data, chunks=chunks), axes=("z", "y", "x"), spacing=series.spacing,

@@ -16,8 +16,8 @@ memory, so the write follows the NIfTI writer's plan
   inside the partial folder and renames it onto the final path.
 
 The image must come from a DICOM series: ``attrs["dicom"]`` with
-``study_instance_uid``, ``series_instance_uid``, ``frame_of_reference_uid``,
-``sop_instance_uids`` and ``files`` (one per z slice, sorted along the slice
+``StudyInstanceUID``, ``SeriesInstanceUID``, ``FrameOfReferenceUID``,
+``SOPInstanceUIDs`` and optionally ``files`` (one per z slice, sorted along the slice
 normal, as the dicom reader gives them). Frame ``k`` of the SEG references
 source slice ``k``; highdicom takes each frame's ImagePositionPatient, the
 orientation, pixel spacing and the patient/study attributes from the source
@@ -88,7 +88,9 @@ STORE = "slabs.zarr"
 TARGET_SLAB_BYTES = 64 * 2**20
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "tileseg"
 TYPES = ("binary", "fractional")
-REF_KEYS = ("study_instance_uid", "series_instance_uid", "frame_of_reference_uid", "sop_instance_uids", "files")
+#: What the writer needs from ``attrs["dicom"]`` (the DICOM reader's keyword names) -> its own names.
+REF_KEYS = {"StudyInstanceUID": "study_instance_uid", "SeriesInstanceUID": "series_instance_uid",
+            "FrameOfReferenceUID": "frame_of_reference_uid", "SOPInstanceUIDs": "sop_instance_uids"}
 #: Source attributes whose values never appear in tileseg's messages.
 IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDs", "OtherPatientNames",
                "PatientAddress", "PatientTelephoneNumbers", "PatientMotherBirthName", "AccessionNumber",
@@ -169,17 +171,34 @@ def _label_store_dtype(image: Image) -> np.dtype:
 
 
 def _references(image: Image, path: str) -> dict[str, Any]:
-    """The checked ``attrs["dicom"]`` of ``image`` (see the module docstring)."""
-    refs = image.attrs.get("dicom")
-    if not isinstance(refs, dict) or any(k not in refs for k in REF_KEYS):
+    """The checked ``attrs["dicom"]`` of ``image`` (see the module docstring).
+
+    ``files`` may be absent: the DICOM reader keeps file paths out of ``attrs``
+    (folder names can identify patients, and attrs are copied into outputs), so
+    the files are found again under ``image.source`` by their SOP Instance UIDs.
+    """
+    given = image.attrs.get("dicom")
+    if not isinstance(given, dict) or any(k not in given for k in REF_KEYS):
         raise OutputError(f"{path!r}: the dicom_seg writer needs an image read from a DICOM series "
                           f"(attrs['dicom'] with {', '.join(REF_KEYS)})")
+    refs = {ours: given[theirs] for theirs, ours in REF_KEYS.items()}
+    if given.get("files") is not None:
+        refs["files"] = given["files"]
+    else:
+        from ..readers.dicom import source_files
+
+        try:
+            refs["files"] = source_files(str(image.source), refs["series_instance_uid"],
+                                         list(refs["sop_instance_uids"]))
+        except Exception as exc:
+            raise OutputError(f"{path!r}: cannot find the source DICOM files of series "
+                              f"{refs['series_instance_uid']} under the image's source: {exc}") from None
     files, uids = list(refs["files"]), list(refs["sop_instance_uids"])
     n = image.spatial_shape[0]
     if len(files) != n or len(uids) != n:
         raise OutputError(f"{path!r}: the image has {n} slices but its DICOM references list {len(files)} files "
                           f"and {len(uids)} SOP instance UIDs (series {refs['series_instance_uid']})")
-    return {k: refs[k] for k in REF_KEYS}
+    return refs
 
 
 class DicomSegWriter(Writer):
