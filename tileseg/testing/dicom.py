@@ -167,6 +167,8 @@ def write_ct_series(
         # the rest of the Patient and General Study modules (type 2: present, may be empty)
         ds.PatientBirthDate, ds.PatientSex, ds.ReferringPhysicianName = "19700101", "O", ""
         ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ""
+        ds.Manufacturer = "tileseg synthetic phantom"  # General Equipment (type 2)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]  # CT Image module (type 1)
         ds.InstanceNumber = int(nz - k)  # deliberately reversed: readers must not rely on it
         iop = list(orientation)
         if "oblique_one" in defects and k == nz // 3:
