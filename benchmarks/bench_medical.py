@@ -1,0 +1,144 @@
+"""Benchmark: a CT series, DICOM in -> DICOM SEG + NIfTI out, with a small 3D U-Net.
+
+Variants, each in its own process (wall time and the child's peak RSS from ``wait4``):
+
+* ``tileseg``: ``tileseg run`` of the series (the DICOM reader decodes slabs of
+  slices in their tasks) -> DICOM SEG (highdicom, assembled at the end) and
+  NIfTI (streamed slab by slab);
+* ``tileseg-nifti``: the same with the NIfTI output only (what the engine itself costs);
+* ``usual``: pydicom reads every slice into one float32 volume, MONAI
+  ``sliding_window_inference`` (same net, patch, overlap, Gaussian blending,
+  batch) on it, argmax, nibabel writes the NIfTI (no SEG).
+
+The series is :func:`tileseg.testing.dicom.write_ct_series` (512 x 512 x N,
+shuffled files), written once into the work folder; the net is the bundled
+small 3D U-Net (``examples/models/unet3d.pt``, trained on bright blobs: on the
+z-scored CT it marks the bone sphere), patch 64^3, overlap 0.25, batch 2.
+Ratios are against ``usual`` in the same run.
+
+Usage::
+
+    python benchmarks/bench_medical.py --slices 600
+    python benchmarks/bench_medical.py --slices 64 --size 128          # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "examples" / "models" / "unet3d.pt"  # the bundled small 3D U-Net (bright blobs)
+PATCH, OVERLAP, BATCH = (64, 64, 64), 0.25, 2
+
+
+def prepare(workdir: Path, slices: int, size: int) -> tuple[Path, Path]:
+    """The series (written once) and the model file."""
+    series = workdir / f"ct{slices}x{size}"
+    if not series.exists():
+        from tileseg.testing.dicom import write_ct_series
+
+        write_ct_series(series, shape=(slices, size, size), spacing=(1.25, 0.7, 0.7))
+    return series, MODEL
+
+
+def run_variant(name: str, series: Path, weights: Path, workdir: Path) -> dict:
+    t0 = time.perf_counter()
+    if name.startswith("tileseg"):
+        import tileseg
+
+        outs = [f"{{path: '{workdir}/out_{name}.nii.gz', writer: nifti}}"]
+        if name == "tileseg":
+            outs.append(f"{{path: '{workdir}/out_{name}.dcm', writer: dicom_seg}}")
+        pipe = workdir / f"{name}.yaml"
+        pipe.write_text(
+            "version: 1\n"
+            f"input: {{path: '{series}'}}\n"
+            "preprocess: [zscore]\n"
+            f"tiling: {{patch_size: {list(PATCH)}, overlap: {OVERLAP}}}\n"
+            f"model: {{torchscript: {{path: '{weights}'}}, batch_size: {BATCH}, classes: [background, bright]}}\n"
+            f"outputs: [{', '.join(outs)}]\n"
+            "execution: {scheduler: threads, workers: 2}\n")
+        report = tileseg.run(pipe, resume=False)
+        if report.items[0].status != "ok":
+            raise RuntimeError(report.items[0].error)
+        shape = report.items[0].shape
+    elif name == "usual":
+        import nibabel as nib
+        import numpy as np
+        import pydicom
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        torch.set_num_threads(2)
+        dss = [pydicom.dcmread(f) for f in sorted(series.iterdir())]
+        dss.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+        vol = np.stack([d.pixel_array.astype(np.float32) * float(d.RescaleSlope) + float(d.RescaleIntercept)
+                        for d in dss])
+        del dss
+        vol = (vol - vol.mean()) / vol.std()  # the same global z-score
+        net = torch.jit.load(str(weights)).eval()
+        with torch.inference_mode():
+            logits = sliding_window_inference(torch.from_numpy(vol[None, None]), PATCH, BATCH, net,
+                                              overlap=OVERLAP, mode="gaussian")
+        labels = logits.argmax(1)[0].to(torch.uint8).numpy()
+        del logits
+        nib.save(nib.Nifti1Image(labels.transpose(2, 1, 0), np.eye(4)), str(workdir / "out_usual.nii.gz"))
+        shape = list(vol.shape)
+    else:
+        raise ValueError(name)
+    return {"variant": name, "shape": shape, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def launch(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--slices", str(args.slices), "--size", str(args.size),
+           "--workdir", str(workdir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"variant": name, "error": out.strip()[-300:] or f"exit {status}"}
+    row = json.loads(out.strip().splitlines()[-1])
+    voxels = 1
+    for s in row["shape"]:
+        voxels *= s
+    row["mvox_per_s"] = round(voxels / 1e6 / row["seconds"], 2)
+    row["peak_rss_mib"] = round(usage.ru_maxrss / 1024)
+    row["float_volume_mib"] = round(voxels * 4 / 2**20)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=600)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--variants", nargs="+", default=["tileseg", "tileseg-nifti", "usual"])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tileseg-bench-med-"))
+    series, weights = prepare(workdir, args.slices, args.size)
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, series, weights, workdir)))
+        return
+    rows = [launch(v, args, workdir) for v in args.variants]
+    base = next((r["seconds"] for r in rows if r.get("variant") == "usual" and "seconds" in r), None)
+    print("| variant | volume | seconds | Mvoxel/s | vs usual | peak RSS (MiB) | float32 volume (MiB) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | error: {r['error']} | | | | | |")
+            continue
+        ratio = f"{base / r['seconds']:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {'x'.join(map(str, r['shape']))} | {r['seconds']} | {r['mvox_per_s']} | {ratio} | "
+              f"{r['peak_rss_mib']} | {r['float_volume_mib']} |")
+
+
+if __name__ == "__main__":
+    main()
