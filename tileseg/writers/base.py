@@ -258,3 +258,38 @@ class GuardedTarget:
     def __setitem__(self, key: Any, value: Any) -> None:
         if os.path.isdir(self.target):
             self.arr[key] = value
+
+
+class SingleFileWriter(Writer):
+    """Base of writers whose output is one file built in ``finalize`` (COG, NIfTI, DICOM SEG, polygons).
+
+    The run writes blocks into a hidden partial folder beside the output;
+    ``finalize`` builds the file inside it and calls :meth:`publish`;
+    :meth:`abort` removes the folder. Subclasses give ``_status(path)``: the
+    status recorded in an existing file (``None`` when the path is free).
+    """
+
+    @staticmethod
+    def _status(path: str) -> str | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def publish(self, handle: WriteHandle, built: str, final: str, overwrite: bool) -> None:
+        """Move the finished file ``built`` onto ``final`` and remove the partial folder.
+
+        Raises
+        ------
+        OutputError
+            Something appeared at ``final`` while writing (and ``overwrite`` is false);
+            the new file is left in the partial folder.
+        """
+        from ..errors import OutputError
+
+        if self._status(final) is not None and not overwrite:
+            raise OutputError(f"{handle.path!r} was created by someone else while writing; left the new output "
+                              f"at {built!r}")
+        move_into_place(built, final)
+        shutil.rmtree(handle.target, ignore_errors=True)
+
+    def abort(self, handle: WriteHandle) -> None:
+        """Remove the partial folder (the final path is untouched)."""
+        shutil.rmtree(handle.target, ignore_errors=True)

@@ -51,7 +51,13 @@ from ..errors import ConfigError, OutputError, require
 from ..image import Image
 from ..report import now_iso
 from ..store import local_path
-from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .base import (
+    GuardedTarget,
+    SingleFileWriter,
+    WriteHandle,
+    check_axes,
+    partial_sibling,
+)
 from .cog_build import STORE
 from .zarr import align
 
@@ -163,10 +169,11 @@ def _check_options(compress: str, blocksize: int, resampling: str | None, probab
         raise ConfigError(f"predictor must be None, 1 (none), 2 (horizontal) or 3 (floating point), got {predictor!r}")
 
 
-class COGWriter(Writer):
+class COGWriter(SingleFileWriter):
     """Write a 2-D image (optionally with channels) as a Cloud-Optimized GeoTIFF (see the module docstring)."""
 
     name = "cog"
+    _status = staticmethod(_status)
 
     def prepare(
         self,
@@ -313,17 +320,9 @@ class COGWriter(Writer):
             raise
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: building the COG failed: {exc}") from exc
-        existing = _status(final)
-        if existing is not None and not d["overwrite"]:
-            raise OutputError(f"{handle.path!r} was created by someone else while writing; "
-                              f"left the new output at {cog!r}")
-        move_into_place(cog, final)
-        shutil.rmtree(handle.target, ignore_errors=True)
+        self.publish(handle, cog, final, d["overwrite"])
         log.info("finished %s", handle.path)
 
-    def abort(self, handle: WriteHandle) -> None:
-        """Remove the partial folder (the final path is untouched)."""
-        shutil.rmtree(handle.target, ignore_errors=True)
 
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """See :func:`is_complete`."""

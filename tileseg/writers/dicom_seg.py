@@ -79,7 +79,13 @@ from ..errors import ConfigError, OutputError, require
 from ..image import Image, label_dtype
 from ..report import now_iso
 from ..store import local_path
-from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .base import (
+    GuardedTarget,
+    SingleFileWriter,
+    WriteHandle,
+    check_axes,
+    partial_sibling,
+)
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -201,10 +207,11 @@ def _references(image: Image, path: str) -> dict[str, Any]:
     return refs
 
 
-class DicomSegWriter(Writer):
+class DicomSegWriter(SingleFileWriter):
     """Write a segmentation of a DICOM series as one DICOM SEG file (see the module docstring)."""
 
     name = "dicom_seg"
+    _status = staticmethod(_status)
 
     def prepare(
         self,
@@ -369,18 +376,10 @@ class DicomSegWriter(Writer):
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: building the DICOM SEG failed: "
                               f"{type(exc).__name__}: {scrub(str(exc), sources[:1])}") from None
-        existing = _status(final)
-        if existing is not None and not d["overwrite"]:
-            raise OutputError(f"{handle.path!r} was created by someone else while writing; left the new output "
-                              f"at {out!r}")
-        move_into_place(out, final)
-        shutil.rmtree(handle.target, ignore_errors=True)
+        self.publish(handle, out, final, d["overwrite"])
         log.info("finished %s (SEG %s for series %s)", handle.path, d["sop_instance_uid"],
                  d["refs"]["series_instance_uid"])
 
-    def abort(self, handle: WriteHandle) -> None:
-        """Remove the partial folder (the final path is untouched)."""
-        shutil.rmtree(handle.target, ignore_errors=True)
 
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """See :func:`is_complete`."""

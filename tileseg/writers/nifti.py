@@ -65,7 +65,13 @@ from ..image import Image, label_dtype
 from ..readers.nifti import ECODE, tileseg_record
 from ..report import now_iso
 from ..store import local_path
-from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .base import (
+    GuardedTarget,
+    SingleFileWriter,
+    WriteHandle,
+    check_axes,
+    partial_sibling,
+)
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -145,10 +151,11 @@ def _convert(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return block.astype(dtype, copy=False)
 
 
-class NiftiWriter(Writer):
+class NiftiWriter(SingleFileWriter):
     """Write a 3-D image (optionally with channels) as ``.nii.gz`` or ``.nii`` (see the module docstring)."""
 
     name = "nifti"
+    _status = staticmethod(_status)
 
     def prepare(
         self,
@@ -285,17 +292,9 @@ class NiftiWriter(Writer):
             raise
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: writing the NIfTI file failed: {exc}") from exc
-        existing = _status(final)
-        if existing is not None and not d["overwrite"]:
-            raise OutputError(f"{handle.path!r} was created by someone else while writing; left the new output "
-                              f"at {out!r}")
-        move_into_place(out, final)
-        shutil.rmtree(handle.target, ignore_errors=True)
+        self.publish(handle, out, final, d["overwrite"])
         log.info("finished %s", handle.path)
 
-    def abort(self, handle: WriteHandle) -> None:
-        """Remove the partial folder (the final path is untouched)."""
-        shutil.rmtree(handle.target, ignore_errors=True)
 
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """See :func:`is_complete`."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import uuid
 from typing import Any
 
@@ -51,7 +50,7 @@ from ..errors import OutputError, require
 from ..image import Image
 from ..report import now_iso
 from ..store import local_path
-from .base import WriteHandle, Writer, move_into_place, partial_sibling
+from .base import SingleFileWriter, WriteHandle, partial_sibling
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +116,11 @@ def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> boo
         return False
 
 
-class VectorWriter(Writer):
+class VectorWriter(SingleFileWriter):
     """Polygons per class of a 2-D class map (see the module docstring)."""
 
     name = "vector"
+    _status = staticmethod(_status)
 
     def prepare(
         self,
@@ -232,15 +232,9 @@ class VectorWriter(Writer):
             raise
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: writing the polygons failed: {exc}") from exc
-        if _status(final) is not None and not d["overwrite"]:
-            raise OutputError(f"{handle.path!r} was created by someone else while writing; left the new output at {out!r}")
-        move_into_place(out, final)
-        shutil.rmtree(handle.target, ignore_errors=True)
+        self.publish(handle, out, final, d["overwrite"])
         log.info("finished %s (%d features)", handle.path, len(features))
 
-    def abort(self, handle: WriteHandle) -> None:
-        """Remove the partial folder (the final path is untouched)."""
-        shutil.rmtree(handle.target, ignore_errors=True)
 
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """See :func:`is_complete`."""
