@@ -273,6 +273,53 @@ class SingleFileWriter(Writer):
     def _status(path: str) -> str | None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def local_output(self, path: str, storage_options: dict[str, Any] | None) -> str:
+        """The local path of ``path``; these writers write local files only (write locally, then upload).
+
+        Raises
+        ------
+        OutputError
+            A URL, or storage options.
+        """
+        from ..errors import OutputError
+        from ..store import local_path
+
+        local = local_path(path)
+        if local is None or storage_options:
+            raise OutputError(f"{path!r}: the {self.name} writer writes local files only (write locally, then upload)")
+        return local
+
+    def claim(self, path: str, local: str, overwrite: bool, what: str) -> tuple[str, str]:
+        """``(final, partial folder)`` for ``local``, refusing an existing output unless ``overwrite``.
+
+        ``what`` names a foreign file of this format in the message (``"a GeoTIFF"``).
+
+        Raises
+        ------
+        OutputError
+            Something is at the path (a finished output or a file of this format, without
+            ``overwrite``; anything else always, from ``_status``).
+        """
+        from ..errors import OutputError
+
+        final, target = partial_sibling(local)
+        existing = self._status(final)
+        if existing is not None and not overwrite:
+            kind = "a finished tileseg output" if existing == "complete" else what
+            raise OutputError(f"{path!r} already exists ({kind}); pass overwrite=True to replace it")
+        return final, target
+
+    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
+        """Whether ``path`` is a local file of this writer whose recorded status is ``complete``."""
+        from ..errors import OutputError
+        from ..store import local_path
+
+        local = local_path(str(path))
+        try:
+            return local is not None and self._status(local) == "complete"
+        except OutputError:
+            return False
+
     def publish(self, handle: WriteHandle, built: str, final: str, overwrite: bool) -> None:
         """Move the finished file ``built`` onto ``final`` and remove the partial folder.
 

@@ -50,13 +50,11 @@ import numpy as np
 from ..errors import ConfigError, OutputError, require
 from ..image import Image
 from ..report import now_iso
-from ..store import local_path
 from .base import (
     GuardedTarget,
     SingleFileWriter,
     WriteHandle,
     check_axes,
-    partial_sibling,
 )
 from .cog_build import STORE
 from .zarr import align
@@ -148,11 +146,7 @@ def _status(path: str) -> str | None:
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether ``path`` is a GeoTIFF whose tag ``TILESEG_STATUS`` says ``complete``."""
-    local = local_path(str(path))
-    try:
-        return local is not None and _status(local) == "complete"
-    except OutputError:
-        return False
+    return COGWriter().is_complete(path, storage_options)
 
 
 def _check_options(compress: str, blocksize: int, resampling: str | None, probabilities_as: str,
@@ -232,9 +226,7 @@ class COGWriter(SingleFileWriter):
         from zarr.storage import LocalStore
 
         path = os.fspath(path)
-        local = local_path(path)
-        if local is None or storage_options:
-            raise OutputError(f"{path!r}: the cog writer writes local files only (write locally, then upload)")
+        local = self.local_output(path, storage_options)
         axes = check_axes(image.axes, image.data.ndim, path)
         if image.spatial_ndim != 2:
             raise OutputError(f"{path!r}: a GeoTIFF holds 2-D images; got axes {axes!r}")
@@ -247,11 +239,7 @@ class COGWriter(SingleFileWriter):
             raise ConfigError("predictor 3 (floating point) cannot be combined with probabilities_as='float16'")
         resampling = overview_resampling or {"classes": "mode", "probabilities": "average"}.get(plan["kind"], "nearest")
 
-        final, target = partial_sibling(local)
-        existing = _status(final)
-        if existing is not None and not overwrite:
-            what = "a finished tileseg output" if existing == "complete" else "a GeoTIFF"
-            raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
+        final, target = self.claim(path, local, overwrite, "a GeoTIFF")
 
         shape = tuple(int(s) for s in image.data.shape)
         chunks = ((shape[0],) if image.has_channels else ()) + (min(blocksize, shape[-2]), min(blocksize, shape[-1]))
@@ -324,9 +312,6 @@ class COGWriter(SingleFileWriter):
         log.info("finished %s", handle.path)
 
 
-    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
-        """See :func:`is_complete`."""
-        return is_complete(path, storage_options)
 
 
 def _descriptions(image: Image, plan: dict[str, Any], names: list[str] | None, n_bands: int) -> list[str | None]:

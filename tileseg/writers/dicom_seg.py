@@ -78,13 +78,11 @@ import numpy as np
 from ..errors import ConfigError, OutputError, require
 from ..image import Image, label_dtype
 from ..report import now_iso
-from ..store import local_path
 from .base import (
     GuardedTarget,
     SingleFileWriter,
     WriteHandle,
     check_axes,
-    partial_sibling,
 )
 from .zarr import align
 
@@ -141,11 +139,7 @@ def _status(path: str) -> str | None:
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether ``path`` is a DICOM file whose tileseg private block says ``complete``."""
-    local = local_path(str(path))
-    try:
-        return local is not None and _status(local) == "complete"
-    except OutputError:
-        return False
+    return DicomSegWriter().is_complete(path, storage_options)
 
 
 def scrub(message: str, datasets: Any) -> str:
@@ -266,9 +260,7 @@ class DicomSegWriter(SingleFileWriter):
         from zarr.storage import LocalStore
 
         path = os.fspath(path)
-        local = local_path(path)
-        if local is None or storage_options:
-            raise OutputError(f"{path!r}: the dicom_seg writer writes local files only (write locally, then upload)")
+        local = self.local_output(path, storage_options)
         if not local.lower().endswith(".dcm"):
             raise OutputError(f"{path!r}: a DICOM SEG output must be named *.dcm")
         axes = check_axes(image.axes, image.data.ndim, path)
@@ -297,11 +289,7 @@ class DicomSegWriter(SingleFileWriter):
             raise OutputError(f"{path!r}: image slices are {image.spatial_shape[1:]} (y, x) but the source "
                               f"{first!r} has {rows} rows x {cols} columns")
 
-        final, target = partial_sibling(local)
-        existing = _status(final)
-        if existing is not None and not overwrite:
-            what = "a finished tileseg output" if existing == "complete" else "a DICOM file"
-            raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
+        final, target = self.claim(path, local, overwrite, "a DICOM file")
         if segmentation_type == "binary":
             dtype = _label_store_dtype(image)
         else:
@@ -381,9 +369,6 @@ class DicomSegWriter(SingleFileWriter):
                  d["refs"]["series_instance_uid"])
 
 
-    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
-        """See :func:`is_complete`."""
-        return is_complete(path, storage_options)
 
 
 __all__ = ["DicomSegWriter", "is_complete", "scrub"]

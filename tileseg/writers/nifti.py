@@ -64,13 +64,11 @@ from ..geometry import ras_from_lps_affine, world_affine
 from ..image import Image, label_dtype
 from ..readers.nifti import ECODE, tileseg_record
 from ..report import now_iso
-from ..store import local_path
 from .base import (
     GuardedTarget,
     SingleFileWriter,
     WriteHandle,
     check_axes,
-    partial_sibling,
 )
 from .zarr import align
 
@@ -140,11 +138,7 @@ def _status(path: str) -> str | None:
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether ``path`` is a NIfTI file whose tileseg header extension says ``complete``."""
-    local = local_path(str(path))
-    try:
-        return local is not None and _status(local) == "complete"
-    except OutputError:
-        return False
+    return NiftiWriter().is_complete(path, storage_options)
 
 
 def _convert(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -203,9 +197,7 @@ class NiftiWriter(SingleFileWriter):
         from zarr.storage import LocalStore
 
         path = os.fspath(path)
-        local = local_path(path)
-        if local is None or storage_options:
-            raise OutputError(f"{path!r}: the nifti writer writes local files only (write locally, then upload)")
+        local = self.local_output(path, storage_options)
         if not local.lower().endswith((".nii", ".nii.gz")):
             raise OutputError(f"{path!r}: a NIfTI output must be named *.nii.gz or *.nii")
         axes = check_axes(image.axes, image.data.ndim, path)
@@ -220,11 +212,7 @@ class NiftiWriter(SingleFileWriter):
         except OutputError as exc:
             raise OutputError(f"{path!r}: {exc}") from None
 
-        final, target = partial_sibling(local)
-        existing = _status(final)
-        if existing is not None and not overwrite:
-            what = "a finished tileseg output" if existing == "complete" else "a NIfTI file"
-            raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
+        final, target = self.claim(path, local, overwrite, "a NIfTI file")
 
         shape = tuple(int(s) for s in image.data.shape)
         n_c = shape[0] if image.has_channels else 1
@@ -296,9 +284,6 @@ class NiftiWriter(SingleFileWriter):
         log.info("finished %s", handle.path)
 
 
-    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
-        """See :func:`is_complete`."""
-        return is_complete(path, storage_options)
 
 
 def header_for(handle: WriteHandle, record: dict[str, Any]) -> Any:

@@ -49,8 +49,7 @@ import numpy as np
 from ..errors import OutputError, require
 from ..image import Image
 from ..report import now_iso
-from ..store import local_path
-from .base import SingleFileWriter, WriteHandle, partial_sibling
+from .base import SingleFileWriter, WriteHandle
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +108,7 @@ def _geojson_status(path: str) -> dict[str, Any] | None:
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
     """Whether ``path`` is a vector file whose recorded tileseg status is ``complete``."""
-    local = local_path(str(path))
-    try:
-        return local is not None and _status(local) == "complete"
-    except OutputError:
-        return False
+    return VectorWriter().is_complete(path, storage_options)
 
 
 class VectorWriter(SingleFileWriter):
@@ -162,20 +157,14 @@ class VectorWriter(SingleFileWriter):
         from ..errors import ConfigError
 
         path = os.fspath(path)
-        local = local_path(path)
-        if local is None or storage_options:
-            raise OutputError(f"{path!r}: the vector writer writes local files only")
+        local = self.local_output(path, storage_options)
         driver = _driver(local)
         if image.axes != ("y", "x") or image.dtype.kind not in "biu":
             raise OutputError(f"{path!r}: polygons need a 2-D integer class map with axes ('y', 'x'); "
                               f"got axes {image.axes!r}, dtype {str(image.dtype)!r}")
         if not isinstance(simplify_tolerance, (int, float)) or simplify_tolerance < 0:
             raise ConfigError(f"simplify_tolerance must be a number >= 0 (CRS units), got {simplify_tolerance!r}")
-        final, target = partial_sibling(local)
-        existing = _status(final)
-        if existing is not None and not overwrite:
-            what = "a finished tileseg output" if existing == "complete" else f"a {driver} file"
-            raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
+        final, target = self.claim(path, local, overwrite, f"a {driver} file")
         os.makedirs(os.path.join(target, "pieces"))
         chunks = tuple(tuple(int(c) for c in cs) for cs in image.data.chunks)
         details = {
@@ -236,9 +225,6 @@ class VectorWriter(SingleFileWriter):
         log.info("finished %s (%d features)", handle.path, len(features))
 
 
-    def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
-        """See :func:`is_complete`."""
-        return is_complete(path, storage_options)
 
 
 def _write_pieces(block: np.ndarray, offset: tuple[int, int], name: str) -> None:
