@@ -3,8 +3,11 @@
 What it opens
 -------------
 A DICOM file (``.dcm`` name, or the 128-byte preamble + ``DICM``), a series
-folder, or a study/archive tree (DICOMDIR is not needed and not read). Local
-paths only. Headers are scanned once with ``stop_before_pixels=True``.
+folder, a study/archive tree, or a DICOMDIR (a file-set's directory: the files
+it references, read with :class:`pydicom.fileset.FileSet`; a referenced file
+that is missing or outside the DICOMDIR's folder is an error). In a tree, the
+files referenced by any DICOMDIR are added to those found by their preamble.
+Local paths only. Headers are scanned once with ``stop_before_pixels=True``.
 
 Items
 -----
