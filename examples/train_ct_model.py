@@ -15,7 +15,6 @@ and the TorchScript export are those of ``examples/train_demo_model.py``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train_demo_model import fit, save_torchscript  # noqa: E402  (examples/ is on sys.path)
+from train_demo_model import fit, save_torchscript, trainer_args  # noqa: E402  (examples/ is on sys.path)
 
 from tileseg.predictors.unet import UNet  # noqa: E402
 from tileseg.preprocess_medical import ct_window  # noqa: E402
@@ -48,14 +47,7 @@ def volume(shape: tuple[int, int, int], noise_hu: float, seed: int) -> tuple[np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "examples" / "models" / "ct_unet3d.pt")
-    ap.add_argument("--iters", type=int, default=ITERS)
-    ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = trainer_args(argv, __doc__, ROOT / "examples" / "models" / "ct_unet3d.pt", ITERS, 3)
     t0 = time.perf_counter()
     pairs = [volume(s, 10.0, args.seed * 10 + i) for i, s in enumerate(SHAPES)]
     model = UNet(1, len(CLASSES), spatial_dims=3, depth=2, base_features=4, norm="batch")

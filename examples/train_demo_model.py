@@ -125,6 +125,19 @@ def save_torchscript(model: torch.nn.Module, out: Path, probe: np.ndarray) -> No
         raise RuntimeError(f"TorchScript output differs from the eager model by {diff}")
 
 
+def trainer_args(argv: list[str] | None, doc: str, out: Path, iters: int, seed: int) -> argparse.Namespace:
+    """``--out``, ``--iters``, ``--seed``, ``--threads`` of a one-model trainer; sets torch's threads and seed."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--seed", type=int, default=seed)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return args
+
+
 def train(dims: int, out: Path, seed: int, iters: int | None) -> dict:
     cfg = SETTINGS[dims]
     iters = iters or cfg["iters"]

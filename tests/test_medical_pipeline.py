@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -129,3 +130,37 @@ def test_ct_example_model_and_threshold_pipelines_find_the_phantoms_anatomy(tmp_
     scores = {name: dice(labels == k, anatomy == names.index(name)) for k, name in ((1, "bone"), (2, "soft_tissue"))}
     assert scores["bone"] > 0.95 and scores["soft_tissue"] > 0.8, scores
     check_seg(seg_path, folder, sops, labels, ["bone", "soft_tissue"])
+
+
+def test_no_patient_identifier_in_logs_reports_names_or_non_dicom_outputs(tmp_path, caplog):
+    """The phantom's PatientName/PatientID appear nowhere but in the DICOM SEG (which copies them by design)."""
+    import logging
+
+    import nibabel as nib
+
+    from tileseg.readers.nifti import tileseg_record
+
+    write_ct_series(tmp_path / "study" / "a", shape=(10, 24, 20), seed=1)
+    write_ct_series(tmp_path / "study" / "b", shape=(8, 24, 20), seed=2)
+    (tmp_path / "p.yaml").write_text(
+        "version: 1\ninput: {path: study}\nmethod: {fixed_physical: {threshold: 300}}\n"
+        "outputs: [{path: 'out/{stem}.dcm', writer: dicom_seg}, {path: 'out/{stem}.nii.gz', writer: nifti},\n"
+        "          {path: 'out/{stem}.zarr', writer: zarr}]\n")
+    with caplog.at_level(logging.DEBUG):
+        report = tileseg.run(tmp_path / "p.yaml", scheduler="synchronous")
+    assert report.ok and len(report.items) == 2, [i.error for i in report.items]
+    secrets = ("Phantom", "Secret", "SECRET-ID-42", "19700101")
+    texts = [r.getMessage() for r in caplog.records] + [str(report.to_dict())]
+    for root, _dirs, files in os.walk(tmp_path / "out"):
+        texts.append(root)
+        texts += files
+        for name in files:
+            if name.endswith((".json", ".zattrs", "zarr.json")):
+                texts.append(Path(root, name).read_text())
+    for nii_path in (tmp_path / "out").glob("*.nii.gz"):
+        header = nib.load(nii_path).header
+        texts += [str(tileseg_record(header)), str(header["descrip"]), str(header["intent_name"])]
+    for secret in secrets:
+        assert not [t for t in texts if secret in t], secret
+    seg = hd.seg.segread(next((tmp_path / "out").glob("*.dcm")))
+    assert str(seg.PatientID) == "SECRET-ID-42"  # the SEG does carry the patient module, as DICOM requires
