@@ -19,11 +19,18 @@
 
 The last two need the ``distributed`` extra (``pip install 'tileseg[distributed]'``).
 
-GPU tasks: when ``resources`` is set and the scheduler is distributed, the
-runner builds the model-inference part of the graph inside
-``dask.annotate(resources=...)`` (see :func:`model_annotations`), so at most
-one inference task per declared ``GPU`` unit runs at a time on each worker,
-while reading, writing and post-processing tasks are scheduled freely.
+GPU tasks: with ``resources`` on a distributed scheduler, model inference
+tasks run only on workers that offer them, whatever graph optimisation does
+(see :mod:`tileseg.placement`), while reading, writing and post-processing
+tasks are scheduled freely. The run fails early with a
+:class:`~tileseg.errors.PlacementError` when no worker offers the resources,
+both before anything is submitted and when such workers leave during a run.
+
+``local`` with GPUs: when this process sees CUDA devices and ``resources``
+names ``GPU`` (or neither ``resources`` nor ``workers`` is set), the cluster
+has one worker process per visible device, each pinned to it with
+``CUDA_VISIBLE_DEVICES`` and declaring ``GPU: 1`` (dask-cuda's
+``LocalCUDACluster`` when installed).
 """
 
 from __future__ import annotations
@@ -154,19 +161,12 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
 
     distributed = _require_distributed()
     if name == "local":
-        spawn_env = {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": int(arenas)} if arenas else {}
-        with dask.config.set(spawn_env):
-            cluster = distributed.LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads,
-                processes=True,
-                resources=resources or None,
-                dashboard_address=None,
-                silence_logs=logging.WARNING,
-            )
+        cluster = _local_cluster(distributed, workers, threads, resources, arenas)
         try:
             with distributed.Client(cluster, set_as_default=True) as client:
-                yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+                info = SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+                _prepare_placement(info)
+                yield info
         finally:
             cluster.close()
         return
@@ -176,7 +176,42 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"execution.scheduler: cannot connect to {name!r}: {exc}") from exc
     with client:
-        yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+        info = SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+        _prepare_placement(info)
+        yield info
+
+
+def _local_cluster(distributed: Any, workers: int | None, threads: int, resources: dict[str, float],
+                   arenas: int | None) -> Any:
+    """``scheduler: local``: one worker per GPU when there are GPUs to use, else a LocalCluster."""
+    import dask
+
+    from . import placement
+
+    spawn_env = {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": int(arenas)} if arenas else {}
+    wants_gpus = "GPU" in resources or (not resources and workers is None)
+    n_devices = placement.device_count() if wants_gpus else 0
+    with dask.config.set(spawn_env):
+        if n_devices:
+            if workers is not None and workers != n_devices:
+                log.info("execution.workers %d replaced by one worker per GPU (%d)", workers, n_devices)
+            return placement.local_gpu_cluster(threads, resources, n_devices)
+        return distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            resources=resources or None,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        )
+
+
+def _prepare_placement(info: SchedulerInfo) -> None:
+    """Distributed with resources: check that a worker offers them, and install the placement plugin."""
+    if info.client is not None and info.resources:
+        from . import placement
+
+        placement.prepare(info.resources, client=info.client)
 
 
 def _process_pool(workers: int | None, arenas: int | None = None) -> Any:
@@ -207,15 +242,6 @@ def _require_distributed() -> Any:
     return require("distributed", "distributed")
 
 
-def model_annotations(info: SchedulerInfo | None) -> contextlib.AbstractContextManager[Any]:
-    """``dask.annotate(resources=...)`` for model tasks on a distributed scheduler, else a no-op."""
-    if info is None or not info.distributed or not info.resources:
-        return contextlib.nullcontext()
-    import dask
-
-    return dask.annotate(resources=dict(info.resources))
-
-
 def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = False) -> tuple[Any, ...]:
     """Compute dask collections on the active scheduler, with an optional progress bar.
 
@@ -237,13 +263,75 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
     import dask
 
     if info is not None and info.client is not None:
+        if info.resources:
+            from .placement import check_workers
+
+            check_workers(info.client, info.resources)
         futures = info.client.compute(list(collections))
-        if progress:
-            _require_distributed().progress(futures)
-        return tuple(info.client.gather(futures))
+        with _watch_resources(info, futures) as watch:
+            try:
+                if progress:
+                    _require_distributed().progress(futures)
+                return tuple(info.client.gather(futures))
+            except BaseException as exc:
+                if watch.error is not None:
+                    raise watch.error from exc
+                raise
     if progress:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(minimum=0.5):
             return dask.compute(*collections)
     return dask.compute(*collections)
+
+
+#: Seconds between checks that a worker still offers the inference resources, and how long none may.
+WATCH_INTERVAL_S = 1.0
+WATCH_GRACE_S = 10.0
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+
+
+@contextlib.contextmanager
+def _watch_resources(info: SchedulerInfo, futures: list[Any]) -> Iterator[_Watch]:
+    """While ``futures`` run: if no worker offers ``info.resources`` for ``WATCH_GRACE_S`` seconds,
+    record a :class:`~tileseg.errors.PlacementError` and cancel them (instead of waiting forever)."""
+    import threading
+    import time
+
+    from .errors import PlacementError
+    from .placement import check_workers
+
+    watch = _Watch()
+    if not info.resources:
+        yield watch
+        return
+    stop = threading.Event()
+
+    def run() -> None:
+        missing_since: float | None = None
+        while not stop.wait(WATCH_INTERVAL_S):
+            try:
+                check_workers(info.client, info.resources)
+                missing_since = None
+            except PlacementError as exc:
+                now = time.monotonic()
+                missing_since = now if missing_since is None else missing_since
+                if now - missing_since >= WATCH_GRACE_S:
+                    watch.error = PlacementError(f"{exc} (the workers offering it left during the run)")
+                    info.client.cancel(futures)
+                    return
+            except Exception as exc:  # pragma: no cover - a scheduler that went away: gather reports it
+                log.debug("resource watch stopped: %s", exc)
+                return
+
+    thread = threading.Thread(target=run, name="tileseg-resource-watch", daemon=True)
+    thread.start()
+    try:
+        yield watch
+    finally:
+        stop.set()
+        thread.join()
