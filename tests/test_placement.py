@@ -182,24 +182,25 @@ def test_run_fails_early_without_a_gpu_worker(cpu_only, scene):
     assert not (root / "out" / "s.zarr").exists()
 
 
-def test_workers_leaving_during_a_run_fail_it(cpu_only, monkeypatch):
-    """Inference waiting for a resource nobody offers any more: cancelled with a PlacementError."""
-    from tileseg import execution
+def test_inference_fails_when_the_gpu_worker_leaves(tmp_path):
+    """Inference waiting for a resource no worker offers any more fails with a PlacementError (user's client)."""
+    from distributed import Scheduler, SpecCluster, Worker
 
-    monkeypatch.setattr(execution, "WATCH_INTERVAL_S", 0.05)
-    monkeypatch.setattr(execution, "WATCH_GRACE_S", 0.2)
-    with distributed.Client(cpu_only) as client:
-        info = execution.SchedulerInfo(name=cpu_only.scheduler_address, resources=GPU, client=client)
-        with dask.annotate(resources=GPU):  # fusion off below: this restriction stays; nobody can run it
-            x = dask.delayed(sum)([1, 2])
-        # the check before submitting passes once (as if the GPU worker was still there), then the watch fails
-        calls = []
-        real = placement.check_workers
-        monkeypatch.setattr(placement, "check_workers",
-                            lambda *a, **k: calls.append(1) if len(calls) < 1 else real(*a, **k))
-        with dask.config.set({"optimization.fuse.active": False}):
-            with pytest.raises(PlacementError, match="left during the run"):
-                execution.compute(info, x)
+    quiet = {"nthreads": 1, "dashboard_address": None}
+    workers = {"gpu": {"cls": Worker, "options": {**quiet, "resources": {"GPU": 1}}},
+               "cpu": {"cls": Worker, "options": quiet}}
+    x = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    with SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c:
+        with distributed.Client(c) as client:
+            client.wait_for_workers(2)
+            placement.install(client, grace_s=0.5)
+            result = _segment(x, tmp_path, GPU)  # a GPU worker is there: accepted
+            gpu = [a for a, w in client.scheduler_info(n_workers=-1)["workers"].items() if w["resources"]]
+            client.retire_workers(gpu, close_workers=True)
+            client.wait_for_workers(1)
+            with pytest.raises(PlacementError, match=r"needs \{'GPU': 1.0\} but no worker of the cluster offers "
+                                                     r"it any more"):
+                result.data.compute()
 
 
 # --------------------------------------------------------------------------- pieces

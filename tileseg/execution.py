@@ -24,7 +24,8 @@ tasks run only on workers that offer them, whatever graph optimisation does
 (see :mod:`tileseg.placement`), while reading, writing and post-processing
 tasks are scheduled freely. The run fails early with a
 :class:`~tileseg.errors.PlacementError` when no worker offers the resources,
-both before anything is submitted and when such workers leave during a run.
+before anything is submitted, and fails the inference tasks when such
+workers leave during a run (see :class:`~tileseg.scheduler_plugin.ModelPlacement`).
 
 ``local`` with GPUs: when this process sees CUDA devices and ``resources``
 names ``GPU`` (or neither ``resources`` nor ``workers`` is set), the cluster
@@ -268,15 +269,9 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
 
             check_workers(info.client, info.resources)
         futures = info.client.compute(list(collections))
-        with _watch_resources(info, futures) as watch:
-            try:
-                if progress:
-                    _require_distributed().progress(futures)
-                return tuple(info.client.gather(futures))
-            except BaseException as exc:
-                if watch.error is not None:
-                    raise watch.error from exc
-                raise
+        if progress:
+            _require_distributed().progress(futures)
+        return tuple(info.client.gather(futures))
     if progress:
         from dask.diagnostics import ProgressBar
 
@@ -284,54 +279,3 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
             return dask.compute(*collections)
     return dask.compute(*collections)
 
-
-#: Seconds between checks that a worker still offers the inference resources, and how long none may.
-WATCH_INTERVAL_S = 1.0
-WATCH_GRACE_S = 10.0
-
-
-class _Watch:
-    def __init__(self) -> None:
-        self.error: BaseException | None = None
-
-
-@contextlib.contextmanager
-def _watch_resources(info: SchedulerInfo, futures: list[Any]) -> Iterator[_Watch]:
-    """While ``futures`` run: if no worker offers ``info.resources`` for ``WATCH_GRACE_S`` seconds,
-    record a :class:`~tileseg.errors.PlacementError` and cancel them (instead of waiting forever)."""
-    import threading
-    import time
-
-    from .errors import PlacementError
-    from .placement import check_workers
-
-    watch = _Watch()
-    if not info.resources:
-        yield watch
-        return
-    stop = threading.Event()
-
-    def run() -> None:
-        missing_since: float | None = None
-        while not stop.wait(WATCH_INTERVAL_S):
-            try:
-                check_workers(info.client, info.resources)
-                missing_since = None
-            except PlacementError as exc:
-                now = time.monotonic()
-                missing_since = now if missing_since is None else missing_since
-                if now - missing_since >= WATCH_GRACE_S:
-                    watch.error = PlacementError(f"{exc} (the workers offering it left during the run)")
-                    info.client.cancel(futures)
-                    return
-            except Exception as exc:  # pragma: no cover - a scheduler that went away: gather reports it
-                log.debug("resource watch stopped: %s", exc)
-                return
-
-    thread = threading.Thread(target=run, name="tileseg-resource-watch", daemon=True)
-    thread.start()
-    try:
-        yield watch
-    finally:
-        stop.set()
-        thread.join()

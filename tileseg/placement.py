@@ -138,13 +138,17 @@ def _takes_n_workers(client: Any) -> bool:
         return False
 
 
-def install(client: Any) -> None:
-    """Register :class:`~tileseg.scheduler_plugin.ModelPlacement` on ``client``'s scheduler (once per scheduler)."""
+def install(client: Any, grace_s: float = 10.0) -> None:
+    """Register :class:`~tileseg.scheduler_plugin.ModelPlacement` on ``client``'s scheduler (once per scheduler).
+
+    ``grace_s``: how long a ready inference task may wait when no worker offers its resources any
+    more before it fails (only for the first registration on a scheduler).
+    """
     if getattr(client, "_tileseg_placement", None) == client.scheduler.address:
         return
     from .scheduler_plugin import ModelPlacement
 
-    client.register_plugin(ModelPlacement(), name=PLUGIN_NAME)
+    client.register_plugin(ModelPlacement(grace_s=grace_s), name=PLUGIN_NAME)
     try:
         client._tileseg_placement = client.scheduler.address
     except AttributeError:  # pragma: no cover - a client that refuses attributes
