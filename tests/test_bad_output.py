@@ -82,7 +82,8 @@ def test_pipeline_option_counts_bad_pixels(tmp_path):
     from tileseg.predictors.kinds import ModelKind
 
     x = _image()
-    zarr.open_group(str(tmp_path / "s.zarr"), mode="w").create_array("image", data=x, chunks=(30, 35))
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w")
+    group.create_array("image", shape=x.shape, dtype=x.dtype, chunks=(30, 35))[:] = x
 
     class Marked(ModelKind):
         name = "marked"
