@@ -69,7 +69,7 @@ def _split(stream):
     return infer, other
 
 
-@pytest.mark.parametrize("how", ["compute", "dask.compute", "write"])
+@pytest.mark.parametrize("how", ["compute", "dask.compute", "write", "client-after-segment-write"])
 def test_inference_only_on_the_gpu_worker_on_a_users_client(cluster, scene, tmp_path, how):
     c, addr = cluster
     root, _ = scene
@@ -81,14 +81,15 @@ def test_inference_only_on_the_gpu_worker_on_a_users_client(cluster, scene, tmp_
     for f in os.listdir(tmp_path):
         if f.endswith(".txt"):
             os.remove(tmp_path / f)
+    early = _segment(image, logs, GPU) if how == "client-after-segment-write" else None
     with distributed.Client(c) as client:  # the user's default client; graph optimisation left on
-        result = _segment(image, logs, GPU)
+        result = early if early is not None else _segment(image, logs, GPU)
         with distributed.get_task_stream(client) as ts:
             if how == "compute":
                 got = result.data.compute()
             elif how == "dask.compute":
                 (got,) = dask.compute(result.data)
-            else:
+            else:  # tileseg.write places the inference of the segmentation it computes
                 job = tileseg.write(result, tmp_path / "out.zarr")
                 got = tileseg.open(job.handle.path).data.compute()
     seen = forward_workers(logs)
@@ -204,6 +205,15 @@ def test_inference_fails_when_the_gpu_worker_leaves(tmp_path):
 
 
 # --------------------------------------------------------------------------- pieces
+
+
+def test_resources_found_in_a_segmentation_graph(tmp_path):
+    x = np.random.default_rng(0).random((40, 50), dtype=np.float32)
+    result = tileseg.segment(x, RecordingPredictor(tmp_path), patch_size=(16, 16), resources={"GPU": 2})
+    assert placement.resources_in(result.data) == {"GPU": 2.0}
+    assert placement.resources_in((result.data + 1).astype("f4")) == {"GPU": 2.0}  # further graph on top
+    plain = tileseg.segment(x, RecordingPredictor(tmp_path), patch_size=(16, 16))
+    assert placement.resources_in(plain.data) is None
 
 
 def test_model_key_carries_the_resources():

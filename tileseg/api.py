@@ -263,9 +263,13 @@ def write(
         ``job.handle.path`` is the output; ``job.done`` tells whether it was finalized.
     """
     from .image import as_image
+    from .placement import prepare, resources_in
     from .writers import get_writer
 
-    return get_writer(writer).write(as_image(image), os.fspath(path), overwrite=overwrite,
+    image = as_image(image)
+    if compute:  # a segmentation whose inference needs resources: placed on the client computing it now
+        prepare(resources_in(image.data))
+    return get_writer(writer).write(image, os.fspath(path), overwrite=overwrite,
                                     storage_options=storage_options, compute=compute, options=options)
 
 

@@ -278,4 +278,3 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
         with ProgressBar(minimum=0.5):
             return dask.compute(*collections)
     return dask.compute(*collections)
-

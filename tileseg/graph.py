@@ -270,10 +270,8 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
                  if inference.lookahead else {})
     # One layer: with lookahead edges the owner -> piece -> final -> token
     # dependencies would form a cycle between separate layers.
-    layer = MaterializedLayer(
-        {**owner_dsk, **final_dsk, **token_dsk},
-        annotations={"resources": _owner_resources(names.predict, inference.resources)} if inference.resources else None,
-    )
+    # no resource annotation: optimisation drops it; placement reads the model key (tileseg.placement)
+    layer = MaterializedLayer({**owner_dsk, **final_dsk, **token_dsk})
     if readers is not None:  # owners read their input themselves
         layers, deps = {names.final: layer}, {names.final: set()}
     else:
@@ -488,16 +486,6 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut
-
-
-class _owner_resources:
-    """Per-key resource annotation: only model tasks need e.g. a GPU."""
-
-    def __init__(self, owner_name: str, resources: dict[str, float]) -> None:
-        self.owner_name, self.resources = owner_name, dict(resources)
-
-    def __call__(self, key) -> dict[str, float] | None:
-        return self.resources if isinstance(key, tuple) and key[0] == self.owner_name else None
 
 
 def _done(*_finished) -> None:

@@ -187,10 +187,29 @@ def prepare(resources: Mapping[str, float] | None, client: Any = None) -> Any:
         return None
     client = client if client is not None else active_client()
     if client is None:
+        log.warning("resources %r apply on a distributed client only, and none is active now: create the client "
+                    "before tileseg.segment / tileseg.write", dict(resources))
         return None
     check_workers(client, resources)
     install(client)
     return client
+
+
+def resources_in(collection: Any) -> dict[str, float] | None:
+    """What the inference tasks in a dask collection's graph need (from its model keys), or None.
+
+    Looks only at the layers :mod:`tileseg.graph` builds (``tileseg-final-*``), so it stays cheap.
+    """
+    graph = collection.__dask_graph__()
+    layers = getattr(graph, "layers", None)
+    if layers is None:
+        return None
+    keys = []
+    for name, layer in layers.items():
+        if isinstance(name, str) and name.startswith("tileseg-final-"):
+            model_name = MODEL_KEY_PREFIX + name[len("tileseg-final-"):]
+            keys += [k for k in layer.keys() if isinstance(k, tuple) and k and k[0] == model_name]
+    return task_resources(keys)
 
 
 # --------------------------------------------------------------------------- one worker per GPU
