@@ -170,16 +170,21 @@ def test_segment_fails_early_without_a_gpu_worker(cpu_only, scene, tmp_path):
             _segment(image, tmp_path, GPU)
 
 
-def test_run_fails_early_without_a_gpu_worker(cpu_only, scene):
-    root, _ = scene
-    from tileseg import registry
+def test_run_fails_early_without_a_gpu_worker(cpu_only, scene, monkeypatch):
+    from click.testing import CliRunner
 
-    registry.register("models", "recording", RecordingModel)
-    try:
-        with pytest.raises(PlacementError, match=rf"no worker of the cluster at {cpu_only.scheduler_address}"):
-            tileseg.run(_pipeline(root, f"recording: {{log_dir: '{root}'}}", cpu_only.scheduler_address))
-    finally:
-        registry._EXTRA["models"].pop("recording", None)
+    from tileseg import registry
+    from tileseg.cli import main
+
+    root, _ = scene
+    monkeypatch.setitem(registry._EXTRA["models"], "recording", RecordingModel)
+    pipe = _pipeline(root, f"recording: {{log_dir: '{root}'}}", cpu_only.scheduler_address)
+    with pytest.raises(PlacementError, match=rf"no worker of the cluster at {cpu_only.scheduler_address}"):
+        tileseg.run(pipe)
+    res = CliRunner().invoke(main, ["run", pipe, "--quiet"])  # `tileseg run`: an error message, no traceback
+    assert res.exit_code != 0
+    assert res.output.startswith("error: model inference needs {'GPU': 1.0} but no worker")
+    assert "Traceback" not in res.output
     assert not (root / "out" / "s.zarr").exists()
 
 

@@ -125,7 +125,7 @@ def check_workers(client: Any, resources: Mapping[str, float] | None, what: str 
         raise PlacementError(
             f"{what} needs {dict(resources)!r} but no worker of the cluster at {client.scheduler.address} offers it "
             f"(workers: {describe_workers(workers)}); start workers with e.g. `dask worker ... --resources GPU=1` "
-            "or remove the resources from the pipeline")
+            "or drop the resources")
     return found
 
 
