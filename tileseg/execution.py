@@ -59,7 +59,7 @@ class SchedulerInfo:
     workers : int or None
         Number of workers requested (``None``: dask's default).
     resources : dict
-        Resources model tasks are annotated with (distributed only).
+        Resources model inference needs (distributed only; see :mod:`tileseg.placement`).
     client : distributed.Client or None
         The client for ``local`` and addresses.
     """
