@@ -283,3 +283,15 @@ def test_local_scheduler_without_gpus_keeps_a_local_cluster(monkeypatch):
     with execution.scheduler_context({"scheduler": "local", "resources": GPU, "workers": 1}) as info:
         assert len(info.client.scheduler_info(n_workers=-1)["workers"]) == 1
     assert not called
+
+
+def test_a_scheduler_that_cannot_load_the_plugin_is_a_clear_error():
+    class Client:
+        class scheduler:  # noqa: N801 - mimics client.scheduler.address
+            address = "tcp://sched:8786"
+
+        def register_plugin(self, plugin, name=None):
+            raise ModuleNotFoundError("No module named 'tileseg'")
+
+    with pytest.raises(PlacementError, match=r"tcp://sched:8786 .*No module named 'tileseg'.*install tileseg"):
+        placement.install(Client())

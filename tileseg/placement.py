@@ -148,7 +148,12 @@ def install(client: Any, grace_s: float = 10.0) -> None:
         return
     from .scheduler_plugin import ModelPlacement
 
-    client.register_plugin(ModelPlacement(grace_s=grace_s), name=PLUGIN_NAME)
+    try:
+        client.register_plugin(ModelPlacement(grace_s=grace_s), name=PLUGIN_NAME)
+    except Exception as exc:  # typically: tileseg is not installed where the scheduler runs
+        raise PlacementError(
+            f"cannot install tileseg's placement plugin on the scheduler {client.scheduler.address} "
+            f"({type(exc).__name__}: {exc}); install tileseg in the scheduler's environment too") from exc
     try:
         client._tileseg_placement = client.scheduler.address
     except AttributeError:  # pragma: no cover - a client that refuses attributes
