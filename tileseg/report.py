@@ -54,6 +54,9 @@ class ItemResult:
         ``ExceptionType: message`` naming the file, for failed items.
     dice : dict
         Dice per class (``None`` where a class is absent from both images).
+    bad_output_px : int
+        Pixels written as nodata because the model output NaN/Inf there
+        (``model.bad_output: nodata``; see :mod:`tileseg.counters`).
     """
 
     index: int
@@ -71,6 +74,7 @@ class ItemResult:
     error: str | None = None
     dice: dict[str, float | None] | None = None
     config_hash: str | None = None
+    bad_output_px: int | None = None
 
 
 @dataclass
@@ -88,6 +92,10 @@ class RunReport:
     items : list of ItemResult
     report_path, manifest_path : str
         Where the JSON report and the resume manifest were written.
+    model_loads : dict
+        Model loads per process since it started (``local``: this process,
+        else worker addresses; see :mod:`tileseg.counters`): a worker that
+        runs inference loads the model once.
     """
 
     pipeline: dict[str, Any]
@@ -99,6 +107,7 @@ class RunReport:
     duration_s: float | None = None
     report_path: str | None = None
     manifest_path: str | None = None
+    model_loads: dict[str, int] | None = None
     _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property
