@@ -415,3 +415,12 @@ def test_dicomdir_written_by_pydicom_lists_its_series_and_refuses_missing_files(
     ds.save_as(dicomdir)
     with pytest.raises(InputError, match="outside its folder"):
         expand_inputs(dicomdir)
+
+
+def test_siemens_mosaic_is_refused_not_read_as_one_slice():
+    nibabel = pytest.importorskip("nibabel")
+
+    path = os.path.join(os.path.dirname(nibabel.__file__), "nicom", "tests", "data", "0.dcm")
+    assert "MOSAIC" in pydicom.dcmread(path, stop_before_pixels=True).ImageType  # nibabel's real Siemens mosaic
+    with pytest.raises(InputError, match=r"'0.dcm' are Siemens mosaics"):
+        open_image(path)

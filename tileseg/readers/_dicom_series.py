@@ -56,6 +56,7 @@ class SliceHeader:
     compressed: bool
     pixel_bytes: int | None  # bytes available for PixelData (uncompressed only), None if unknown
     frame: int | None = None  # 0-based frame of an enhanced multi-frame file; None for a single-frame file
+    mosaic: bool = False  # a Siemens mosaic: several slices tiled in one image (ImageType holds MOSAIC)
 
 
 def is_dicom_file(path: str) -> bool:
@@ -192,6 +193,7 @@ def _headers(ds: Any, path: str, ts: str, compressed: bool, pixel_bytes: int | N
         bits_allocated=int(ds.get("BitsAllocated", 16)), bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16))),
         signed=int(ds.get("PixelRepresentation", 0)) == 1, samples=int(ds.get("SamplesPerPixel", 1)),
         transfer_syntax=str(ts), compressed=compressed, pixel_bytes=pixel_bytes,
+        mosaic="MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])],
     )
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if base.frames == 1 or not per_frame:
@@ -301,14 +303,19 @@ def assemble(headers: list[SliceHeader], *, tolerance: float = 0.01, repair: Any
     ------
     InputError
         Mixed orientations or sizes, duplicate positions, missing slices,
-        non-uniform spacing, a tilted stack, a multi-frame file, missing
-        position tags; the message names the series and the files.
+        non-uniform spacing, a tilted stack, a multi-frame file, a Siemens
+        mosaic, missing position tags; the message names the series and the files.
     """
     fixes = set(REPAIRS) if repair is True else set(repair or ())
     unknown = fixes - set(REPAIRS)
     if unknown:
         raise InputError(f"unknown repair(s) {sorted(unknown)!r}; choose from {list(REPAIRS)!r}")
     series = headers[0].series_uid
+    mosaic = [h for h in headers if h.mosaic]
+    if mosaic:
+        raise InputError(f"DICOM series {series!r}: {_names(mosaic)} are Siemens mosaics (ImageType MOSAIC: "
+                         "several slices tiled in one image, whose position is not a slice's); not supported, "
+                         "convert the series first (e.g. dcm2niix, or nibabel.nicom's MosaicWrapper)")
     multi = [h for h in headers if h.frames > 1 and h.frame is None]
     if multi:
         raise InputError(f"DICOM series {series!r}: multi-frame file(s) {_names(multi)} are not supported yet "

@@ -58,8 +58,9 @@ Rows x Columns x SamplesPerPixel x frames x BitsAllocated/8 (uncompressed
 syntaxes; checked on the header and again when decoding single-frame files).
 Enhanced CT/MR files (PerFrameFunctionalGroupsSequence) are read frame by
 frame (position, orientation, spacing and rescale per frame or shared) and
-sorted and checked like single-frame files. Colour images (SamplesPerPixel > 1)
-and multi-frame files without functional groups (RT dose, NM, US) are refused.
+sorted and checked like single-frame files. Colour images (SamplesPerPixel > 1),
+multi-frame files without functional groups (RT dose, NM, US) and Siemens
+mosaics (ImageType MOSAIC: slices tiled in one image) are refused.
 ``repair=["duplicates" | "orientation" | "size" | "spacing"]`` (or ``True``)
 opts into dropping duplicates / minority files or accepting uneven steps,
 with a logged warning. A compressed transfer syntax without a working decoder
