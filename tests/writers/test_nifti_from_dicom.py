@@ -114,6 +114,8 @@ def test_real_enhanced_multiframe_mr_from_nibabel(tmp_path):
         shutil.copyfileobj(fin, fout)
     w = wrapper(str(path))
     assert type(w).__name__ == "MultiframeWrapper"
+    if not hasattr(type(w), "frame_order"):  # older nibabel: affine from the first frame on file, data sorted otherwise
+        pytest.skip("this nibabel's MultiframeWrapper does not sort frames by position (no frame_order)")
     nii = written_nifti(str(path), tmp_path / "mprage.nii.gz")
     assert_same_voxels(nii, [w])
 
