@@ -39,17 +39,18 @@ Size and memory
 ---------------
 One SEG per series, built whole by highdicom: the label volume is in memory
 at ``finalize`` (``z*y*x`` bytes as uint8: 150 MiB for 512x512x600) and
-highdicom's work on it dominates. Measured with tracemalloc (highdicom
-0.28.2, 120x512x512, three segments covering every slice): the whole write
-peaks at 7.2x the uint8 volume, highdicom's ``Segmentation`` alone at 4.5x
-(also for two sparse segments; 3.9x if the empty slices were left out of its
-input, too little to be worth it), so about 1.1 GiB for a dense 512x512x600 CT. (An earlier figure, 14x at
-120x256x256, was measured differently and overstated it.) The SEG's frames themselves are small: one per
+highdicom's work on it dominates. Measured: tracemalloc (highdicom 0.28.2,
+120x512x512, three segments on every slice) counts 7.2x the uint8 volume of
+live allocations for the whole write (4.5x in highdicom's ``Segmentation``
+alone), but the process's peak RSS grows far more: ``benchmarks/bench_medical.py
+--slices 1500`` (one segment on all 1500 slices of 512x512, 375 MiB as uint8)
+peaked at 9054 MiB, about 21x the uint8 volume over the process's 1 GiB, so
+count about 3 GiB for a dense 512x512x600 CT. The SEG's frames themselves are small: one per
 non-empty slice per segment, bit-packed when binary (at most
 ``512*512*600*n_segments/8`` bytes, 19 MiB per segment), one byte per
 pixel when fractional. The source headers are read without pixels. This
-bounds the series handled to CT/MR sizes (about 2000 512x512 slices per
-4 GiB free); slide-sized images need a tiled SEG, not written here.
+bounds the series handled to CT/MR sizes (about 750 densely segmented
+512x512 slices per 4 GiB free); slide-sized images need a tiled SEG, not written here.
 
 Completion
 ----------
