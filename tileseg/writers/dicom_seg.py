@@ -44,8 +44,9 @@ highdicom's work on it dominates. Measured: tracemalloc (highdicom 0.28.2,
 live allocations for the whole write (4.5x in highdicom's ``Segmentation``
 alone), but the process's peak RSS grows far more: ``benchmarks/bench_medical.py
 --slices 1500`` (one segment on all 1500 slices of 512x512, 375 MiB as uint8)
-peaked at 9054 MiB, about 21x the uint8 volume over the process's 1 GiB, so
-count about 3 GiB for a dense 512x512x600 CT. The SEG's frames themselves are small: one per
+peaked at 9054 MiB (most likely here, in ``finalize``: the engine stayed under
+2.1 GiB), about 21x the uint8 volume over the process's 1 GiB, so count about
+3 GiB for a dense 512x512x600 CT. The SEG's frames themselves are small: one per
 non-empty slice per segment, bit-packed when binary (at most
 ``512*512*600*n_segments/8`` bytes, 19 MiB per segment), one byte per
 pixel when fractional. The source headers are read without pixels. This
