@@ -37,7 +37,7 @@ def apply_per_class(name: str, data: da.Array, n_classes: int, nodata: Any, spac
     invalid = None if nodata is None else data == data.dtype.type(nodata)
     x = data if invalid is None else da.where(invalid, zero, data)
     if name == "remove_small_objects":
-        comps = components(x, connectivity=params.get("connectivity", 1), by_value=True)
+        comps = components(x, connectivity=params.get("connectivity", 1), by_value=True, stats={"sizes"})
         small = objects._small(comps.sizes, params.get("min_size_px"), params.get("min_size_phys"), spacing, x.ndim)
         out = da.where(comps.apply(~small, background=False), x, zero)
     elif name == "keep_largest":

@@ -46,9 +46,13 @@ def _codec() -> Any:
 
 
 def compress(lab: np.ndarray) -> tuple[bytes, str, tuple[int, ...]]:
-    """Compressed bytes of a label block (uint16 when its labels fit), its dtype and shape."""
+    """Compressed bytes of a label block (in the smallest of uint16/uint32 that holds it), its dtype and shape."""
     top = int(lab.max()) if lab.size else 0
-    small = lab.astype(np.uint16) if top < 2**16 and lab.dtype.itemsize > 2 else lab
+    small = lab
+    for dtype in (np.uint16, np.uint32):
+        if top < np.iinfo(dtype).max and lab.dtype.itemsize > np.dtype(dtype).itemsize:
+            small = lab.astype(dtype)
+            break
     return _codec().encode(np.ascontiguousarray(small)), small.dtype.str, lab.shape
 
 

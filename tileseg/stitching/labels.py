@@ -31,9 +31,11 @@ for the whole array.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,14 +85,17 @@ def _first_in_raster_order(lab: np.ndarray) -> np.ndarray:
     return first.astype(np.int64)
 
 
-def _label_block(block: np.ndarray, struct: np.ndarray, by_value: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Local labels of one chunk, the flat index of each label's first pixel, and each label's value."""
+def _label_block(
+    block: np.ndarray, struct: np.ndarray, by_value: bool, want_first: bool
+) -> tuple[np.ndarray, int, np.ndarray | None, np.ndarray | None]:
+    """Local labels of one chunk, their count, each label's first flat index (if wanted) and value."""
     import scipy.ndimage as ndi
 
-    dtype = np.int32 if block.size < 2**31 else np.int64
+    # intp labels: bincount and the lookup-table take need no conversion.
+    dtype = np.intp
     if not by_value:
-        lab, _ = ndi.label(block, struct, output=dtype)
-        return lab, _first_in_raster_order(lab), None
+        lab, n = ndi.label(block, struct, output=dtype)
+        return lab, int(n), _first_in_raster_order(lab) if want_first else None, None
     out = np.zeros(block.shape, dtype=dtype)
     firsts, values = [], []
     n = 0
@@ -100,12 +105,13 @@ def _label_block(block: np.ndarray, struct: np.ndarray, by_value: bool) -> tuple
         lab, k = ndi.label(block == v, struct, output=dtype)
         fg = lab > 0
         out[fg] = lab[fg] + n
-        firsts.append(_first_in_raster_order(lab))
+        if want_first:
+            firsts.append(_first_in_raster_order(lab))
         values.append(np.full(k, v, dtype=block.dtype))
-        n += k
-    first = np.concatenate(firsts) if firsts else np.zeros(0, np.int64)
+        n += int(k)
+    first = (np.concatenate(firsts) if firsts else np.zeros(0, np.int64)) if want_first else None
     vals = np.concatenate(values) if values else np.zeros(0, block.dtype)
-    return out, first, vals
+    return out, n, first, vals
 
 
 def _scan(
@@ -115,20 +121,23 @@ def _scan(
     shape: tuple[int, ...],
     struct: np.ndarray,
     by_value: bool,
+    stats: frozenset[str],
     store: LabelStore,
 ) -> dict[str, Any]:
     """Label one chunk, summarise it, keep its labels and hand over its border slabs."""
-    lab, first_local, values = _label_block(block, struct, by_value)
-    n = len(first_local)
-    sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
-    # Local C order equals global C order inside one chunk, so the first local
-    # pixel is also the one with the smallest global raster index.
-    if n:
-        coords = np.unravel_index(first_local, lab.shape)
-        glob = tuple(np.asarray(c, dtype=np.int64) + o for c, o in zip(coords, offset))
-        first = np.ravel_multi_index(glob, shape).astype(np.int64)
-    else:
-        first = np.zeros(0, np.int64)
+    lab, n, first_local, values = _label_block(block, struct, by_value, "first" in stats)
+    out: dict[str, Any] = {"n": n, "values": values}
+    if "sizes" in stats:
+        out["sizes"] = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(np.int64)
+    if first_local is not None:
+        # Local C order equals global C order inside one chunk, so the first local
+        # pixel is also the one with the smallest global raster index.
+        if n:
+            coords = np.unravel_index(first_local, lab.shape)
+            glob = tuple(np.asarray(c, dtype=np.int64) + o for c, o in zip(coords, offset))
+            out["first"] = np.ravel_multi_index(glob, shape).astype(np.int64)
+        else:
+            out["first"] = np.zeros(0, np.int64)
     border = np.zeros(n + 1, dtype=bool)
     faces: dict[tuple[int, int], Any] = {}
     for ax in range(lab.ndim):
@@ -141,19 +150,15 @@ def _scan(
             border[hi] = True
         else:
             faces[ax, 1] = compress(hi)
-    return {
-        "n": n,
-        "sizes": sizes,
-        "first": first,
-        "border": border[1:],
-        "values": values,
-        "faces": faces,
-        "token": store.put(index, lab),
-    }
+    out["border"] = border[1:]
+    out["faces"] = faces
+    out["token"] = store.put(index, lab)
+    return out
 
 
 def _relabel(store: LabelStore, index: int, token: Any, lut: np.ndarray) -> np.ndarray:
-    return lut[store.get(index, token)]
+    # Indexing with intp is about twice as fast as with the stored uint16/int32.
+    return lut[store.get(index, token).astype(np.intp)]
 
 
 @dataclass
@@ -162,8 +167,8 @@ class Components:
 
     Attributes
     ----------
-    store : LabelStore
-        The per-chunk local labels, kept from the scan.
+    store : LabelStore or None
+        The per-chunk local labels, kept from the scan (None for an empty array).
     tokens : list
         What ``store.get`` needs per chunk (chunks in C order of the chunk grid).
     chunks : tuple of tuple of int
@@ -171,17 +176,22 @@ class Components:
     counts : numpy.ndarray
         Number of local labels per chunk (chunks in C order of the chunk grid).
     comp : numpy.ndarray
-        Global component index (``0..n-1``) of every local label, chunk after chunk.
+        Global component index (``0..n-1``) of every local label, chunk after
+        chunk; -1 marks a local label that belongs to no component any more
+        (a component dropped by :meth:`subset`), which :meth:`apply` maps
+        to the background.
     n : int
         Number of components.
-    sizes : numpy.ndarray
-        Pixel count per component.
-    first : numpy.ndarray
-        Smallest global raster (C-order) index per component.
+    sizes : numpy.ndarray or None
+        Pixel count per component (when ``"sizes"`` was among the statistics).
+    first : numpy.ndarray or None
+        Smallest global raster (C-order) index per component (``"first"``).
     border : numpy.ndarray
         Whether the component touches the image border.
     values : numpy.ndarray or None
         The input value of each component (when labelled by value).
+    connectivity : int
+        The connectivity the components were solved with.
     """
 
     store: LabelStore | None
@@ -190,46 +200,107 @@ class Components:
     counts: np.ndarray
     comp: np.ndarray
     n: int
-    sizes: np.ndarray
-    first: np.ndarray
+    sizes: np.ndarray | None
+    first: np.ndarray | None
     border: np.ndarray
     values: np.ndarray | None
+    connectivity: int = 1
 
     def raster_rank(self) -> np.ndarray:
         """Rank (0-based) of each component by first appearance in raster order."""
+        if self.first is None:
+            raise ValueError("these components were solved without 'first' in their statistics")
         rank = np.empty(self.n, dtype=np.int64)
         rank[np.argsort(self.first, kind="stable")] = np.arange(self.n, dtype=np.int64)
         return rank
 
+    def subset(self, keep: np.ndarray) -> Components:
+        """The components where ``keep`` is True, renumbered ``0..k-1`` in their order; the rest is background."""
+        keep = np.asarray(keep, dtype=bool)
+        remap = np.full(self.n + 1, -1, dtype=np.int64)  # remap[-1] keeps -1 (already dropped)
+        remap[:-1][keep] = np.arange(int(keep.sum()), dtype=np.int64)
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[keep]
+
+        return Components(
+            self.store, self.tokens, self.chunks, self.counts, remap[self.comp], int(keep.sum()),
+            pick(self.sizes), pick(self.first), self.border[keep], pick(self.values), self.connectivity,
+        )
+
     def apply(self, table: np.ndarray, background: Any = 0) -> da.Array:
         """Map every pixel's component through ``table`` (indexed by component).
 
-        Background pixels (local label 0) get ``background``. The result is lazy:
-        one task per chunk, which reads the chunk's stored local labels and
-        maps them through only its own slice of the lookup table. The array
-        keeps the label store alive (a temporary directory is removed when the
-        last array using it is garbage collected).
+        Background pixels (local label 0, or a dropped component) get
+        ``background``. The result is lazy: one task per chunk, which reads
+        the chunk's stored local labels and maps them through only its own
+        slice of the lookup table. The array keeps the label store alive (a
+        temporary directory is removed when the last array using it is
+        garbage collected).
         """
         table = np.asarray(table)
         shape = tuple(sum(c) for c in self.chunks)
         if self.store is None:  # an empty array
             return da.full(shape, background, dtype=table.dtype, chunks=self.chunks)
-        node_values = table[self.comp]
+        bg = np.asarray([background], dtype=table.dtype)
+        node_values = np.concatenate([table, bg])[self.comp]  # comp -1 -> background
         bounds = np.concatenate([[0], np.cumsum(self.counts)])
         name = f"label-apply-{uuid.uuid4().hex}"
         grid = tuple(len(c) for c in self.chunks)
         dsk = {}
         for i, idx in enumerate(itertools.product(*(range(g) for g in grid))):
-            lut = np.concatenate(
-                [np.asarray([background], dtype=table.dtype), node_values[bounds[i] : bounds[i + 1]]]
-            )
+            lut = np.concatenate([bg, node_values[bounds[i] : bounds[i + 1]]])
             # A partial keeps the arguments opaque to Dask (no traversal of the token tuple).
             dsk[(name, *idx)] = (functools.partial(_relabel, self.store, i, self.tokens[i], lut),)
         meta = np.empty((0,) * len(shape), dtype=table.dtype)
-        return da.Array(dsk, name, chunks=self.chunks, dtype=table.dtype, meta=meta)
+        out = da.Array(dsk, name, chunks=self.chunks, dtype=table.dtype, meta=meta)
+        if table.dtype == bool and background is False:
+            _remember_mask(out, self, table)
+        return out
 
 
-def components(data: Any, *, connectivity: int = 1, by_value: bool = False, spill: str = "auto") -> Components:
+#: Masks made by :meth:`Components.apply` that keep whole components (name -> (store ref, components, keep)).
+_MASKS: dict[str, tuple[Any, Components, np.ndarray]] = {}
+
+
+def _remember_mask(arr: da.Array, comps: Components, keep: np.ndarray) -> None:
+    """Record that ``arr`` is the union of the kept components, so labelling it needs no new scan.
+
+    The record lives as long as the label store (which every such array's
+    graph holds), and no longer.
+    """
+    name = arr.name
+    # The record must not keep the store alive itself: a weak reference, and a copy without it.
+    ref = weakref.ref(comps.store, lambda _ref, name=name: _MASKS.pop(name, None))
+    _MASKS[name] = (ref, dataclasses.replace(comps, store=None), keep)
+
+
+def _known_mask(x: da.Array, connectivity: int, stats: frozenset[str]) -> Components | None:
+    """Components of a mask recorded by :func:`_remember_mask`, if they answer the question exactly."""
+    rec = _MASKS.get(x.name)
+    store = None if rec is None else rec[0]()
+    if store is None:
+        return None
+    comps, keep = dataclasses.replace(rec[1], store=store), rec[2]
+    # Dropping whole components leaves the others intact only for the same connectivity.
+    if comps.connectivity != connectivity or comps.values is not None or len(keep) != comps.n:
+        return None
+    if ("sizes" in stats and comps.sizes is None) or ("first" in stats and comps.first is None):
+        return None
+    return comps.subset(keep)
+
+
+STATS = frozenset({"sizes", "first"})
+
+
+def components(
+    data: Any,
+    *,
+    connectivity: int = 1,
+    by_value: bool = False,
+    stats: Any = STATS,
+    spill: str = "auto",
+) -> Components:
     """Solve the connected components of a chunked array (one pass over the input).
 
     Parameters
@@ -241,6 +312,9 @@ def components(data: Any, *, connectivity: int = 1, by_value: bool = False, spil
         1 (faces) to ``ndim`` (faces, edges and corners).
     by_value : bool
         Label each nonzero value separately.
+    stats : collection of {"sizes", "first"}
+        Which per-component statistics to compute besides the border flags
+        (each costs one pass over every chunk's labels).
     spill : {"auto", "disk", "memory"}
         Where the per-chunk local labels wait for the relabel pass
         (:mod:`tileseg.stitching.label_store`): ``"auto"`` is a temporary
@@ -249,21 +323,37 @@ def components(data: Any, *, connectivity: int = 1, by_value: bool = False, spil
     Returns
     -------
     Components
+
+    Notes
+    -----
+    A boolean mask that :meth:`Components.apply` made by keeping whole
+    components (e.g. the result of
+    :func:`tileseg.postprocess.objects.remove_small_objects`) is not scanned
+    again: with the same connectivity its components are the kept ones.
     """
     x = da.asarray(data)
     if x.ndim == 0:
         raise InputError("cannot label a 0-dimensional array")
     if x.dtype.kind not in "biu":
         raise InputError(f"labelling needs a boolean or integer array, got dtype {x.dtype!r}")
+    stats = frozenset(stats)
+    if stats - STATS:
+        raise ConfigError(f"unknown statistics {sorted(stats - STATS)!r}; expected some of {sorted(STATS)!r}")
     mode = resolve_spill(spill)
     if not by_value and x.dtype != bool:
         x = x != 0
     struct = structure(x.ndim, connectivity)
+    if x.dtype == bool:
+        known = _known_mask(x, int(connectivity), stats)
+        if known is not None:
+            return known
     if x.size == 0:
         empty = np.zeros(0, dtype=np.int64)
         values = np.zeros(0, dtype=x.dtype) if by_value else None
         counts = np.zeros(int(np.prod(x.numblocks)), dtype=np.int64)
-        return Components(None, [], x.chunks, counts, empty, 0, empty, empty, np.zeros(0, dtype=bool), values)
+        return Components(
+            None, [], x.chunks, counts, empty, 0, empty, empty, np.zeros(0, dtype=bool), values, int(connectivity)
+        )
     if any(0 in c for c in x.chunks):
         # Empty chunks (e.g. after slicing) would break the chunk-face bookkeeping.
         x = x.rechunk(tuple(tuple(v for v in c if v) for c in x.chunks))
@@ -275,7 +365,7 @@ def components(data: Any, *, connectivity: int = 1, by_value: bool = False, spil
     tasks = []
     for i, idx in enumerate(itertools.product(*(range(g) for g in grid))):
         offset = tuple(int(starts[ax][j]) for ax, j in enumerate(idx))
-        tasks.append(scan(blocks[i], i, offset, x.shape, struct, by_value, store))
+        tasks.append(scan(blocks[i], i, offset, x.shape, struct, by_value, stats, store))
     (scans,) = dask.compute(tasks)
 
     counts = np.array([s["n"] for s in scans], dtype=np.int64)
@@ -299,9 +389,13 @@ def components(data: Any, *, connectivity: int = 1, by_value: bool = False, spil
     n, comp = connected_components(graph, directed=False)
     comp = comp.astype(np.int64)
 
-    sizes = np.bincount(comp, weights=np.concatenate([s["sizes"] for s in scans]), minlength=n).astype(np.int64)
-    first = np.full(n, _INT64_MAX, dtype=np.int64)
-    np.minimum.at(first, comp, np.concatenate([s["first"] for s in scans]))
+    sizes = first = None
+    if "sizes" in stats:
+        weights = np.concatenate([s["sizes"] for s in scans])
+        sizes = np.bincount(comp, weights=weights, minlength=n).astype(np.int64)
+    if "first" in stats:
+        first = np.full(n, _INT64_MAX, dtype=np.int64)
+        np.minimum.at(first, comp, np.concatenate([s["first"] for s in scans]))
     border = np.zeros(n, dtype=bool)
     np.logical_or.at(border, comp, np.concatenate([s["border"] for s in scans]))
     values = None
@@ -309,7 +403,7 @@ def components(data: Any, *, connectivity: int = 1, by_value: bool = False, spil
         values = np.zeros(n, dtype=x.dtype)
         values[comp] = np.concatenate([s["values"] for s in scans])
     tokens = [s["token"] for s in scans]
-    return Components(store, tokens, x.chunks, counts, comp, int(n), sizes, first, border, values)
+    return Components(store, tokens, x.chunks, counts, comp, int(n), sizes, first, border, values, int(connectivity))
 
 
 def label(
@@ -355,7 +449,9 @@ def label(
     >>> n, lab.compute().tolist()
     (2, [[1, 1, 0, 2], [0, 1, 0, 2]])
     """
-    comps = components(mask, connectivity=connectivity, by_value=by_value, spill=spill)
+    comps = components(
+        mask, connectivity=connectivity, by_value=by_value, stats={"first"} if sequential else (), spill=spill
+    )
     if sequential:
         table = comps.raster_rank() + 1
     else:
