@@ -44,13 +44,12 @@ import json
 import os
 import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+from _watch import launch, summarise, uptime
 
 PERIODS = {2: ((47.0, 53.0), (131.0, 97.0)), 3: ((23.0, 29.0, 31.0), (61.0, 53.0, 67.0))}
 SALT = 0.002
@@ -149,80 +148,6 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
-def launch(variant: str, path: str, timeout: float, mem_gb: float, min_free_gb: float = 1.0) -> dict:
-    """Run one variant in a fresh subprocess; sample its RSS (children included); kill it past the limits."""
-    import psutil
-
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--path", path]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
-    )
-    row: dict = {"variant": variant}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        ps = psutil.Process(proc.pid)
-        peak, status = 0, None
-        while proc.poll() is None:
-            try:
-                rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            except psutil.Error:
-                rss = 0
-            peak = max(peak, rss)
-            if rss > mem_gb * 2**30:
-                status = f"killed at {rss / 2**30:.1f} GB (> {mem_gb} GB limit)"
-            elif rss > 2**30 and psutil.virtual_memory().available < min_free_gb * 2**30:
-                status = f"aborted at {rss / 2**30:.1f} GB: machine memory low (other processes)"
-            elif time.perf_counter() - t0 > timeout:
-                status = f"timeout after {timeout:.0f} s"
-            if status:
-                for c in ps.children(recursive=True):
-                    c.kill()
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.1)
-        row["wall_s"] = time.perf_counter() - t0
-        row["peak_rss_gb_sampled"] = peak / 2**30
-        out.seek(0)
-        err.seek(0)
-        lines = out.read().strip().splitlines()
-        if status is None and proc.returncode == 0 and lines:
-            row.update(json.loads(lines[-1]))
-            row["status"] = "ok"
-        else:
-            tail = err.read().strip().splitlines()[-1:] if status is None else []
-            row["status"] = status or f"failed (rc={proc.returncode}): {' '.join(tail)[:120]}"
-    row["peak_rss_gb"] = max(row.get("ru_maxrss_gb", 0.0), row["peak_rss_gb_sampled"])
-    return row
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """Median per (shape, variant) over the repeats that succeeded; ratios against SciPy of the same shape."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["shape"], r["chunk"], r["variant"]), []).append(r)
-    out = []
-    for (shape, chunk, variant), rs in groups.items():
-        ok = [r for r in rs if r["status"] == "ok"]
-        s = {"shape": shape, "chunk": chunk, "variant": variant, "runs": f"{len(ok)}/{len(rs)}"}
-        if ok:
-            s["time_s"] = statistics.median(r["time_s"] for r in ok)
-            s["peak_rss_gb"] = statistics.median(r["peak_rss_gb"] for r in ok)
-            s["n_objects"] = ok[0]["n_objects"]
-            if "read_s" in ok[0]:
-                s["read_s"] = statistics.median(r["read_s"] for r in ok)
-        s["status"] = "ok" if len(ok) == len(rs) else "; ".join(sorted({r["status"] for r in rs if r["status"] != "ok"}))
-        out.append(s)
-    for s in out:
-        ref = next((t for t in out if t["shape"] == s["shape"] and t["variant"] == "scipy" and "time_s" in t), None)
-        if ref and "time_s" in s:
-            s["vs_scipy"] = s["time_s"] / ref["time_s"]
-            s["vs_scipy_read"] = s["time_s"] / (ref["time_s"] + ref.get("read_s", 0.0))
-    return out
-
-
 def table(summary: list[dict]) -> str:
     lines = [
         "| shape | chunk | variant | time (s) | x SciPy label | x SciPy read+label | peak RSS (GB) | objects | runs | status |",
@@ -231,21 +156,14 @@ def table(summary: list[dict]) -> str:
     for s in summary:
         t = s.get("time_s")
         tt = "" if t is None else f"{t:.1f}" + (f" (+{s['read_s']:.1f} read)" if "read_s" in s else "")
-        v1 = f"{s['vs_scipy']:.2f}" if "vs_scipy" in s else ""
-        v2 = f"{s['vs_scipy_read']:.2f}" if "vs_scipy_read" in s else ""
+        v1 = f"{s['ratio']:.2f}" if "ratio" in s else ""
+        v2 = f"{s['ratio_read']:.2f}" if "ratio_read" in s else ""
         rss = f"{s['peak_rss_gb']:.2f}" if "peak_rss_gb" in s else ""
         lines.append(
             f"| {s['shape']} | {s['chunk']} | {s['variant']} | {tt} | {v1} | {v2} | {rss} | "
             f"{s.get('n_objects', '')} | {s['runs']} | {s['status']} |"
         )
     return "\n".join(lines)
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    except OSError:  # pragma: no cover
-        return "load average: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def check() -> None:
@@ -298,7 +216,7 @@ def main() -> None:
                 for variant in args.variants:
                     if variant in failed:
                         continue
-                    row = launch(variant, path, args.timeout, args.mem_limit_gb)
+                    row = launch(["--worker", variant, "--path", path], __file__, args.timeout, args.mem_limit_gb)
                     row.update(shape=f"{size}^{ndim}", chunk=min(chunk, size), repeat=rep, load=os.getloadavg()[0])
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
@@ -311,7 +229,7 @@ def main() -> None:
                 shutil.rmtree(path, ignore_errors=True)
                 os.remove(path + ".done")
     print("after:", uptime(), file=sys.stderr, flush=True)
-    print(table(summarise(rows)))
+    print(table(summarise(rows, "scipy")))
 
 
 if __name__ == "__main__":

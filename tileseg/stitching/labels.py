@@ -69,20 +69,27 @@ def structure(ndim: int, connectivity: int) -> np.ndarray:
     return ndi.generate_binary_structure(ndim, int(connectivity))
 
 
-def _first_in_raster_order(lab: np.ndarray) -> np.ndarray:
+def _first_in_raster_order(lab: np.ndarray, step: int = 1 << 16) -> np.ndarray:
     """Flat index of the first pixel of labels ``1..n`` numbered in order of first appearance.
 
     :func:`scipy.ndimage.label` numbers labels that way, so label ``k`` starts
-    where the running maximum of the flattened labels first reaches ``k``.
+    where the running maximum of the flattened labels first reaches ``k``. The
+    running maximum is taken piece by piece (a small buffer that stays in
+    cache, not a second array of the chunk's size).
     """
     flat = lab.ravel()
-    if not flat.size:
-        return np.zeros(0, dtype=np.int64)
-    top = np.maximum.accumulate(flat)
-    first = np.flatnonzero(top[1:] != top[:-1]) + 1
-    if flat[0] > 0:
-        first = np.concatenate([[0], first])
-    return first.astype(np.int64)
+    found = []
+    carry = 0
+    for start in range(0, flat.size, step):
+        piece = flat[start : start + step]
+        top = np.maximum.accumulate(piece)
+        np.maximum(top, carry, out=top)
+        rises = np.flatnonzero(top[1:] != top[:-1]) + (start + 1)
+        if piece[0] > carry:
+            rises = np.concatenate([[start], rises])
+        found.append(rises)
+        carry = top[-1]
+    return np.concatenate(found).astype(np.int64) if found else np.zeros(0, np.int64)
 
 
 def _label_block(
@@ -91,8 +98,7 @@ def _label_block(
     """Local labels of one chunk, their count, each label's first flat index (if wanted) and value."""
     import scipy.ndimage as ndi
 
-    # intp labels: bincount and the lookup-table take need no conversion.
-    dtype = np.intp
+    dtype = np.int32 if block.size < 2**31 else np.int64
     if not by_value:
         lab, n = ndi.label(block, struct, output=dtype)
         return lab, int(n), _first_in_raster_order(lab) if want_first else None, None
