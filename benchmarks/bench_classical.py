@@ -243,7 +243,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     ap.add_argument("--mem-limit-gb", type=float, default=14.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--table-from", help="print the table of rows saved by --json, then exit")
     args = ap.parse_args()
+    if args.table_from:
+        with open(args.table_from) as fh:
+            print(table(summarise(json.load(fh), "skimage")))
+        return
     if args.worker:
         worker(args)
         return

@@ -198,7 +198,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--mem-limit-gb", type=float, default=16.0)
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--table-from", help="print the table of rows saved by --json, then exit")
     args = p.parse_args()
+    if args.table_from:
+        with open(args.table_from) as f:
+            print(table(summarise(json.load(f), "scipy")))
+        return
     if args.worker:
         worker(args)
         return
@@ -217,7 +222,8 @@ def main() -> None:
                     if variant in failed:
                         continue
                     row = launch(["--worker", variant, "--path", path], __file__, args.timeout, args.mem_limit_gb)
-                    row.update(shape=f"{size}^{ndim}", chunk=min(chunk, size), repeat=rep, load=os.getloadavg()[0])
+                    row.update(variant=variant, shape=f"{size}^{ndim}", chunk=min(chunk, size), repeat=rep,
+                               load=os.getloadavg()[0])
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if row["status"] != "ok":
