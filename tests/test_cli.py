@@ -134,10 +134,11 @@ def test_run_with_a_bad_item_exits_1(project):
 
     assert is_complete(by_name["a.zarr"]["output"])
     assert not os.path.exists(by_name["broken.zarr"]["output"])
-    manifest = json.loads((root / "out" / "tileseg-run.json").read_text())["items"]
-    assert manifest[by_name["a.zarr"]["output"]]["status"] == "complete"
-    assert by_name["broken.zarr"]["output"] not in manifest or \
-        manifest[by_name["broken.zarr"]["output"]]["status"] != "complete"
+    from tileseg.manifest import Manifest
+
+    manifest = Manifest(str(root / "out" / "tileseg-run.sqlite"))
+    assert manifest.by_output(by_name["a.zarr"]["output"])["status"] == "done"
+    assert manifest.by_output(by_name["broken.zarr"]["output"])["status"] == "failed"
     # fix the broken item: the rerun skips a.zarr and redoes only the failed ones
     write_scene(root / "broken.zarr", seed=9)
     pipe = write_pipeline(root / "p.yaml", ["a.zarr", "broken.zarr"])

@@ -211,6 +211,46 @@ def partial_sibling(path: str) -> tuple[str, str]:
     return final, os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
 
 
+def stale_siblings(path: str) -> list[str]:
+    """The hidden ``.<name>.partial-*`` and ``.<name>.old-*`` siblings of a local output (left by killed runs)."""
+    from ..store import local_path
+
+    local = local_path(path)
+    if local is None:
+        return []
+    final = os.path.abspath(local.rstrip("/") or local)
+    parent, base = os.path.split(final)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    prefixes = (f".{base}.partial-", f".{base}.old-")
+    return sorted(os.path.join(parent, n) for n in names if n.startswith(prefixes))
+
+
+def remove_stale(path: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Remove the stale siblings of ``path`` (see :func:`stale_siblings`) except ``keep``; returns what went.
+
+    Call it only while holding the item's claim in the run manifest: no live
+    run is then writing these folders.
+    """
+    removed = []
+    for p in stale_siblings(path):
+        if p in keep:
+            continue
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.remove(p)
+            except OSError:
+                continue
+        removed.append(p)
+    if removed:
+        log.info("removed %d stale partial folder(s) of %s", len(removed), path)
+    return removed
+
+
 def move_into_place(src: str, dst: str) -> None:
     """Rename ``src`` onto ``dst``, replacing an existing ``dst`` (file or folder).
 
