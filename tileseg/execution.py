@@ -82,13 +82,16 @@ class SchedulerInfo:
     _futures: set[Any] = field(default_factory=set, repr=False)
     _lock: Any = field(default_factory=threading.Lock, repr=False)
     cancelled: bool = False
+    cancel_reason: str = "the run was interrupted"
 
-    def cancel(self) -> None:
+    def cancel(self, reason: Any = None) -> None:
         """Stop the work of every item in flight: running computations raise, new ones refuse to start.
 
         Distributed: the futures tileseg submitted are cancelled (never the
         caller's other work). Local pools stop taking tasks.
         """
+        if reason is not None:
+            self.cancel_reason = f"the run was interrupted ({reason or 'Ctrl-C'})"
         self.cancelled = True
         with self._lock:
             futures = list(self._futures)
@@ -331,7 +334,7 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
     import dask
 
     if info is not None and info.cancelled:
-        raise RunInterrupted("the run was interrupted")
+        raise RunInterrupted(info.cancel_reason)
     if info is not None and info.client is not None:
         futures = info.client.compute(list(collections), retries=info.retries or None)
         with info._lock:
@@ -346,7 +349,7 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
             except Exception:  # pragma: no cover - a scheduler that went away
                 pass
             if info.cancelled:
-                raise RunInterrupted("the run was interrupted") from None
+                raise RunInterrupted(info.cancel_reason) from None
             raise
         finally:
             with info._lock:
@@ -360,5 +363,5 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
         return dask.compute(*collections)
     except BaseException:
         if info is not None and info.cancelled:  # the shared pool was shut down under us
-            raise RunInterrupted("the run was interrupted") from None
+            raise RunInterrupted(info.cancel_reason) from None
         raise

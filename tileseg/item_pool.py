@@ -29,7 +29,7 @@ CLEANUP_S = 120.0
 
 
 def run_items(indices: Iterable[int], fn: Callable[[int, threading.Event], None], *, max_in_flight: int,
-              on_interrupt: Callable[[], None]) -> None:
+              on_interrupt: Callable[[BaseException], None]) -> None:
     """Run ``fn(index, stop)`` for every index with at most ``max_in_flight`` at a time.
 
     Parameters
@@ -43,8 +43,8 @@ def run_items(indices: Iterable[int], fn: Callable[[int, threading.Event], None]
     max_in_flight : int
         Driver threads.
     on_interrupt : callable
-        Called once when the waiting thread is interrupted, before waiting
-        for the drivers.
+        Called once with the interruption when the waiting thread is
+        interrupted, before waiting for the drivers.
 
     Raises
     ------
@@ -72,7 +72,7 @@ def run_items(indices: Iterable[int], fn: Callable[[int, threading.Event], None]
         stop.set()
         log.warning("run interrupted (%s): stopping the items in flight", type(exc).__name__)
         try:
-            on_interrupt()
+            on_interrupt(exc)
         finally:
             for f in pending:
                 f.cancel()

@@ -641,7 +641,7 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 result.peak_rss_bytes = int(mem.peak) or None
     except Exception as exc:
         if sched is not None and sched.cancelled:
-            raise RunInterrupted(str(exc)) from exc
+            raise RunInterrupted(sched.cancel_reason) from exc
         result.status = FAILED
         result.error = _error_text(exc, item)
         log.error("item %d failed: %s", index, result.error)
