@@ -176,9 +176,15 @@ def test_run_inside_a_users_client_computes_on_that_cluster(tmp_path, cluster, m
 def test_segment_compute_inside_a_users_client_runs_on_the_cluster(tmp_path, cluster):
     pytest.importorskip("torch")
     from distributed import Client, get_task_stream
+    from pipeline_helpers import (
+        argmax_labels,
+        assert_labels_match,
+        monai_logits,
+        save_conv_model,
+        write_scene,
+    )
 
     import tileseg
-    from pipeline_helpers import argmax_labels, assert_labels_match, monai_logits, save_conv_model, write_scene
 
     save_conv_model(tmp_path / "m.pt")
     image, _ = write_scene(tmp_path / "s.zarr", shape=(70, 90), seed=3)

@@ -297,11 +297,11 @@ def test_local_cluster_scheduler(scenes):
     root, data = scenes
     pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
     # one worker process (faster start) declaring a GPU resource that the model tasks ask for
-    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}"))
+    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}, memory_limit: 900MiB"))
     report = run_pipeline(pipe, scheduler="local")
     assert report.ok, report.items[0].error
     assert report.scheduler["scheduler"] == "local" and report.scheduler["resources"] == {"GPU": 1}
-    assert report.scheduler["n_workers"] == 1
+    assert report.scheduler["n_workers"] == 1 and report.scheduler["memory_limit"] == 900 * 2**20
     assert_matches_monai(read_output(report.items[0].output), data["a"][0])
 
 

@@ -4,9 +4,10 @@
 
 (not set)
     the active ``distributed.Client`` when the caller has one (``with
-    Client(...)`` or ``get_client()``), else ``threads``; a client passed as
-    ``client=`` always wins. tileseg then creates no scheduler and closes
-    nothing.
+    Client(...)`` or ``get_client()``), else ``threads``. A client passed as
+    ``client=`` wins over ``execution.scheduler`` (only an ``override``, the
+    CLI's ``--scheduler``, wins over it). tileseg then creates no scheduler
+    and closes nothing.
 ``threads`` (default)
     dask's threaded scheduler with ``workers`` threads (one pool shared by
     all items in flight).
@@ -116,7 +117,11 @@ class SchedulerInfo:
         if self.client is not None:
             try:
                 out["dashboard"] = self.client.dashboard_link
-                out["n_workers"] = len(self.client.scheduler_info().get("workers", {}))
+                workers = self.client.scheduler_info().get("workers", {})
+                out["n_workers"] = len(workers)
+                limits = {w.get("memory_limit") for w in workers.values()}
+                if len(limits) == 1:
+                    out["memory_limit"] = limits.pop()
             except Exception:  # pragma: no cover - a scheduler that went away
                 pass
         if self.resources:

@@ -86,6 +86,8 @@ from .writers.base import remove_stale
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "tileseg-report.json"
+#: Seconds between report rewrites while items finish (the final report is always written).
+REPORT_EVERY_S = 2.0
 
 
 # --------------------------------------------------------------------------- items
@@ -430,7 +432,7 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
     every_output = [p for ps in paths for p in ps]
     check_not_inputs(every_output, protected_paths(cfg, [item for item, _ in items]))
     directory = output_dir(every_output or [cfg.all_outputs()[0].path])
-    check_writable([paths[i][0] for i in ok] or [_join(directory, REPORT_NAME)])
+    check_writable([p for i in ok for p in paths[i]] or [_join(directory, REPORT_NAME)])
     manifest = Manifest(manifest_path(cfg, directory), lease_s=cfg.execution.lease_s)
     report = RunReport(pipeline=cfg.model_dump(mode="json"), versions={}, started=now_iso(),
                        manifest_path=manifest.path, run_id=manifest.run_id)
@@ -490,10 +492,15 @@ class _RunState:
     _predictor: Any = None
     _model_error: BaseException | None = None
     _finished: int = 0
+    _written: float = -1e9
 
-    def write_report(self) -> None:
+    def write_report(self, force: bool = True) -> None:
+        """Write the JSON report; unforced writes (after each item) at most once per :data:`REPORT_EVERY_S`."""
         with self._lock:
-            self.report.write(self.report_path)
+            now = time.monotonic()
+            if force or now - self._written >= REPORT_EVERY_S:
+                self.report.write(self.report_path)
+                self._written = now
 
     def predictor(self) -> Any:
         """The model, loaded once by the first item that needs it (a failure is kept and re-raised)."""
@@ -513,7 +520,7 @@ class _RunState:
         with self._lock:
             self._finished += 1
             n = self._finished
-        self.write_report()
+        self.write_report(force=False)
         if self.notify is not None and self.cfg.execution.max_items_in_flight > 1:
             self.notify(f"[{n}/{len(self.items)}] {result.status} {result.input}"
                         + (f": {result.error}" if result.error else ""))
@@ -673,8 +680,11 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
                 log.debug("could not load the model for plan: %s", exc)
     rows = []
     for index, (item, err) in enumerate(items):
-        outs = [render_output(o.path, item, index) for o in cfg.all_outputs()]
-        row: dict[str, Any] = {"index": index, "input": item, "output": outs[0], "outputs": outs}
+        try:
+            outs = [render_output(o.path, item, index) for o in cfg.all_outputs()]
+        except InputError as exc:
+            outs, err = [], err or exc
+        row: dict[str, Any] = {"index": index, "input": item, "output": (outs or [None])[0], "outputs": outs}
         rows.append(row)
         if err is not None:
             row["error"] = _error_text(err, item)
