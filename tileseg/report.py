@@ -13,6 +13,11 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: File name of the latest run's report, next to the outputs.
+REPORT_NAME = "tileseg-report.json"
+#: Folder next to the outputs keeping every run's report (one file per run, never overwritten).
+RUNS_DIR = "tileseg-runs"
+
 #: Item statuses: done now, failed, left alone (done earlier, or held by another run), stopped by an
 #: interruption, not reached yet.
 OK, FAILED, SKIPPED, INTERRUPTED, PENDING_STATUS = "ok", "failed", "skipped", "interrupted", "pending"
@@ -54,6 +59,9 @@ class ItemResult:
         ``ExceptionType: message`` naming the file, for failed items.
     dice : dict
         Dice per class (``None`` where a class is absent from both images).
+    bad_output_px : int
+        Pixels written as nodata because the model output NaN/Inf there
+        (``model.bad_output: nodata``; see :mod:`tileseg.counters`).
     """
 
     index: int
@@ -72,6 +80,7 @@ class ItemResult:
     dice: dict[str, float | None] | None = None
     config_hash: str | None = None
     skipped_reason: str | None = None
+    bad_output_px: int | None = None
 
 
 @dataclass
@@ -95,6 +104,10 @@ class RunReport:
         What stopped the whole run (the model failed to load, an interruption).
     interrupted : bool
         Whether the run was stopped (Ctrl-C, SIGTERM) before every item finished.
+    model_loads : dict
+        Model loads per process since it started (``local``: this process,
+        else worker addresses; see :mod:`tileseg.counters`): a worker that
+        runs inference loads the model once.
     """
 
     pipeline: dict[str, Any]
@@ -109,6 +122,8 @@ class RunReport:
     run_id: str | None = None
     error: str | None = None
     interrupted: bool = False
+    model_loads: dict[str, int] | None = None
+    _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_failed(self) -> int:
@@ -132,13 +147,25 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
         out = asdict(self)
+        out.pop("_run_file", None)
         out["summary"] = self.counts()
         return _jsonable(out)
 
     def write(self, path: str) -> str:
-        """Write the report as JSON (atomically) and remember where."""
+        """Write the report as JSON (atomically) and remember where.
+
+        The same JSON also goes to this run's own file in :data:`RUNS_DIR`
+        beside ``path`` (named by start time and process), so a later run,
+        which replaces ``path``, never erases this run's figures.
+        """
         self.report_path = path
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        write_text_atomic(path, text)
+        if self._run_file is None:
+            stamp = (self.started or now_iso()).replace(":", "").replace("-", "").replace("+0000", "Z")
+            name = f"{stamp}-{platform.node() or 'host'}-{os.getpid()}-{id(self) & 0xFFFF:04x}.json"
+            self._run_file = os.path.join(os.path.dirname(path) or ".", RUNS_DIR, name)
+        write_text_atomic(self._run_file, text)
         return path
 
     def summary_table(self) -> str:

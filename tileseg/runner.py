@@ -452,6 +452,8 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
             try:
                 run_items(range(len(items)), state.process, max_in_flight=cfg.execution.max_items_in_flight,
                           on_interrupt=sched.cancel)
+                if cfg.model is not None:
+                    report.model_loads = _model_loads(sched)
             except KeyboardInterrupt as exc:
                 report.interrupted = True
                 report.error = f"interrupted ({type(exc).__name__}: {exc or 'Ctrl-C'}); rerun to continue"
@@ -598,6 +600,20 @@ class _RunState:
                              timings=result.timings)
 
 
+def _model_loads(sched: SchedulerInfo) -> dict[str, int]:
+    """Model loads per process (this one, and each worker of a distributed cluster)."""
+    from . import counters
+
+    per = counters.collect(sched.client)
+    return {proc: sum(c.get("model_loads", {}).values()) for proc, c in per.items()}
+
+
+def _bad_output_px(sched: SchedulerInfo | None, source: str) -> int:
+    from . import counters
+
+    return counters.total(counters.collect(sched.client if sched is not None else None), "bad_output_px", source)
+
+
 class _ModelLoadFailed(Exception):
     """The run's model could not be loaded (the item is not at fault)."""
 
@@ -637,8 +653,12 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 result.chunks = [int(max(c)) for c in final.data.chunks[-len(result.shape):]]
                 if cfg.execution.check_free_space:
                     check_free_space([(o.path, int(im.data.nbytes)) for o, im in zip(outputs, images)])
+                count_bad = cfg.model is not None and cfg.model.bad_output == "nodata"
+                bad_before = _bad_output_px(sched, image.source or "image") if count_bad else 0
                 write_outputs(outputs, images, overwrite=overwrite, sched=sched, progress=progress, timer=timer,
                               info={"input": item})
+                if count_bad:
+                    result.bad_output_px = _bad_output_px(sched, image.source or "image") - bad_before
                 if cfg.evaluate is not None:
                     with timer.stage("evaluate"):
                         result.dice = evaluate_item(cfg, item, index, _scored(outputs).path, sched)
