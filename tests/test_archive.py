@@ -216,3 +216,22 @@ def test_full_disk_and_unwritable_folder_fail_before_work(tmp_path, method, monk
     assert method.calls == []
     res = invoke("run", str(pipe), "--quiet")
     assert res.exit_code == 1 and "is not writable" in res.output
+
+
+def test_stale_partials_of_killed_runs_are_removed_when_claimed(tmp_path, method):
+    images = write_items(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".item_00.zarr.partial-0123456789ab", out / ".item_00.zarr.old-fedcba987654"]
+    keyed = out / f".item_00.zarr.partial-{'a' * 32}"  # named by a resume key: the writer's to reuse or remove
+    for p in [*stale, keyed]:
+        (p / "c").mkdir(parents=True)
+    other = out / ".item_99.zarr.partial-0123456789ab"  # another item's: not ours to touch
+    other.mkdir()
+    pipe = write_method_pipeline(tmp_path / "p.yaml", "in/*.zarr")
+    assert run_pipeline(pipe).ok
+    assert not any(p.exists() for p in stale) and other.exists()
+    np.testing.assert_array_equal(out_of(out / "item_00.zarr"), images["item_00"] > 0.5)
+    from tileseg.writers.base import stale_siblings
+
+    assert keyed not in map(Path, stale_siblings(str(out / "item_00.zarr")))
