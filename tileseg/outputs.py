@@ -153,27 +153,48 @@ def _real(path: str) -> str:
     return os.path.realpath(local) if local is not None else _norm(path)
 
 
+def _ancestors(path: str) -> list[str]:
+    """Every folder above ``path`` (normalised, local or URL), nearest first."""
+    out = []
+    if "://" in path:
+        scheme, _, rest = path.partition("://")
+        parts = rest.split("/")
+        out = [f"{scheme}://" + "/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    else:
+        parent = os.path.dirname(path)
+        while parent and parent != path:
+            out.append(parent)
+            path, parent = parent, os.path.dirname(parent)
+    return out
+
+
 def check_not_inputs(outputs: Iterable[str], protected: Iterable[tuple[str, str]]) -> None:
     """Refuse an output that is, contains or lies inside a path the run reads (``overwrite`` included).
+
+    Linear in the number of paths (set look-ups over each path's folders), so
+    archives of many items are checked quickly.
 
     Raises
     ------
     ConfigError
         Naming the output, the input and how they overlap.
     """
-    guarded = [(_real(p), p, what) for p, what in protected]
+    guarded: dict[str, tuple[str, str]] = {}
+    around: dict[str, tuple[str, str]] = {}
+    for p, what in protected:
+        real = _real(p)
+        guarded.setdefault(real, (p, what))
+        for folder in _ancestors(real):
+            around.setdefault(folder, (p, what))
     for out in outputs:
         real = _real(out)
-        for g, original, what in guarded:
-            if real == g:
-                how = "is"
-            elif _inside(real, g):
-                how = "lies inside"
-            elif _inside(g, real):
-                how = "contains"
-            else:
-                continue
-            raise ConfigError(f"output.path: the output {out!r} {how} the {what} {original!r}; outputs must "
+        hit, how = guarded.get(real), "is"
+        if hit is None:
+            hit, how = next(((guarded[a], "lies inside") for a in _ancestors(real) if a in guarded), (None, ""))
+        if hit is None:
+            hit, how = around.get(real), "contains"
+        if hit is not None:
+            raise ConfigError(f"output.path: the output {out!r} {how} the {hit[1]} {hit[0]!r}; outputs must "
                               "never replace or contain what the run reads (overwrite: true included)")
 
 
