@@ -80,7 +80,7 @@ def test_two_runs_at_once_process_every_item_exactly_once(tmp_path):
     env = env_with(install_plugin(tmp_path / "plug"))
     images = write_items(tmp_path / "in", 8)
     log = tmp_path / "calls.log"
-    pipe = write_method_pipeline(tmp_path / "p.yaml", "in/*.zarr", delay=0.05, log=log,
+    pipe = write_method_pipeline(tmp_path / "p.yaml", "in/*.zarr", delay=0.1, log=log,
                                  execution="{scheduler: threads, workers: 1, max_items_in_flight: 2}")
     procs = [tileseg_cli("run", str(pipe), "--quiet", env=env) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -90,6 +90,9 @@ def test_two_runs_at_once_process_every_item_exactly_once(tmp_path):
     with sqlite3.connect(tmp_path / "out" / "tileseg-run.sqlite") as db:
         rows = db.execute("SELECT status, attempts, owner FROM items").fetchall()
     assert len(rows) == 8 and set(rows) == {("done", 1, None)}
+    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "tileseg-runs").glob("*.json"))]
+    done = [r["summary"]["ok"] for r in runs]
+    assert len(runs) == 2 and sum(done) == 8 and min(done) > 0, done  # both worked, on different items
     for name, image in images.items():
         np.testing.assert_array_equal(out_of(tmp_path / "out" / f"{name}.zarr"), image > 0.5)
 
