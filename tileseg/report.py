@@ -10,6 +10,7 @@ import platform
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -161,9 +162,8 @@ class RunReport:
         self.report_path = path
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
         write_text_atomic(path, text)
-        if self._run_file is None:
-            stamp = (self.started or now_iso()).replace(":", "").replace("-", "").replace("+0000", "Z")
-            name = f"{stamp}-{platform.node() or 'host'}-{os.getpid()}-{id(self) & 0xFFFF:04x}.json"
+        if self._run_file is None:  # named by the first write's time: runs sort in the order they started
+            name = f"{time.time_ns():020d}-{platform.node() or 'host'}-{os.getpid()}.json"
             self._run_file = os.path.join(os.path.dirname(path) or ".", RUNS_DIR, name)
         write_text_atomic(self._run_file, text)
         return path
