@@ -55,6 +55,7 @@ _BUILTINS: dict[str, dict[str, str]] = {
         "smp": "tileseg.predictors.zoo:smp",
         "torchvision": "tileseg.predictors.zoo:torchvision",
         "monai": "tileseg.predictors.zoo:monai",
+        "transformers": "tileseg.predictors.zoo:transformers",
     },
     "preprocess": {
         "zscore": "tileseg.preprocess:zscore",

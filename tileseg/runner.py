@@ -182,10 +182,18 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
     if cfg.model is not None:
         from .graph import segment_with_stats
 
-        _check_classes(cfg, getattr(predictor, "out_channels", None))
+        from .predictors.check import dry_run
+
+        n_ch = int(image.data.shape[0]) if image.has_channels else 1
+        k = dry_run(predictor, n_ch, cfg.tiling.patch_size, class_names=cfg.model.classes,  # type: ignore[union-attr]
+                    source=image.source or "image")
+        _check_classes(cfg, k)
         resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
         tiling = cfg.tiling_options()
         inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
+        declared = getattr(predictor, "class_names", None)
+        if inference.class_names is None and declared and len(declared) == k:
+            inference = dataclasses.replace(inference, class_names=tuple(declared))
         raw, stats = segment_with_stats(image, predictor, tiling, inference)
     else:
         from .methods import apply_method

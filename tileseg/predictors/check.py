@@ -1,0 +1,99 @@
+"""The dry forward at start-up: one patch through the model before any tile is computed.
+
+It checks, with errors that say what to change, that the model takes the
+pipeline's input channels and patch size (fixed-size models, output stride
+divisibility, layout) and that its output classes match the pipeline's
+class names; it also fixes the predictor's ``out_channels`` to what the model
+really returns. The result is remembered per predictor and input signature,
+so a run of many items pays for it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["dry_run"]
+
+_LOCK = threading.Lock()
+
+
+def dry_run(predictor: Any, n_channels: int, patch_size: Sequence[int], *, class_names: Sequence[str] | None = None,
+            source: str = "image") -> int:
+    """Run one zero patch ``(1, n_channels, *patch_size)`` through ``predictor``; return K.
+
+    Parameters
+    ----------
+    predictor : Predictor or callable
+        The model.
+    n_channels : int
+        Channels the pipeline feeds it (after preprocessing).
+    patch_size : sequence of int
+        The pipeline's patch size.
+    class_names : sequence of str, optional
+        The pipeline's class names (one per channel; two for a one-channel model).
+    source : str
+        What is being segmented, for messages.
+
+    Returns
+    -------
+    int
+        K, the number of output channels.
+
+    Raises
+    ------
+    ModelError
+        Wrong input channels, a patch size the model refuses, an output of the
+        wrong shape, or class names that do not match the output channels.
+    """
+    patch = tuple(int(p) for p in patch_size)
+    key = (int(n_channels), patch)
+    done = getattr(predictor, "_tileseg_dry_run", None)
+    if isinstance(done, dict) and key in done:
+        k = done[key]
+    else:
+        expected_in = getattr(predictor, "in_channels", None)
+        if expected_in is not None and int(expected_in) != int(n_channels):
+            raise ModelError(f"model expects {expected_in} input channels, {source} has {n_channels} "
+                             "(after preprocessing)")
+        conv = getattr(predictor, "conventions", None)
+        fixed = getattr(conv, "patch_size", None)
+        if fixed is not None and tuple(fixed) != patch:
+            raise ModelError(f"model takes only patches of size {list(fixed)}, the pipeline uses {list(patch)}: "
+                             f"set tiling.patch_size: {list(fixed)}")
+        probe = np.zeros((1, int(n_channels)) + patch, dtype=np.float32)
+        try:
+            out = np.asarray(predictor(probe))
+        except ModelError as exc:
+            raise ModelError(f"model check on one {list(patch)} patch of {source} failed: {exc}") from exc
+        except Exception as exc:
+            raise ModelError(f"model check on one {list(patch)} patch of {source} ({n_channels} channels) failed: "
+                             f"{exc.__class__.__name__}: {str(exc)[:500]}") from exc
+        if out.ndim != probe.ndim or out.shape[0] != 1 or tuple(out.shape[2:]) != patch:
+            raise ModelError(f"model returned shape {out.shape!r} for one patch {probe.shape!r}; expected (1, K, "
+                             f"{', '.join(map(str, patch))}) (see the model conventions layout / output_stride)")
+        k = int(out.shape[1])
+        declared = getattr(predictor, "out_channels", None)
+        if declared is not None and int(declared) != k:
+            log.info("model declared %s output channels but returns %s; using %s", declared, k, k)
+        try:
+            predictor.out_channels = k
+            with _LOCK:
+                cache = getattr(predictor, "_tileseg_dry_run", None)
+                cache = dict(cache) if isinstance(cache, dict) else {}
+                cache[key] = k
+                predictor._tileseg_dry_run = cache
+        except AttributeError:  # a callable that takes no attributes: checked again next time
+            pass
+    if class_names is not None and len(class_names) != k and not (k == 1 and len(class_names) == 2):
+        raise ModelError(f"model.classes lists {len(class_names)} classes {list(class_names)!r} but the model "
+                         f"outputs {k} channels" + (" (one channel: give two names)" if k == 1 else ""))
+    return k
