@@ -260,8 +260,9 @@ class TransformersModel(ModelKind):
     config : str or dict
         A ``config.json`` file, or the configuration itself (needs ``model_type``).
     path : str, optional
-        Weights: ``model.safetensors`` or a state_dict file (``weights_only=True``);
-        none: random weights (tests).
+        Weights: the ``model.safetensors`` of a ``save_pretrained`` folder, or a
+        state_dict file (``model.state_dict()`` saved with ``torch.save``,
+        read with ``weights_only=True``); none: random weights (tests).
     **conventions
         See :mod:`tileseg.predictors.conventions`.
     """
@@ -282,7 +283,11 @@ class TransformersModel(ModelKind):
     def load(self, *, device: str | None = None, precision: str = "fp32") -> Predictor:
         from .torch import TorchPredictor
 
-        return TorchPredictor.from_architecture("transformers", {"config": self.config}, self.path, device=device,
+        if self.path is not None and self.path.endswith((".safetensors", ".safetensors.index.json")):
+            config, weights = {"config": self.config, "pretrained": self.path}, None  # from_pretrained maps keys
+        else:
+            config, weights = {"config": self.config}, self.path
+        return TorchPredictor.from_architecture("transformers", config, weights, device=device,
                                                 precision=precision, conventions=self.conventions)
 
 

@@ -156,8 +156,8 @@ def _hf_config(config: str | dict[str, Any]) -> Any:
         raise ModelError(f"transformers config {config!r}: {exc}") from exc
 
 
-def transformers(config: str | dict[str, Any]) -> Any:
-    """A Hugging Face semantic-segmentation model from its configuration (random weights until loaded).
+def transformers(config: str | dict[str, Any], pretrained: str | None = None) -> Any:
+    """A Hugging Face semantic-segmentation model from its configuration.
 
     The logits are read from the output object (``.logits``); SegFormer-like
     models (logits at 1/4 of the input) declare ``output_stride`` 4.
@@ -166,11 +166,26 @@ def transformers(config: str | dict[str, Any]) -> Any:
     ----------
     config : str or dict
         A ``config.json`` path or the configuration (with ``model_type``).
+    pretrained : str, optional
+        The ``model.safetensors`` of a folder written by ``save_pretrained``:
+        loaded with ``from_pretrained(folder, local_files_only=True,
+        use_safetensors=True)``, which maps saved key names to the model's.
+        None: random weights (a state_dict may be loaded afterwards).
     """
     cfg = _hf_config(config)
     lib = require("transformers", "zoo")
     try:
-        model = lib.AutoModelForSemanticSegmentation.from_config(cfg)
+        if pretrained is not None:
+            folder = os.path.dirname(os.path.abspath(pretrained))
+            if os.path.basename(pretrained) not in ("model.safetensors", "model.safetensors.index.json"):
+                raise ConfigError(f"transformers weights {pretrained!r}: give the model.safetensors of a folder "
+                                  "written by save_pretrained, or a state_dict file (.pt)")
+            model = lib.AutoModelForSemanticSegmentation.from_pretrained(
+                folder, config=cfg, local_files_only=True, use_safetensors=True)
+        else:
+            model = lib.AutoModelForSemanticSegmentation.from_config(cfg)
+    except OSError as exc:
+        raise ModelError(f"cannot load transformers weights {pretrained!r}: {exc}") from exc
     except ValueError as exc:
         raise ConfigError(f"transformers config {str(config)[:200]!r}: not a semantic-segmentation model: {exc}") from exc
     declared: dict[str, Any] = {"output": "logits"}
