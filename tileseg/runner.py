@@ -181,7 +181,6 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
     stats: dict[str, int] = {}
     if cfg.model is not None:
         from .graph import segment_with_stats
-
         from .predictors.check import dry_run
 
         n_ch = int(image.data.shape[0]) if image.has_channels else 1

@@ -21,9 +21,24 @@ from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dry_run"]
+__all__ = ["dry_run", "check_patch_size"]
 
 _LOCK = threading.Lock()
+
+
+def check_patch_size(predictor: Any, patch_size: Sequence[int]) -> None:
+    """Refuse a patch size a fixed-size model (its conventions' ``patch_size``) does not take.
+
+    Raises
+    ------
+    ModelError
+        Naming both sizes and the setting to change.
+    """
+    fixed = getattr(getattr(predictor, "conventions", None), "patch_size", None)
+    patch = [int(p) for p in patch_size]
+    if fixed is not None and list(fixed) != patch:
+        raise ModelError(f"model takes only patches of size {list(fixed)}, the pipeline uses {patch}: "
+                         f"set tiling.patch_size: {list(fixed)}")
 
 
 def dry_run(predictor: Any, n_channels: int, patch_size: Sequence[int], *, class_names: Sequence[str] | None = None,
@@ -64,11 +79,7 @@ def dry_run(predictor: Any, n_channels: int, patch_size: Sequence[int], *, class
         if expected_in is not None and int(expected_in) != int(n_channels):
             raise ModelError(f"model expects {expected_in} input channels, {source} has {n_channels} "
                              "(after preprocessing)")
-        conv = getattr(predictor, "conventions", None)
-        fixed = getattr(conv, "patch_size", None)
-        if fixed is not None and tuple(fixed) != patch:
-            raise ModelError(f"model takes only patches of size {list(fixed)}, the pipeline uses {list(patch)}: "
-                             f"set tiling.patch_size: {list(fixed)}")
+        check_patch_size(predictor, patch)
         probe = np.zeros((1, int(n_channels)) + patch, dtype=np.float32)
         try:
             out = np.asarray(predictor(probe))

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from .base import Predictor
 from .conventions import CONVENTION_PARAMS, Conventions
 
+
 class ModelKind:
     """Base class of model kinds: parameters in ``__init__``, :meth:`load` makes the predictor.
 
