@@ -274,3 +274,97 @@ def test_zoo_model_end_to_end_through_tileseg_run(name, tmp_path):
     assert got.shape == want.shape == (2, 100, 140)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.ptp(want) > 1e-3  # random weights still give a varying map
+
+
+# --------------------------------------------------------------------------- more architectures, plugins, YAML
+
+
+@pytest.mark.parametrize("arch,encoder", [("Unet", "resnet18"), ("FPN", "tu-resnet10t"), ("DeepLabV3Plus", "resnet18"),
+                                          ("Segformer", "resnet18"), ("UPerNet", "resnet18"), ("Linknet", "resnet18")])
+def test_smp_architectures_with_their_encoders_equal_direct_call(arch, encoder, tmp_path):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=2, classes=3).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    p = load_predictor({"state_dict": {"path": str(tmp_path / "w.pt"), "architecture": {
+        "smp": {"arch": arch, "encoder_name": encoder, "in_channels": 2, "classes": 3}}}}, device="cpu")
+    b = _batch(2, c=2, shape=(64, 64))
+    np.testing.assert_allclose(p(b), _direct(model, b), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ModelError, match="patch sizes divisible by (16|32)"):
+        p(_batch(1, c=2, shape=(40, 40)))
+
+
+def test_smp_refuses_downloads_and_unknown_archs(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch")
+    (tmp_path / "w.pt").write_bytes(b"")
+    spec = {"state_dict": {"path": str(tmp_path / "w.pt"), "architecture": {"smp": {"arch": "Unet", "encoder_weights": "imagenet"}}}}
+    with pytest.raises(ConfigError, match="would download weights"):
+        load_predictor(spec, device="cpu")
+    spec["state_dict"]["architecture"] = {"smp": {"arch": "Unett"}}
+    with pytest.raises(ConfigError, match="unknown arch 'Unett'; did you mean"):
+        load_predictor(spec, device="cpu")
+
+
+@pytest.mark.parametrize("name,params", [
+    ("SegResNet", {"init_filters": 8}),
+    ("DynUNet", {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "upsample_kernel_size": [2, 2],
+                 "filters": [8, 16, 32]}),
+    ("SwinUNETR", {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}),
+])
+def test_monai_networks_equal_direct_call(name, params, tmp_path):
+    nets = pytest.importorskip("monai.networks.nets")
+    if name == "SwinUNETR":
+        pytest.importorskip("einops")
+    torch.manual_seed(0)
+    common = {"spatial_dims": 2, "in_channels": 1, "out_channels": 2}
+    model = getattr(nets, name)(**common, **params).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    p = load_predictor({"state_dict": {"path": str(tmp_path / "w.pt"),
+                                       "architecture": {"monai": {"name": name, **common, **params}}}}, device="cpu")
+    b = _batch(2, shape=(64, 64))
+    np.testing.assert_allclose(p(b), _direct(model, b), rtol=1e-5, atol=1e-5)
+
+
+def test_third_party_architecture_by_entry_point(net, tmp_path, monkeypatch):
+    import importlib.metadata as md
+
+    from tileseg import registry
+
+    real = md.entry_points
+
+    def entry_points(**kw):
+        if kw.get("group") == "tileseg.architectures":
+            return [md.EntryPoint("their_unet", "tileseg.predictors.unet:UNet", "tileseg.architectures")]
+        return real(**kw)
+
+    monkeypatch.setattr(md, "entry_points", entry_points)
+    registry._entry_points.cache_clear()
+    try:
+        assert "their_unet" in registry.available("architectures")
+        torch.save(net.state_dict(), tmp_path / "w.pt")
+        p = load_predictor({"state_dict": {"path": str(tmp_path / "w.pt"), "architecture": {"their_unet": CFG}}},
+                           device="cpu")
+        b = _batch()
+        np.testing.assert_allclose(p(b), _direct(net, b), rtol=1e-5, atol=1e-5)
+    finally:
+        registry._entry_points.cache_clear()
+
+
+def test_conventions_in_a_pipeline_file_are_validated(tmp_path):
+    from tileseg.config import load_pipeline
+
+    (tmp_path / "m.onnx").write_bytes(b"")
+    base = """\
+        version: 1
+        input: {path: in.zarr}
+        tiling: {patch_size: [1024, 1024]}
+        model:
+          onnx: {path: m.onnx, providers: [CUDA, CPU], layout: NHWC, patch_size: [1024, 1024], activation: none%s}
+        output: {path: out.zarr}
+        """
+    (tmp_path / "p.yaml").write_text(textwrap.dedent(base % ""))
+    cfg = load_pipeline(tmp_path / "p.yaml")
+    assert cfg.model.params["layout"] == "NHWC" and cfg.model.files() == {"path": str(tmp_path / "m.onnx")}
+    (tmp_path / "p.yaml").write_text(textwrap.dedent(base % ", output_strid: 4"))
+    with pytest.raises(ConfigError, match="model.onnx: unknown parameter 'output_strid'.*did you mean 'output_stride'"):
+        load_pipeline(tmp_path / "p.yaml")
