@@ -88,7 +88,9 @@ def dry_run(predictor: Any, n_channels: int, patch_size: Sequence[int], *, class
         except Exception as exc:
             raise ModelError(f"model check on one {list(patch)} patch of {source} ({n_channels} channels) failed: "
                              f"{exc.__class__.__name__}: {str(exc)[:500]}") from exc
-        if out.ndim != probe.ndim or out.shape[0] != 1 or tuple(out.shape[2:]) != patch:
+        conv = getattr(predictor, "conventions", None)
+        stride = conv.output_stride if getattr(conv, "output_grid", False) else 1
+        if out.ndim != probe.ndim or out.shape[0] != 1 or tuple(out.shape[2:]) != tuple(p // stride for p in patch):
             raise ModelError(f"model returned shape {out.shape!r} for one patch {probe.shape!r}; expected (1, K, "
                              f"{', '.join(map(str, patch))}) (see the model conventions layout / output_stride)")
         k = int(out.shape[1])

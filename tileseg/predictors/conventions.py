@@ -8,7 +8,8 @@ Every model kind accepts the same convention parameters (see :data:`CONVENTION_P
         layout: NHWC              # channels last (NHWC / NDHWC); default NCHW (channels first)
         patch_size: [1024, 1024]  # a fixed-size model: tiling.patch_size must equal it
         activation: none          # the model already outputs probabilities (softmax/sigmoid applied)
-        output_stride: 4          # output is 4x smaller than the input; upsampled to the input grid
+        output_stride: 4          # output is 4x smaller than the input; upsampled to the input grid,
+        output_grid: false        # ... or true: stitched on the model's output grid (tileseg.output_grid)
         output: logits            # which output of a dict / tuple / output object (key, attribute or index)
 
 ``activation`` names what turns the model's output into probabilities:
@@ -22,7 +23,9 @@ the engine's probabilities would be a softmax.
 ``output_stride`` s > 1: the model's output is ``patch / s`` per axis; it is
 upsampled linearly (pixel centres aligned, like ``torch.nn.functional.interpolate``
 with ``align_corners=False``) to the patch, so stitching and the result stay on
-the input grid.
+the input grid. With ``output_grid: true`` it is not upsampled: the engine
+stitches on the model's grid and the result is ``s`` times coarser (see
+:mod:`tileseg.output_grid`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ __all__ = ["Conventions", "CONVENTION_PARAMS", "LAYOUTS", "ACTIVATIONS", "upsamp
 LAYOUTS = ("NCHW", "NHWC", "NCDHW", "NDHWC")
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 #: Keyword parameters every model kind accepts (see the module docstring).
-CONVENTION_PARAMS = ("layout", "patch_size", "activation", "output_stride", "output")
+CONVENTION_PARAMS = ("layout", "patch_size", "activation", "output_stride", "output_grid", "output")
 _EPS = np.float32(1e-7)
 
 
@@ -58,6 +61,8 @@ class Conventions:
         ``none``: the output is already probabilities. Default: logits.
     output_stride : int
         The output is ``patch // output_stride`` per spatial axis (default 1).
+    output_grid : bool
+        Stitch on the model's output grid instead of upsampling to the input's.
     output : str or int, optional
         Key, attribute or index of the output to take from a dict, tuple or
         output object (default: ``logits``/``out`` when present, else the only
@@ -73,6 +78,7 @@ class Conventions:
     patch_size: tuple[int, ...] | None = None
     activation: str | None = None
     output_stride: int = 1
+    output_grid: bool = False
     output: str | int | None = None
     explicit: frozenset = field(default=frozenset(), compare=False)
 
@@ -84,6 +90,8 @@ class Conventions:
         s = self.output_stride
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
             raise ConfigError(f"model output_stride must be an integer >= 1, got {s!r}")
+        if not isinstance(self.output_grid, bool):
+            raise ConfigError(f"model output_grid must be true or false, got {self.output_grid!r}")
         if self.patch_size is not None:
             ps = self.patch_size
             if (not isinstance(ps, Sequence) or isinstance(ps, str) or len(ps) not in (2, 3)
@@ -121,6 +129,7 @@ class Conventions:
             d["activation"] = self.activation
         if self.output_stride != 1:
             d["output_stride"] = self.output_stride
+            d["output_grid"] = self.output_grid
         if self.output is not None:
             d["output"] = self.output
         return d
@@ -180,7 +189,7 @@ class Conventions:
         elif self.activation == "sigmoid" and out.shape[1] > 1:
             raise ModelError(f"model activation 'sigmoid' with {out.shape[1]} output channels (independent labels) "
                              "is not supported: the engine's probabilities are a softmax over channels")
-        if s > 1:
+        if s > 1 and not self.output_grid:
             out = upsample_linear(out, s)
         return np.ascontiguousarray(out, dtype=np.float32)
 
