@@ -368,3 +368,17 @@ def test_conventions_in_a_pipeline_file_are_validated(tmp_path):
     (tmp_path / "p.yaml").write_text(textwrap.dedent(base % ", output_strid: 4"))
     with pytest.raises(ConfigError, match="model.onnx: unknown parameter 'output_strid'.*did you mean 'output_stride'"):
         load_pipeline(tmp_path / "p.yaml")
+
+
+def test_onnx_device_picks_default_providers_and_precision_is_refused(exported):
+    import onnxruntime as ort
+
+    d, _ = exported
+    kind = {"onnx": {"path": str(d / "net.onnx")}}
+    assert load_predictor(kind, device="cpu").providers == ("CPUExecutionProvider",)
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.warns(RuntimeWarning, match="CUDAExecutionProvider"):
+            p = load_predictor(kind, device="cuda")
+        assert p.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    with pytest.raises(ConfigError, match="precision 'fp16'.*ONNX"):
+        load_predictor(kind, precision="fp16")

@@ -163,8 +163,9 @@ class OnnxModel(ModelKind):
     providers : list of str
         Execution providers in order of preference, short (``TensorRT``,
         ``CUDA``, ``CPU``) or full names (``CUDAExecutionProvider``); default
-        ``[CPU]``. Listed providers this onnxruntime lacks are skipped with a
-        warning naming them; none available is an error.
+        ``[CUDA, CPU]`` when the pipeline's ``device`` is ``cuda``, else ``[CPU]``.
+        Listed providers this onnxruntime lacks are skipped with a warning
+        naming them; none available is an error.
     in_channels, out_channels : int, optional
         Override the channel counts read from the model's signature.
     **conventions
@@ -179,14 +180,20 @@ class OnnxModel(ModelKind):
         from .onnx import check_providers
 
         self.path = _path(path, self.name)
-        self.providers = check_providers(providers)
+        self.providers = None if providers is None else check_providers(providers)
         self.in_channels, self.out_channels = in_channels, out_channels
         self._set_conventions(conventions)
 
     def load(self, *, device: str | None = None, precision: str = "fp32") -> Predictor:
         from .onnx import OnnxPredictor
 
-        return OnnxPredictor(self.path, providers=self.providers, device=device, in_channels=self.in_channels,
+        if precision != "fp32":
+            raise ConfigError(f"model.precision {precision!r} is autocast for PyTorch models; an ONNX model runs in "
+                              "the precision it was exported in (export a float16 model, or use --int8)")
+        providers = self.providers
+        if providers is None:
+            providers = ["CUDA", "CPU"] if str(device or "").startswith("cuda") else ["CPU"]
+        return OnnxPredictor(self.path, providers=providers, device=device, in_channels=self.in_channels,
                              out_channels=self.out_channels, conventions=self.conventions)
 
 
