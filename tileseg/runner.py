@@ -181,13 +181,14 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
     stats: dict[str, int] = {}
     if cfg.model is not None:
         from .graph import segment_with_stats
-        from .predictors.check import dry_run
+        from .predictors.check import dry_run_on
 
-        n_ch = int(image.data.shape[0]) if image.has_channels else 1
-        k = dry_run(predictor, n_ch, cfg.tiling.patch_size, class_names=cfg.model.classes,  # type: ignore[union-attr]
-                    source=image.source or "image")
-        _check_classes(cfg, k)
         resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
+        n_ch = int(image.data.shape[0]) if image.has_channels else 1
+        client = sched.client if sched is not None and sched.distributed else None
+        k = dry_run_on(client, predictor, n_ch, cfg.tiling.patch_size,  # type: ignore[union-attr]
+                       resources=resources, class_names=cfg.model.classes, source=image.source or "image")
+        _check_classes(cfg, k)
         tiling = cfg.tiling_options()
         inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
         declared = getattr(predictor, "class_names", None)

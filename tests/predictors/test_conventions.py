@@ -130,3 +130,31 @@ def test_bad_convention_values_are_config_errors():
                 {"output": 1.5}):
         with pytest.raises(ConfigError):
             Conventions(**bad)
+
+
+def test_dry_run_on_a_cluster_runs_in_a_worker_with_the_resources():
+    distributed = pytest.importorskip("distributed")
+    from distributed import Scheduler, SpecCluster, Worker
+
+    from tileseg.predictors.check import dry_run_on
+
+    p = TorchPredictor(Heads("plain").eval(), device="cpu")
+    workers = {"gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}},
+               "cpu": {"cls": Worker, "options": {"nthreads": 1}}}
+    with SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": None}}) as c, \
+            distributed.Client(c) as client:
+        client.wait_for_workers(2)
+        gpu = [a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "gpu"]
+        for _ in range(3):  # never on the worker without the resource
+            q = TorchPredictor(Heads("plain").eval(), device="cpu")
+            with distributed.get_task_stream(client) as ts:
+                assert dry_run_on(client, q, 2, (16, 24), resources={"GPU": 1}, class_names=["a", "b", "c"]) == 3
+            assert [t["worker"] for t in ts.data if str(t["key"]).startswith("tileseg-dry-run")] == gpu
+        assert dry_run_on(client, p, 2, (16, 24)) == 3
+        with distributed.get_task_stream(client) as ts:
+            assert dry_run_on(client, p, 2, (16, 24)) == 3
+        assert not ts.data  # remembered: no second forward
+        with pytest.raises(ModelError, match="expects 2 input channels, image has 1"):
+            dry_run_on(client, p, 1, (16, 24))
+        with pytest.raises(ModelError, match="model.classes lists 2 classes"):
+            dry_run_on(client, p, 2, (16, 24), class_names=["a", "b"])

@@ -5,7 +5,9 @@ pipeline's input channels and patch size (fixed-size models, output stride
 divisibility, layout) and that its output classes match the pipeline's
 class names; it also fixes the predictor's ``out_channels`` to what the model
 really returns. The result is remembered per predictor and input signature,
-so a run of many items pays for it once.
+so a run of many items pays for it once. On a Dask cluster
+(:func:`dry_run_on`) it runs as one task on a worker that offers the
+inference resources, where the model runs anyway, never in the client.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dry_run", "check_patch_size"]
+__all__ = ["dry_run", "dry_run_on", "check_patch_size"]
 
 _LOCK = threading.Lock()
 
@@ -110,3 +112,33 @@ def dry_run(predictor: Any, n_channels: int, patch_size: Sequence[int], *, class
         raise ModelError(f"model.classes lists {len(class_names)} classes {list(class_names)!r} but the model "
                          f"outputs {k} channels" + (" (one channel: give two names)" if k == 1 else ""))
     return k
+
+
+def dry_run_on(client: Any, predictor: Any, n_channels: int, patch_size: Sequence[int], *,
+               resources: dict[str, float] | None = None, class_names: Sequence[str] | None = None,
+               source: str = "image") -> int:
+    """:func:`dry_run` as one task on ``client``'s cluster (restricted to ``resources``), or here without a client.
+
+    The result is remembered on the client's ``predictor`` like a local dry run.
+    """
+    if client is None:
+        return dry_run(predictor, n_channels, patch_size, class_names=class_names, source=source)
+    import uuid
+
+    patch = tuple(int(p) for p in patch_size)
+    key = (int(n_channels), patch)
+    done = getattr(predictor, "_tileseg_dry_run", None)
+    if not (isinstance(done, dict) and key in done):
+        future = client.submit(dry_run, predictor, int(n_channels), patch, source=source, pure=False,
+                               resources=dict(resources) if resources else None,
+                               key=f"tileseg-dry-run-{uuid.uuid4().hex}")
+        try:
+            k = int(future.result())
+        finally:
+            future.release()
+        try:
+            predictor.out_channels = k
+            predictor._tileseg_dry_run = {**(done if isinstance(done, dict) else {}), key: k}
+        except AttributeError:  # pragma: no cover - a callable that takes no attributes
+            return k
+    return dry_run(predictor, n_channels, patch, class_names=class_names, source=source)
