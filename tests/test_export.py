@@ -51,7 +51,7 @@ def test_export_cli_writes_verified_pt2_onnx_and_int8(tmp_path):
     report = json.loads(result.output[result.output.index("{"):])
     assert report["max_abs_diff"]["onnx"] < 1e-4 and report["max_abs_diff"]["pt2"] < 1e-5
     q = report["quantization"]
-    assert q["n_samples"] == 6 and 0 < q["max_abs_diff"] and 0.5 < q["label_agreement"] <= 1
+    assert q["n_samples"] == 6 and 0 < q["max_abs_diff"] and 0.5 < q["label_agreement"] <= 1 and q["pre_processed"]
     # the written files run in tileseg and agree with the PyTorch model (INT8 within what it reported)
     b = rng.normal(size=(4, 1, 32, 32)).astype(np.float32)
     with torch.no_grad():

@@ -179,21 +179,27 @@ def export_model(spec: dict[str, Any], *, patch_size: tuple[int, ...], in_channe
 def quantize_int8(src: Path, dest: Path, samples: np.ndarray, reference: Any) -> dict[str, Any]:
     """Static INT8 (QDQ) quantisation of ``src`` calibrated on ``samples``; its change on them.
 
+    ``reference`` is an ONNX Runtime session of ``src``; ``samples`` are in
+    the model's own layout.
+
     Returns
     -------
     dict
         ``max_abs_diff`` and ``mean_abs_diff`` of the outputs, and
         ``label_agreement``: the fraction of pixels whose argmax class (``> 0``
-        for one channel) is the same as with the float model.
+        for one channel) is the same as with the float model; ``pre_processed``:
+        whether onnxruntime's quantisation pre-processing ran.
     """
     require("onnx", "onnx")
     ort = require("onnxruntime", "onnx")
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    name = reference.get_inputs()[0].name
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter([{"input": samples[i:i + 1]} for i in range(len(samples))])
+            self.items = iter([{name: samples[i:i + 1]} for i in range(len(samples))])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
@@ -201,16 +207,17 @@ def quantize_int8(src: Path, dest: Path, samples: np.ndarray, reference: Any) ->
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmpdir:
         pre = Path(tmpdir) / "pre.onnx"
         tmp = Path(tmpdir) / dest.name
-        try:
-            quant_pre_process(str(src), str(pre))
+        pre_processed = True
+        try:  # symbolic shape inference fails on a dynamic batch axis; ONNX's own shape inference is enough
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         except Exception as exc:  # pre-processing only improves quantisation; the plain model still works
-            log.info("quant_pre_process skipped: %s", exc)
-            pre = src
+            log.warning("INT8: onnxruntime's quantisation pre-processing failed (%s); quantising the model as is", exc)
+            pre, pre_processed = src, False
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         q = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        ref = reference.run(None, {"input": samples})[0]
-        got = q.run(None, {"input": samples})[0]
+        ref = reference.run(None, {name: samples})[0]
+        got = q.run(None, {name: samples})[0]
         _replace(tmp, dest)
     axis = -1 if ref.shape[-1] < ref.shape[1] else 1
     if ref.shape[axis] == 1:
@@ -218,4 +225,4 @@ def quantize_int8(src: Path, dest: Path, samples: np.ndarray, reference: Any) ->
     else:
         same = np.argmax(ref, axis=axis) == np.argmax(got, axis=axis)
     return {"max_abs_diff": float(np.max(np.abs(got - ref))), "mean_abs_diff": float(np.mean(np.abs(got - ref))),
-            "label_agreement": float(np.mean(same)), "n_samples": int(len(samples))}
+            "label_agreement": float(np.mean(same)), "n_samples": int(len(samples)), "pre_processed": pre_processed}
