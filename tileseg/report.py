@@ -83,6 +83,11 @@ class RunReport:
     items : list of ItemResult
     report_path, manifest_path : str
         Where the JSON report and the resume manifest were written.
+    batch_sizes : list of dict
+        Batch sizes lowered after device out-of-memory, per model and worker
+        process (``model``, ``device``, ``batch_size`` found, ``requested``,
+        ``worker``, ``host``, ``pid``; see :mod:`tileseg.predictors.oom`).
+        Empty when every batch fitted.
     """
 
     pipeline: dict[str, Any]
@@ -94,6 +99,7 @@ class RunReport:
     duration_s: float | None = None
     report_path: str | None = None
     manifest_path: str | None = None
+    batch_sizes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def n_failed(self) -> int:

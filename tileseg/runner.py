@@ -165,7 +165,8 @@ def load_model(cfg: PipelineConfig):
 
     assert cfg.model is not None
     device = None if cfg.model.device == "auto" else cfg.model.device
-    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision)
+    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision, tta=cfg.model.tta,
+                          channels_last=cfg.model.channels_last, compile=cfg.model.compile)
 
 
 def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
@@ -417,6 +418,10 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, resume: bool = 
                 predictor = load_model(cfg)
             _run_item(cfg, item, index, outputs, result, predictor=predictor, sched=sched, manifest=manifest,
                       progress=progress)
+            if predictor is not None:
+                from .predictors.oom import gather
+
+                report.batch_sizes = gather(sched.client, key=getattr(predictor, "_key", None))
             report.versions = package_versions()
             report.write(report_path)
 
