@@ -174,7 +174,7 @@ def test_batch_sizes_gathered_from_cluster_workers(fits_pipeline):
     root, ref = fits_pipeline
     # in-process workers: they see the "fits" architecture registered by this test
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                                  protocol="tcp://", dashboard_address=None) as cluster:
+                                  protocol="tcp://", dashboard_address=":0") as cluster:
         report = run_pipeline(_pipeline(root, "threads"), scheduler=cluster.scheduler_address)
         addresses = set(cluster.workers[name].address for name in cluster.workers)
     assert report.ok, report.items[0].error

@@ -13,6 +13,11 @@ One form: ``{kind: {parameters}}`` with a registered model kind (see
 
 In Python a model may also be a ``torch.nn.Module``, a :class:`Predictor`, a
 TorchScript path, or any callable ``f(batch) -> array``.
+
+Speed options (:func:`with_speed_options`): flip test-time augmentation
+folded into the batch (:mod:`.tta`), channels-last and ``torch.compile``
+for torch models; every predictor halves its batch on device out-of-memory
+(:mod:`.oom`).
 """
 
 from __future__ import annotations
