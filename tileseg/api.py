@@ -283,9 +283,17 @@ def run(
     return run_pipeline(pipeline, scheduler=scheduler, resume=resume, progress=progress)
 
 
-def load_pipeline(path: str | os.PathLike[str] | dict[str, Any]) -> PipelineConfig:
-    """Load and validate a pipeline file; errors name the YAML key (see :func:`tileseg.config.load_pipeline`)."""
+def load_pipeline(
+    path: str | os.PathLike[str] | dict[str, Any],
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Load and validate a pipeline file; errors name the YAML key (see :func:`tileseg.config.load_pipeline`).
+
+    ``overrides`` replaces values by dotted key before validation, e.g.
+    ``{"input.path": "/data/day1", "outputs.0.path": "out/{stem}.zarr"}``.
+    """
     from .config import load_pipeline as _load
 
-    return _load(path)
+    return _load(path, overrides=overrides)
 
