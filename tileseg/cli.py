@@ -2,7 +2,8 @@
 
 Commands::
 
-    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--no-resume] [--quiet]
+    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--fresh]
+                              [--retry-failed] [--quiet]
     tileseg validate PIPELINE.yaml
     tileseg plan PIPELINE.yaml [--json]
     tileseg info PATH [--array NAME] [--level N] [--axes cyx]
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
@@ -73,17 +76,35 @@ def main(verbose: int, quiet_log: int) -> None:
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--scheduler", default=None, metavar="NAME|ADDR",
               help="threads, processes, synchronous, local or tcp://host:port (overrides execution.scheduler).")
-@click.option("--no-resume", is_flag=True, help="Recompute items an earlier run already completed.")
+@click.option("--fresh", is_flag=True, help="Ignore earlier runs: recompute items already done or failed.")
+@click.option("--no-resume", "fresh", is_flag=True, hidden=True)
+@click.option("--retry-failed", is_flag=True, help="Run again the items an earlier run recorded as failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> None:
-    """Run PIPELINE over all its inputs; print a summary table and the report path."""
+def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, quiet: bool) -> None:
+    """Run PIPELINE over all its inputs; print a summary table and the report path.
+
+    Exit codes: 0 every item done (now or earlier); 1 an item failed or the
+    model failed to load (the report says why); 2 configuration errors;
+    128 + signal number when interrupted (Ctrl-C: 130, SIGTERM: 143), with
+    the state recorded so a rerun continues.
+    """
     from .runner import run_pipeline
 
+    previous = _stop_on_sigterm()
     try:
-        report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
+        report = run_pipeline(pipeline, scheduler=scheduler, fresh=fresh, retry_failed=retry_failed,
+                              progress=not quiet, notify=lambda text: click.echo(text, err=True))
     except (TilesegError, OSError) as exc:
         _fail(exc)
         return
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        click.echo(f"interrupted ({signal.Signals(signum).name}): unfinished items are recorded as pending; "
+                   "run the same command again to continue", err=True)
+        sys.exit(128 + int(signum))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(report.summary_table())
     for item in report.items:
         if item.dice:
@@ -92,11 +113,33 @@ def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> N
     for item in report.items:
         if item.error:
             click.echo(f"failed [{item.index}] {item.error}", err=True)
+    if report.error:
+        click.echo(f"error: {report.error}", err=True)
     counts = report.counts()
-    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete), {counts['failed']} failed "
-               f"in {report.duration_s:.1f} s")
+    busy = sum(1 for i in report.items if i.skipped_reason and "another run" in i.skipped_reason)
+    extra = "".join(f", {counts[k]} {k}" for k in ("interrupted", "pending") if k in counts)
+    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete"
+               + (f"; {busy} being processed by another run" if busy else "") + f"), {counts['failed']} failed"
+               + f"{extra} in {report.duration_s:.1f} s")
     click.echo(f"report: {report.report_path}")
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM stop a run like Ctrl-C (clean-up, state recorded); returns the previous handler."""
+    import threading
+
+    from .errors import RunInterrupted
+
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - embedded use
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        exc = RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+        exc.signum = signum  # type: ignore[attr-defined]
+        raise exc
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _summary(cfg: Any) -> list[str]:
@@ -247,6 +290,24 @@ def evaluate(pred: str, ref: str, pred_array: str | None, ref_array: str | None,
 
 def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the page (default RUN_DIR/tileseg-report.html).")
+@click.option("--no-images", is_flag=True, help="Leave out the quicklooks of inputs and outputs.")
+@click.option("--max-side", default=160, show_default=True, help="Longest side of a quicklook in pixels.")
+def report(run_dir: str, out: str | None, no_images: bool, max_side: int) -> None:
+    """Write one self-contained HTML page for the runs kept in RUN_DIR (the outputs' folder)."""
+    from .report_page import write_report_page
+
+    try:
+        path = write_report_page(run_dir, out, images=not no_images, max_side=max_side)
+    except (TilesegError, OSError) as exc:
+        _fail(exc)
+        return
+    click.echo(f"report page: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
 
 
 if __name__ == "__main__":  # pragma: no cover
