@@ -190,3 +190,16 @@ def test_pipeline_tta_from_yaml(tmp_path):
         pipe.write_text(pipe.read_text().replace("tta: [x, y]", f"tta: {bad}").replace("tta: [z]", f"tta: {bad}"))
         with pytest.raises(ConfigError, match=msg):
             run_pipeline(pipe)
+
+
+def test_tta_predictors_pickle_with_their_axes():
+    import pickle
+
+    net = asymmetric_conv(2)
+    batch = np.random.default_rng(6).normal(size=(2, 1, 16, 16)).astype(np.float32)
+    want = by_hand(net, batch, ["x"])
+    # folded on the device by the torch predictor, or by the generic wrapper around a plain one
+    for p in (load_predictor(net, device="cpu", tta=["x"]), FlipTTAPredictor(load_predictor(net, device="cpu"), ["x"])):
+        q = pickle.loads(pickle.dumps(p))
+        assert q.in_channels == 1 and q.out_channels == 2
+        np.testing.assert_allclose(q(batch), want, rtol=1e-5, atol=1e-6)
