@@ -229,6 +229,10 @@ def segment(
         prepare(resources)
     predictor = load_predictor(model, device=device, precision=precision, tta=tta, channels_last=channels_last,
                                compile=compile)
+    if not np.isscalar(patch_size):
+        from .predictors.check import check_patch_size
+
+        check_patch_size(predictor, tuple(patch_size))
     result = segment_image(img, predictor, tiling, inference)
     if given_xarray:
         from .interop.xarray import to_xarray

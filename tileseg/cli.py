@@ -8,6 +8,7 @@ Commands::
     tileseg plan PIPELINE.yaml [--json]
     tileseg info PATH [--array NAME] [--level N] [--axes cyx]
     tileseg evaluate PRED REF [--pred-array NAME] [--ref-array NAME] [--n-classes N] [--json]
+    tileseg export PIPELINE.yaml [--pt2 OUT.pt2] [--onnx OUT.onnx] [--int8 OUT.int8.onnx] [--samples P.npy]
 
 Exit codes: 0 success; 1 some items failed (the others finished) or a
 runtime error; 2 usage or configuration errors (invalid pipeline, unknown
@@ -286,6 +287,47 @@ def evaluate(pred: str, ref: str, pred_array: str | None, ref_array: str | None,
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+@main.command("export")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--pt2", default=None, type=click.Path(dir_okay=False), help="Write a torch.export program here.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Write an ONNX file here.")
+@click.option("--int8", default=None, type=click.Path(dir_okay=False),
+              help="Also write an ONNX Runtime INT8 quantisation of the ONNX file here.")
+@click.option("--samples", default=None, type=click.Path(dir_okay=False, exists=True),
+              help=".npy of sample patches (N, C, *patch) for INT8 calibration and its accuracy report.")
+@click.option("--patch-size", default=None, type=int, multiple=True,
+              help="Example patch size per axis (default tiling.patch_size); repeat per axis.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_cmd(pipeline: str, pt2: str | None, onnx_path: str | None, int8: str | None, samples: str | None,
+               patch_size: tuple[int, ...], as_json: bool) -> None:
+    """Export the PyTorch model of PIPELINE to .pt2 / .onnx (dynamic batch), each checked before writing."""
+    import numpy as np
+
+    from .config import load_pipeline
+    from .export import export_model
+
+    try:
+        cfg = load_pipeline(pipeline)
+        if cfg.model is None:
+            raise ConfigError(f"{pipeline}: export needs a model: section")
+        size = tuple(patch_size) or tuple(cfg.tiling.patch_size or ())
+        data = None if samples is None else np.load(samples, allow_pickle=False)
+        report = export_model(cfg.model.spec(), patch_size=size, pt2=pt2, onnx=onnx_path, int8=int8, samples=data)
+    except (TilesegError, OSError, ValueError) as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    for fmt, path in report.written.items():
+        diff = report.max_abs_diff.get(fmt)
+        click.echo(f"wrote {fmt}: {path}" + ("" if diff is None else f" (max abs diff vs PyTorch {diff:.3g})"))
+    q = report.quantization
+    if q:
+        click.echo(f"int8 on {q['n_samples']} sample patches: max abs diff {q['max_abs_diff']:.3g}, mean "
+                   f"{q['mean_abs_diff']:.3g}, label agreement {100 * q['label_agreement']:.2f}%")
 
 
 def _num(v: Any) -> str:

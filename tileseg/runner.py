@@ -180,11 +180,19 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
     stats: dict[str, int] = {}
     if cfg.model is not None:
         from .graph import segment_with_stats
+        from .predictors.check import dry_run_on
 
-        _check_classes(cfg, getattr(predictor, "out_channels", None))
         resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
+        n_ch = int(image.data.shape[0]) if image.has_channels else 1
+        client = sched.client if sched is not None and sched.distributed else None
+        k = dry_run_on(client, predictor, n_ch, cfg.tiling.patch_size,  # type: ignore[union-attr]
+                       resources=resources, class_names=cfg.model.classes, source=image.source or "image")
+        _check_classes(cfg, k)
         tiling = cfg.tiling_options()
         inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
+        declared = getattr(predictor, "class_names", None)
+        if inference.class_names is None and declared and len(declared) == k:
+            inference = dataclasses.replace(inference, class_names=tuple(declared))
         raw, stats = segment_with_stats(image, predictor, tiling, inference)
     else:
         from .methods import apply_method

@@ -203,3 +203,23 @@ def test_tta_predictors_pickle_with_their_axes():
         q = pickle.loads(pickle.dumps(p))
         assert q.in_channels == 1 and q.out_channels == 2
         np.testing.assert_allclose(q(batch), want, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_on_a_channels_last_model_flips_its_spatial_axes():
+    """layout NHWC: the flips land on the model's H and W axes, not on its channel axis."""
+    from tileseg.predictors.conventions import Conventions
+    from tileseg.predictors.torch import TorchPredictor
+
+    net = asymmetric_conv(2)
+
+    class NHWC(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    batch = np.random.default_rng(7).normal(size=(3, 1, 16, 20)).astype(np.float32)
+    p = TorchPredictor(NHWC().eval(), device="cpu", conventions=Conventions(layout="NHWC"), tta=["y", "x"])
+    np.testing.assert_allclose(p(batch), by_hand(net, batch, ["y", "x"]), rtol=1e-5, atol=1e-6)

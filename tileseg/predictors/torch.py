@@ -1,4 +1,5 @@
-"""PyTorch predictors: TorchScript files, built-in architectures + state_dicts, in-memory modules.
+"""PyTorch predictors: TorchScript files, exported programs (``torch.export``), architectures + state_dicts,
+in-memory modules.
 
 Loading and caching
 -------------------
@@ -60,6 +61,7 @@ from ..errors import ConfigError, ModelError, require
 from . import oom
 from . import tta as tta_mod
 from .base import Predictor
+from .conventions import Conventions, select_output
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +132,48 @@ def _load_torchscript(path: str, device: str):
     return module
 
 
+def _load_exported(path: str, device: str):
+    """The module of a ``torch.export`` program (``.pt2``), moved to ``device``."""
+    torch = _torch()
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:
+        raise ModelError(
+            f"cannot load exported program {path!r} (torch.export.load): {exc.__class__.__name__}: "
+            f"{str(exc).strip()[:300]}") from exc
+    module = program.module()
+    module.tileseg_conventions = _exported_conventions(program)
+    return module.to(device)
+
+
+def _exported_conventions(program) -> dict:
+    """``in_channels``/``out_channels`` and a fixed patch size read from an exported program's signature."""
+    found: dict = {}
+    try:
+        inputs = [n for n in program.graph.nodes if n.op == "placeholder"
+                  and n.name in set(program.graph_signature.user_inputs)]
+        outputs = [n for n in program.graph.nodes if n.op == "output"]
+        shape = tuple(inputs[0].meta["val"].shape)
+        out = outputs[0].args[0]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        oshape = tuple(out.meta["val"].shape)
+    except Exception:  # an unusual signature: the dry forward checks the model instead
+        return found
+    static = [isinstance(d, int) for d in shape]
+    found["shape"] = tuple(d if ok else None for d, ok in zip(shape, static))
+    found["out_shape"] = tuple(d if isinstance(d, int) else None for d in oshape)
+    return found
+
+
 def _load_state_dict(path: str) -> dict:
     torch = _torch()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(
             f"cannot load weights file {path!r} (torch.load with weights_only=True): "
@@ -148,7 +188,12 @@ def _load_state_dict(path: str) -> dict:
 def _build_architecture(name: str, config: dict, weights: str | None, device: str):
     from .. import registry
 
-    builder = registry.get("architectures", name)
+    if name.startswith("python:"):  # a ``python:`` model kind: the user's own callable
+        from .zoo import import_target
+
+        builder = import_target(name[len("python:"):])
+    else:
+        builder = registry.get("architectures", name)
     try:
         module = builder(**config)
     except (ConfigError, ModelError):
@@ -268,8 +313,9 @@ class TorchPredictor(Predictor):
 
     def __init__(self, module: Any = None, *, device: str | None = None, precision: str = "fp32",
                  in_channels: int | None = None, out_channels: int | None = None,
-                 serialize: bool = True, tta: Any = (), channels_last: bool = False, compile: bool = False,
-                 cudnn_benchmark: bool = True, _source: tuple | None = None) -> None:
+                 serialize: bool = True, conventions: Conventions | None = None, tta: Any = (),
+                 channels_last: bool = False, compile: bool = False, cudnn_benchmark: bool = True,
+                 _source: tuple | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: must be one of {PRECISIONS}, got {precision!r}")
         self.device = device
@@ -286,9 +332,22 @@ class TorchPredictor(Predictor):
         if module is None and self._source[0] == "module":
             raise ModelError("TorchPredictor needs a module or a file to load it from")
         loaded = self._get_module(probe=True)[0]
+        conv = conventions if conventions is not None else Conventions()
+        declared = dict(getattr(loaded, "tileseg_conventions", None) or {})
+        sig_in, sig_out = declared.pop("shape", None), declared.pop("out_shape", None)
+        self.conventions = conv = conv.with_defaults(**declared)
         cin, cout = _infer_channels(loaded)
+        if sig_in is not None and len(sig_in) >= 3:  # an exported program's signature
+            cin = sig_in[-1] if conv.channels_last else sig_in[1]
+            spatial = sig_in[1:-1] if conv.channels_last else sig_in[2:]
+            if all(d is not None for d in spatial) and "patch_size" not in conv.explicit:
+                self.conventions = conv = conv.with_defaults(patch_size=tuple(spatial))
+            if sig_out is not None and len(sig_out) == len(sig_in):
+                cout = sig_out[-1] if conv.channels_last else sig_out[1]
         self.in_channels = in_channels if in_channels is not None else cin
         self.out_channels = out_channels if out_channels is not None else cout
+        names = getattr(loaded, "tileseg_class_names", None)
+        self.class_names = tuple(names) if names else None
         rf = getattr(loaded, "receptive_field", None)
         self.receptive_field = tuple(int(r) for r in rf) if isinstance(rf, (tuple, list)) and rf else None
         self.size_divisor = _int_attr(loaded, "size_divisor")
@@ -304,6 +363,17 @@ class TorchPredictor(Predictor):
             If the file is missing or not a TorchScript archive (message names it).
         """
         return cls(None, _source=("torchscript", os.fspath(path)), **kwargs)
+
+    @classmethod
+    def from_exported(cls, path: str | os.PathLike, **kwargs: Any) -> TorchPredictor:
+        """Predictor for a ``torch.export`` program (``torch.export.save``, ``.pt2``); loaded now to check it.
+
+        Raises
+        ------
+        ModelError
+            If the file is missing or not an exported program (message names it).
+        """
+        return cls(None, _source=("exported", os.fspath(path)), **kwargs)
 
     @classmethod
     def from_architecture(cls, name: str, config: dict | None = None, weights: str | os.PathLike | None = None,
@@ -352,8 +422,8 @@ class TorchPredictor(Predictor):
     # -- loading ----------------------------------------------------------------------------
     def _cache_key(self, device: str) -> tuple:
         kind = self._source[0]
-        if kind == "torchscript":
-            return ("torchscript", *_file_key(self._source[1]), device, self.precision)
+        if kind in ("torchscript", "exported"):
+            return (kind, *_file_key(self._source[1]), device, self.precision)
         _, name, config, weights = self._source
         wkey = _file_key(weights) if weights is not None else None
         return ("arch", name, json.dumps(config, sort_keys=True, default=str), wkey, device, self.precision)
@@ -379,7 +449,11 @@ class TorchPredictor(Predictor):
             module = self._module = self._load(device)
         torch = _torch()
         if self.channels_last:
-            module = module.to(memory_format=_channels_last_format(module))
+            try:
+                module = module.to(memory_format=_channels_last_format(module))
+            except Exception as exc:  # e.g. an exported program's module
+                warnings.warn(f"model.channels_last: cannot convert this model ({exc.__class__.__name__}: "
+                              f"{str(exc)[:200]}); running it as it is", RuntimeWarning, stacklevel=3)
         if torch.device(device).type == "cuda" and self.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick its fastest kernels
         self._ready = (module, device)
@@ -392,9 +466,12 @@ class TorchPredictor(Predictor):
             if module is None:
                 if self._source[0] == "torchscript":
                     module = _load_torchscript(self._source[1], device)
+                elif self._source[0] == "exported":
+                    module = _load_exported(self._source[1], device)
                 else:
                     module = _build_architecture(*self._source[1:], device=device)
-                module.eval()
+                if self._source[0] != "exported":  # an exported program's module has no eval mode to set
+                    module.eval()
                 _CACHE[key] = module
                 counters.add("model_loads", str(key[1]))
                 log.debug("loaded model %s on %s", key[1], device)
@@ -414,8 +491,7 @@ class TorchPredictor(Predictor):
 
     # -- running ----------------------------------------------------------------------------
     def _check_batch(self, batch: np.ndarray) -> None:
-        if batch.ndim < 3:
-            raise ModelError(f"a batch must be (N, C, *patch), got shape {batch.shape!r}")
+        self.conventions.check_batch(batch)
         if self.in_channels is not None and batch.shape[1] != self.in_channels:
             raise ModelError(f"model expects {self.in_channels} input channels, image has {batch.shape[1]}")
         div = self.size_divisor
@@ -425,18 +501,24 @@ class TorchPredictor(Predictor):
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
         self._check_batch(batch)
-        if not batch.flags.c_contiguous or not batch.flags.writeable:
+        conv = self.conventions
+        shape = batch.shape
+        batch = conv.model_input(batch)
+        if not batch.flags.writeable:
             batch = np.array(batch, dtype=np.float32, order="C")
-        flips = tta_mod.flip_sets(self.tta, batch.ndim)
+        flips = self._flips(batch.ndim)
         device = self._get_module()[1]
         name = self._source[1] if self._source[0] != "module" else type(self._module).__name__
         out = oom.run_adaptive(lambda b: self._forward(b, flips), batch, key=self._key, device=device,
                                name=str(name))
-        if out.ndim != batch.ndim or out.shape[0] != batch.shape[0] or out.shape[2:] != batch.shape[2:]:
-            raise ModelError(
-                f"model output shape {out.shape!r} does not match input batch {batch.shape!r}: "
-                "expected (N, K, *patch) with the same N and patch")
-        return out
+        return conv.engine_output(out, shape)
+
+    def _flips(self, ndim: int) -> list[tuple[int, ...]]:
+        """TTA flips as dimensions of the batch in the model's layout (channels first or last)."""
+        flips = tta_mod.flip_sets(self.tta, ndim)
+        if self.conventions.channels_last:  # (N, *patch, C): every spatial axis sits one place earlier
+            flips = [tuple(d - 1 for d in f) for f in flips]
+        return flips
 
     def _runnable(self, module: Any, device: str) -> Any:
         """``module``, or its ``torch.compile`` wrapper (made once per process and device)."""
@@ -483,7 +565,8 @@ class TorchPredictor(Predictor):
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         device_type = torch.device(device).type
         lock = _forward_lock(device) if self.serialize else nullcontext()
-        fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(batch.ndim) if self.channels_last else None
+        fmt = ({4: torch.channels_last, 5: torch.channels_last_3d}.get(batch.ndim)
+               if self.channels_last and not self.conventions.channels_last else None)
         try:
             with torch.inference_mode():
                 if device_type == "cuda":
@@ -501,8 +584,10 @@ class TorchPredictor(Predictor):
                     amp = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
                     with amp:
                         y = self._call_module(module, x, device)
-                    if not isinstance(y, torch.Tensor):
-                        raise ModelError(f"model returned {type(y).__name__}, expected one tensor (N, K, *patch)")
+                    y = select_output(y, self.conventions.output, torch.is_tensor)
+                    if len(flips) > 1 and y.ndim != x.ndim:
+                        raise ModelError(f"model output shape {tuple(y.shape)!r} does not match input batch "
+                                         f"{tuple(x.shape)!r}: TTA needs an output with the input's axes")
                     if y.ndim < 1 or y.shape[0] != x.shape[0]:
                         raise ModelError(f"model output shape {tuple(y.shape)!r} does not match input batch "
                                          f"{tuple(x.shape)!r}: expected (N, K, *patch) with the same N and patch")
@@ -529,8 +614,9 @@ class TorchPredictor(Predictor):
         d: dict[str, Any] = {"type": "torch", "source": self._source[0], "precision": self.precision,
                              "device": self.device or "auto", "tta": list(self.tta),
                              "channels_last": self.channels_last, "compile": self.compile,
-                             "in_channels": self.in_channels, "out_channels": self.out_channels}
-        if self._source[0] == "torchscript":
+                             "in_channels": self.in_channels, "out_channels": self.out_channels,
+                             "conventions": self.conventions.as_dict()}
+        if self._source[0] in ("torchscript", "exported"):
             d["path"] = self._source[1]
         elif self._source[0] == "arch":
             d.update(architecture=self._source[1], config=self._source[2], weights=self._source[3])
