@@ -459,8 +459,9 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
             if notify is not None and report.scheduler.get("dashboard"):
                 notify(f"dashboard: {report.scheduler['dashboard']}")
             try:
-                run_items(range(len(items)), state.process, max_in_flight=cfg.execution.max_items_in_flight,
-                          on_interrupt=sched.cancel)
+                first = _warm_up(state, sched) if cfg.execution.max_items_in_flight > 1 else 0
+                run_items(range(first, len(items)), state.process,
+                          max_in_flight=cfg.execution.max_items_in_flight, on_interrupt=sched.cancel)
                 if cfg.model is not None:
                     report.model_loads = _model_loads(sched)
                     report.batch_sizes = _batch_sizes(sched, state)
@@ -479,6 +480,21 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
         state.write_report()
         manifest.close()
     return report
+
+
+def _warm_up(state: _RunState, sched: SchedulerInfo) -> int:
+    """Run items one at a time until one is computed; return the index the concurrent part starts at.
+
+    The first computed item imports what the pipeline needs (scikit-image's lazily
+    loaded submodules, torch, codecs) on one thread: several item drivers
+    importing the same lazily loaded package at once can see it half
+    initialised (seen with ``skimage.morphology``).
+    """
+    for index in range(len(state.items)):
+        run_items([index], state.process, max_in_flight=1, on_interrupt=sched.cancel)
+        if state.report.items[index].status == OK:
+            return index + 1
+    return len(state.items)
 
 
 @dataclasses.dataclass
