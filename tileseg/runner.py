@@ -265,10 +265,15 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
     (a finished output of an earlier run stays in place until ``finalize``).
     """
     handles: list[Any] = []
+    keyed: list[bool] = []
     try:
         with timer.stage("graph"):
             for out, image, ow in zip(outputs, images, overwrite):
-                handles.append(out.writer.prepare(image, out.path, overwrite=ow, **dict(out.cfg.options)))
+                options = dict(out.cfg.options)
+                keyed.append(_takes_partial_key(out.writer) and "partial_key" not in options)
+                if keyed[-1]:  # a killed or failed run leaves this partial output for the next run to resume
+                    options["partial_key"] = out.config_hash
+                handles.append(out.writer.prepare(image, out.path, overwrite=ow, **options))
             tasks = [out.writer.write_task(h, image) for out, h, image in zip(outputs, handles, images)]
         with timer.stage("compute_write"):
             compute(sched, *tasks, progress=progress)
@@ -276,13 +281,26 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
             for out, h in zip(outputs, handles):
                 out.writer.finalize(h, {**info, "config_hash": out.config_hash})
     except BaseException:
-        for out, h in zip(outputs, handles):
+        for out, h, keep in zip(outputs, handles, keyed):
+            if keep:  # hidden partial output with its chunk records: the next run resumes it
+                log.info("%s: partial output %s kept for resuming", out.path, h.target)
+                continue
             try:
                 out.writer.abort(h)  # local: removes the partial copy; a finalized output is already in place
             except Exception as exc:  # pragma: no cover - best effort
                 log.warning("could not clean up %s: %s", out.path, exc)
         raise
     return handles
+
+
+def _takes_partial_key(writer: Any) -> bool:
+    """Whether ``writer.prepare`` resumes partial outputs by key (see :mod:`tileseg.writers.blocks`)."""
+    import inspect
+
+    try:
+        return "partial_key" in inspect.signature(writer.prepare).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------- evaluation
