@@ -1,6 +1,6 @@
 """Chunk-level resume: ``tileseg run`` killed mid-item, rerun, only the missing chunks recomputed.
 
-Real processes: the run is a subprocess (``tests/resume_helpers.py``, the ``tileseg`` command with a
+Real processes: the run is a subprocess (:mod:`tileseg.testing.counting`, the ``tileseg`` command with a
 model that logs its calls), SIGKILLed once some chunks are recorded. The rerun must finish, call the
 model only for the owners that the missing chunks need (counted from the log and compared with the
 patch grid), and write an output bit-identical to an uninterrupted run.
@@ -21,15 +21,14 @@ import pytest
 import zarr
 
 import tileseg
+from tileseg.testing.counting import calls
 from tileseg.tiling.grid import make_grid
 from tileseg.writers import is_complete
 from tileseg.writers.blocks import RECORDS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pipeline_helpers import write_scene  # noqa: E402
-from resume_helpers import calls  # noqa: E402
 
-HELPER = Path(__file__).parent / "resume_helpers.py"
 SHAPE, PATCH, OVERLAP, CHUNKS, BATCH = (320, 120), (24, 24), 0.25, (40, 40), 2
 PIPELINE = f"""version: 1
 input: {{path: a.zarr, array: image}}
@@ -50,7 +49,7 @@ def _env(calls_file: Path, delay: float) -> dict[str, str]:
 
 
 def _run(folder: Path, calls_file: Path, delay: float = 0.0, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HELPER), "run", "p.yaml", "--quiet"], cwd=folder,
+    return subprocess.Popen([sys.executable, "-m", "tileseg.testing.counting", "run", "p.yaml", "--quiet"], cwd=folder,
                             env=_env(calls_file, delay), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 

@@ -1,6 +1,6 @@
-"""A model kind that records every call, and ``tileseg run`` with it registered, for kill-and-resume tests.
+"""A model kind that records every call, and ``tileseg run`` with it registered (kill-and-resume tests, benchmarks).
 
-Run as a script: ``python tests/resume_helpers.py run PIPELINE.yaml [tileseg run options]`` is the
+``python -m tileseg.testing.counting run PIPELINE.yaml [tileseg run options]`` is the
 ``tileseg`` command with the model kind ``counting`` registered. The model appends one line per
 batch (the number of patches) to the file named by ``TILESEG_TEST_CALLS`` and sleeps
 ``TILESEG_TEST_DELAY`` seconds per call; both come from the environment, so they do not change the
