@@ -79,6 +79,12 @@ def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> N
     """Run PIPELINE over all its inputs; print a summary table and the report path."""
     from .runner import run_pipeline
 
+    if not quiet:  # one line per stage of each item, with its time: progress before the compute's bar
+        stages = logging.getLogger("tileseg.runner")
+        if logging.getLogger("tileseg").getEffectiveLevel() <= logging.WARNING and \
+                stages.getEffectiveLevel() > logging.INFO:
+            stages.setLevel(logging.INFO)
+
     try:
         report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
     except (TilesegError, OSError) as exc:
@@ -157,6 +163,9 @@ def plan(pipeline: str, as_json: bool) -> None:
     except TilesegError as exc:
         _fail(exc)
         return
+    for r in rows:
+        for warning in r.get("warnings", ()):
+            click.echo(f"warning: item {r['index']} ({r['input']}): {warning}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

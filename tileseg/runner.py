@@ -132,16 +132,23 @@ def _join(directory: str, name: str) -> str:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Times the stages of one item and logs a line when each starts and ends (progress from the first stage)."""
+
+    def __init__(self, label: str = "") -> None:
         self.timings: dict[str, float] = {}
+        self.label = label
+        self.t0 = time.perf_counter()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        log.info("%s: %s ... (%.1f s into the item)", self.label, name, t0 - self.t0)
         try:
             yield
         finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+            dt = time.perf_counter() - t0
+            self.timings[name] = round(self.timings.get(name, 0.0) + dt, 4)
+            log.info("%s: %s done in %.1f s", self.label, name, dt)
 
 
 def open_item(cfg: PipelineConfig, item: str, index: int = 0) -> Image:
@@ -463,7 +470,7 @@ def _scored(outputs: list[_Output]) -> _Output:
 
 def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output], result: ItemResult, *,
               predictor: Any, sched: SchedulerInfo, manifest: Manifest, progress: bool) -> None:
-    timer = _Timer()
+    timer = _Timer(f"item {index} ({os.path.basename(item.rstrip('/')) or item})")
     started = False
     try:
         with PeakRSS() as mem:
@@ -549,9 +556,33 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
                 row.update(shape=list(image.spatial_shape), channels=image.data.shape[0] if image.has_channels else 1,
                            chunks=chunks, n_patches=None, est_peak_task_bytes=None)
             row["dtype"] = str(image.dtype)
+            row["est_tasks"] = estimate_tasks(row, len(cfg.postprocess or ()) + len(cfg.preprocess or ()),
+                                              spatial_ndim=image.spatial_ndim)
+            if row["est_tasks"] > MAX_TASKS_PER_ITEM:
+                row.setdefault("warnings", []).append(
+                    f"about {row['est_tasks']:.3g} tasks in its graph (more than {MAX_TASKS_PER_ITEM:.0e}): "
+                    "graph building and the scheduler will be slow; use larger tiling.chunks")
         except Exception as exc:
             row["error"] = _error_text(exc, item)
     return rows
+
+
+#: ``tileseg plan`` warns about items whose graph would have more tasks than this.
+MAX_TASKS_PER_ITEM = 100_000
+
+
+def estimate_tasks(row: dict[str, Any], n_steps: int, *, spatial_ndim: int) -> int:
+    """Rough task count of one item's graph from its plan row (``n_blocks`` or ``shape``/``chunks``).
+
+    A model's block has an owner, up to ``2**ndim`` pieces, a final task, an
+    ordering token and a store task; a classical block one task per step plus
+    its read and store.
+    """
+    if row.get("n_owner_tasks") is not None:
+        return int(row["n_owner_tasks"]) * (1 + 2 ** spatial_ndim) + 3 * int(row["n_blocks"]) + \
+            n_steps * int(row["n_blocks"])
+    blocks = int(np.prod([-(-int(s) // int(c)) for s, c in zip(row["shape"], row["chunks"])], dtype=np.int64))
+    return blocks * (3 + n_steps)
 
 
 __all__ = ["run_pipeline", "plan_pipeline", "expand_items", "render_output", "open_item", "build_item"]
