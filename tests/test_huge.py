@@ -94,4 +94,4 @@ def test_subsampled_statistics_approximate_the_exact_ones(monkeypatch):
     assert mean[0] == pytest.approx(float(image.mean(dtype=np.float64)), rel=0.02)
     assert std[0] == pytest.approx(float(image.std(dtype=np.float64)), rel=0.05)
     assert (mean[0], std[0]) != (exact_mean[0], exact_std[0])  # it did subsample
-    assert SUBSAMPLE_BLOCKS >= 64  # the default spreads over many blocks
+    assert SUBSAMPLE_BLOCKS >= 64  # the default spreads over many blocks (8 x 8 in 2D)

@@ -109,8 +109,9 @@ def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:
 #: Images with more pixels than this (per channel) get their statistics from a subsample of blocks.
 SUBSAMPLE_ABOVE_PIXELS = 2**32
 #: About how many windows such a subsample reads (on an even lattice over the image).
-SUBSAMPLE_BLOCKS = 256
-#: Pixels read from the centre of each of those blocks (only the stored chunks under it are decoded).
+SUBSAMPLE_BLOCKS = 64
+#: Pixels in each window. A window lies in one block, and that block is computed whole (slices are not
+#: pushed below the preprocessing steps), so the cost is about SUBSAMPLE_BLOCKS blocks.
 SUBSAMPLE_WINDOW = 2**16
 
 
@@ -147,7 +148,7 @@ def sample_blocks(numblocks: Sequence[int], n_pixels: int, *, above: int | None 
     a lattice of this many evenly spaced points per axis.
 
     >>> sample_blocks((10, 10), 100), sample_blocks((1000, 1000), 10**12)
-    (None, 16)
+    (None, 8)
     """
     above = SUBSAMPLE_ABOVE_PIXELS if above is None else above
     max_blocks = SUBSAMPLE_BLOCKS if max_blocks is None else max_blocks
