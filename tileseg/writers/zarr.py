@@ -42,10 +42,13 @@ Completion is recorded, not inferred
 "incomplete"``; only ``finalize`` (called by the run after the write task
 succeeded) sets ``"complete"`` with a timestamp and run id. For local paths
 the whole output is written into a hidden sibling
-(``<dir>/.<name>.partial-<uuid>``) and renamed onto the final path by
+(``<dir>/.<name>.partial-<id>``) and renamed onto the final path by
 ``finalize``, so a crash never leaves a half-written output at the final
-path (stale ``.partial-`` folders can be deleted). For URLs the output is
-written in place and :func:`is_complete` reads the status.
+path. ``id`` is a uuid, or the ``partial_key`` a pipeline run passes (its
+hash of item, output and pipeline): a rerun then resumes that folder and
+writes only the chunks not recorded there (:mod:`tileseg.writers.blocks`;
+the records are removed before the rename). For URLs the output is written
+in place (every chunk again on a rerun) and :func:`is_complete` reads the status.
 
 An existing output at the final path is replaced only with
 ``overwrite=True``, except an *incomplete* tileseg output (a crashed earlier
