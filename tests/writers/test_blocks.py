@@ -141,3 +141,33 @@ def test_needed_drops_ordering_tokens_to_work_not_needed():
     both = needed(dsk, [("b", 1), ("c", 0)])
     assert both[(tok, 0)] is dsk[(tok, 0)] and both[(tok, 1)] is dsk[(tok, 1)]  # kept: its work is needed anyway
     assert dask.get(got, ("b", 1)) == 3
+
+
+def test_vector_writer_resumes_only_unpolygonised_chunks(tmp_path):
+    pyogrio = pytest.importorskip("pyogrio", reason="the vector writer needs the 'vector' extra")
+    pytest.importorskip("rasterio", reason="the vector writer needs the 'vector' extra")
+    rng = np.random.default_rng(5)
+    ref = (rng.random((64, 80)) > 0.6).astype(np.uint8)
+    counting = Counting()
+    data = da.from_array(ref, chunks=(16, 20)).map_blocks(counting, dtype=ref.dtype)
+    image = Image(data, axes=("y", "x"), class_names=("background", "object"))
+    writer = get_writer("vector")
+    clean = str(tmp_path / "clean.gpkg")
+    writer.write(image, clean)
+    counting.calls.clear()
+
+    path = str(tmp_path / "out.gpkg")
+    handle = writer.prepare(image, path, partial_key=KEY)
+    graph = dict(writer.write_task(handle, image).__dask_graph__())
+    stores = sorted(k for k in graph if isinstance(k, tuple) and k[0].startswith("tileseg-store-"))
+    dask.get(graph, stores[:5])  # killed after five chunks
+    counting.calls.clear()
+    again = writer.prepare(image, path, partial_key=KEY)
+    dask.compute(writer.write_task(again, image))
+    assert len(counting.calls) == len(stores) - 5
+    writer.finalize(again)
+    got, want = pyogrio.raw.read(path), pyogrio.raw.read(clean)
+    assert len(got[2]) == len(want[2]) > 10
+    assert list(got[2]) == list(want[2])  # the same polygons (WKB), in the same order
+    for a, b in zip(got[3], want[3]):
+        np.testing.assert_array_equal(a, b)
