@@ -21,7 +21,9 @@ alone and the item fails with an :class:`~tileseg.errors.OutputError`.
 The JSON run report (``tileseg-report.json`` next to the manifest) holds the
 fully resolved pipeline, package versions, the scheduler and, per item:
 status, input, outputs, shape, chunks, patches, timings per stage
-(``open``, ``graph``, ``compute_write``, ``finalize``, ``evaluate``),
+(``open``, ``statistics``: whole-image passes made while the graph is built,
+such as a histogram or connected components; ``graph``: the rest of building
+and preparing the outputs, ``compute_write``, ``finalize``, ``evaluate``),
 throughput (pixels/s), peak RSS, the error if any, and Dice if evaluated.
 """
 
@@ -149,6 +151,46 @@ class _Timer:
             dt = time.perf_counter() - t0
             self.timings[name] = round(self.timings.get(name, 0.0) + dt, 4)
             log.info("%s: %s done in %.1f s", self.label, name, dt)
+
+    def split(self, stage: str, part: str, seconds: float) -> None:
+        """Move ``seconds`` of ``stage`` into its own entry ``part`` (e.g. statistics computed while building)."""
+        if seconds <= 0:
+            return
+        self.timings[part] = round(self.timings.get(part, 0.0) + seconds, 4)
+        self.timings[stage] = round(max(0.0, self.timings.get(stage, 0.0) - seconds), 4)
+        log.info("%s: of which %.1f s computing whole-image statistics (%s)", self.label, seconds, part)
+
+
+class _EagerComputes:
+    """Seconds spent in Dask computes while a graph is built (whole-image statistics, components).
+
+    Counted with a local-scheduler callback; on a distributed client nothing is counted.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0: list[float] = []
+        self._cb: Any = None
+
+    def __enter__(self) -> _EagerComputes:
+        from dask.callbacks import Callback
+
+        outer = self
+
+        class _CB(Callback):
+            def _start(self, dsk: Any) -> None:
+                outer._t0.append(time.perf_counter())
+
+            def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+                if outer._t0:
+                    outer.seconds += time.perf_counter() - outer._t0.pop()
+
+        self._cb = _CB()
+        self._cb.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cb.__exit__(*exc)
 
 
 def open_item(cfg: PipelineConfig, item: str, index: int = 0) -> Image:
@@ -478,8 +520,9 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 with timer.stage("open"):
                     image = open_item(cfg, item, index)
                 result.shape = [int(s) for s in image.spatial_shape]
-                with timer.stage("graph"):
+                with timer.stage("graph"), _EagerComputes() as eager:
                     raw, final, stats = build_item(cfg, image, predictor, sched)
+                timer.split("graph", "statistics", eager.seconds)
                 result.n_patches = stats.get("n_patches")
                 result.n_patches_skipped = stats.get("n_patches_skipped")
                 images = [final if o.cfg.content == "result" else raw for o in outputs]
