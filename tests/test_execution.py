@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tileseg.errors import ConfigError, MissingDependencyError
-from tileseg.execution import SchedulerInfo, compute, model_annotations, scheduler_context
+from tileseg.execution import compute, scheduler_context
 
 
 def test_threads_sets_worker_count_and_restores():
@@ -67,27 +67,6 @@ def test_unreachable_address_is_config_error():
                 pass
 
 
-def _annotations(info):
-    """The annotations of each layer of a small graph built inside ``model_annotations(info)``."""
-    with model_annotations(info):
-        x = da.ones(4, chunks=2) + 1
-    return [layer.annotations or None for layer in x.dask.layers.values()]
-
-
-def test_annotations_only_on_distributed_with_resources():
-    with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}}) as info:
-        assert not info.distributed
-        assert "resources" not in info.describe()  # not reported as if applied
-        assert set(_annotations(info)) == {None}
-        assert compute(info, (da.ones(4, chunks=2) + 1).sum())[0] == 8
-    # model_annotations itself: resources annotate only when a distributed client runs the graph
-    assert set(_annotations(SchedulerInfo(name="threads", resources={"GPU": 1}))) == {None}
-    assert set(_annotations(SchedulerInfo(name="tcp://x:1", resources={}, client=object()))) == {None}
-    assert set(_annotations(None)) == {None}
-    annotated = _annotations(SchedulerInfo(name="tcp://x:1", resources={"GPU": 1}, client=object()))
-    assert annotated and all(a == {"resources": {"GPU": 1}} for a in annotated)
-
-
 def test_processes_reuse_one_pool_for_the_run():
     import os
 
@@ -100,11 +79,7 @@ def test_processes_reuse_one_pool_for_the_run():
 def test_existing_scheduler_address():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, processes=False, protocol="tcp://", dashboard_address=None) as cluster:
-        with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}},
-                               override=cluster.scheduler_address) as info:
+        with scheduler_context({"scheduler": "threads"}, override=cluster.scheduler_address) as info:
             assert info.distributed and info.name == cluster.scheduler_address
             assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
-            with model_annotations(info):
-                x = da.ones(4, chunks=2) + 1
-            assert any(layer.annotations == {"resources": {"GPU": 1}} for layer in x.dask.layers.values())
         assert info.client.status == "closed"

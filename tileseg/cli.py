@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -254,6 +255,24 @@ def evaluate(pred: str, ref: str, pred_array: str | None, ref_array: str | None,
 
 def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the page (default RUN_DIR/tileseg-report.html).")
+@click.option("--no-images", is_flag=True, help="Leave out the quicklooks of inputs and outputs.")
+@click.option("--max-side", default=160, show_default=True, help="Longest side of a quicklook in pixels.")
+def report(run_dir: str, out: str | None, no_images: bool, max_side: int) -> None:
+    """Write one self-contained HTML page for the runs kept in RUN_DIR (the outputs' folder)."""
+    from .report_page import write_report_page
+
+    try:
+        path = write_report_page(run_dir, out, images=not no_images, max_side=max_side)
+    except (TilesegError, OSError) as exc:
+        _fail(exc)
+        return
+    click.echo(f"report page: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,10 @@ class ModelError(TilesegError, RuntimeError):
     """A model cannot be loaded or does not fit the image (channels, shape)."""
 
 
+class PlacementError(TilesegError, RuntimeError):
+    """No worker of the cluster offers the resources model inference needs (e.g. ``GPU``)."""
+
+
 class PluginError(TilesegError, LookupError):
     """An unknown reader/writer/model/method name, or a broken plugin."""
 

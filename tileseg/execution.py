@@ -19,11 +19,19 @@
 
 The last two need the ``distributed`` extra (``pip install 'tileseg[distributed]'``).
 
-GPU tasks: when ``resources`` is set and the scheduler is distributed, the
-runner builds the model-inference part of the graph inside
-``dask.annotate(resources=...)`` (see :func:`model_annotations`), so at most
-one inference task per declared ``GPU`` unit runs at a time on each worker,
-while reading, writing and post-processing tasks are scheduled freely.
+GPU tasks: with ``resources`` on a distributed scheduler, model inference
+tasks run only on workers that offer them, whatever graph optimisation does
+(see :mod:`tileseg.placement`), while reading, writing and post-processing
+tasks are scheduled freely. The run fails early with a
+:class:`~tileseg.errors.PlacementError` when no worker offers the resources,
+before anything is submitted, and fails the inference tasks when such
+workers leave during a run (see :class:`~tileseg.scheduler_plugin.ModelPlacement`).
+
+``local`` with GPUs: when this process sees CUDA devices and ``resources``
+names ``GPU`` (or neither ``resources`` nor ``workers`` is set), the cluster
+has one worker process per visible device, each pinned to it with
+``CUDA_VISIBLE_DEVICES`` and declaring ``GPU: 1`` (dask-cuda's
+``LocalCUDACluster`` when installed).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ class SchedulerInfo:
     workers : int or None
         Number of workers requested (``None``: dask's default).
     resources : dict
-        Resources model tasks are annotated with (distributed only).
+        Resources model inference needs (distributed only; see :mod:`tileseg.placement`).
     client : distributed.Client or None
         The client for ``local`` and addresses.
     """
@@ -154,19 +162,12 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
 
     distributed = _require_distributed()
     if name == "local":
-        spawn_env = {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": int(arenas)} if arenas else {}
-        with dask.config.set(spawn_env):
-            cluster = distributed.LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads,
-                processes=True,
-                resources=resources or None,
-                dashboard_address=None,
-                silence_logs=logging.WARNING,
-            )
+        cluster = _local_cluster(distributed, workers, threads, resources, arenas)
         try:
             with distributed.Client(cluster, set_as_default=True) as client:
-                yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+                info = SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+                _prepare_placement(info)
+                yield info
         finally:
             cluster.close()
         return
@@ -176,7 +177,42 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None) ->
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"execution.scheduler: cannot connect to {name!r}: {exc}") from exc
     with client:
-        yield SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+        info = SchedulerInfo(name=name, workers=workers, resources=resources, client=client)
+        _prepare_placement(info)
+        yield info
+
+
+def _local_cluster(distributed: Any, workers: int | None, threads: int, resources: dict[str, float],
+                   arenas: int | None) -> Any:
+    """``scheduler: local``: one worker per GPU when there are GPUs to use, else a LocalCluster."""
+    import dask
+
+    from . import placement
+
+    spawn_env = {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": int(arenas)} if arenas else {}
+    wants_gpus = "GPU" in resources or (not resources and workers is None)
+    n_devices = placement.device_count() if wants_gpus else 0
+    with dask.config.set(spawn_env):
+        if n_devices:
+            if workers is not None and workers != n_devices:
+                log.info("execution.workers %d replaced by one worker per GPU (%d)", workers, n_devices)
+            return placement.local_gpu_cluster(threads, resources, n_devices)
+        return distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            resources=resources or None,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        )
+
+
+def _prepare_placement(info: SchedulerInfo) -> None:
+    """Distributed with resources: check that a worker offers them, and install the placement plugin."""
+    if info.client is not None and info.resources:
+        from . import placement
+
+        placement.prepare(info.resources, client=info.client)
 
 
 def _process_pool(workers: int | None, arenas: int | None = None) -> Any:
@@ -207,15 +243,6 @@ def _require_distributed() -> Any:
     return require("distributed", "distributed")
 
 
-def model_annotations(info: SchedulerInfo | None) -> contextlib.AbstractContextManager[Any]:
-    """``dask.annotate(resources=...)`` for model tasks on a distributed scheduler, else a no-op."""
-    if info is None or not info.distributed or not info.resources:
-        return contextlib.nullcontext()
-    import dask
-
-    return dask.annotate(resources=dict(info.resources))
-
-
 def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = False) -> tuple[Any, ...]:
     """Compute dask collections on the active scheduler, with an optional progress bar.
 
@@ -237,6 +264,10 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
     import dask
 
     if info is not None and info.client is not None:
+        if info.resources:
+            from .placement import check_workers
+
+            check_workers(info.client, info.resources)
         futures = info.client.compute(list(collections))
         if progress:
             _require_distributed().progress(futures)

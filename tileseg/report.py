@@ -13,6 +13,11 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+#: File name of the latest run's report, next to the outputs.
+REPORT_NAME = "tileseg-report.json"
+#: Folder next to the outputs keeping every run's report (one file per run, never overwritten).
+RUNS_DIR = "tileseg-runs"
+
 #: Item statuses.
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 
@@ -49,6 +54,9 @@ class ItemResult:
         ``ExceptionType: message`` naming the file, for failed items.
     dice : dict
         Dice per class (``None`` where a class is absent from both images).
+    bad_output_px : int
+        Pixels written as nodata because the model output NaN/Inf there
+        (``model.bad_output: nodata``; see :mod:`tileseg.counters`).
     """
 
     index: int
@@ -66,6 +74,7 @@ class ItemResult:
     error: str | None = None
     dice: dict[str, float | None] | None = None
     config_hash: str | None = None
+    bad_output_px: int | None = None
 
 
 @dataclass
@@ -83,6 +92,10 @@ class RunReport:
     items : list of ItemResult
     report_path, manifest_path : str
         Where the JSON report and the resume manifest were written.
+    model_loads : dict
+        Model loads per process since it started (``local``: this process,
+        else worker addresses; see :mod:`tileseg.counters`): a worker that
+        runs inference loads the model once.
     """
 
     pipeline: dict[str, Any]
@@ -94,6 +107,8 @@ class RunReport:
     duration_s: float | None = None
     report_path: str | None = None
     manifest_path: str | None = None
+    model_loads: dict[str, int] | None = None
+    _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_failed(self) -> int:
@@ -112,13 +127,25 @@ class RunReport:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
         out = asdict(self)
+        out.pop("_run_file", None)
         out["summary"] = self.counts()
         return _jsonable(out)
 
     def write(self, path: str) -> str:
-        """Write the report as JSON (atomically) and remember where."""
+        """Write the report as JSON (atomically) and remember where.
+
+        The same JSON also goes to this run's own file in :data:`RUNS_DIR`
+        beside ``path`` (named by start time and process), so a later run,
+        which replaces ``path``, never erases this run's figures.
+        """
         self.report_path = path
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        write_text_atomic(path, text)
+        if self._run_file is None:
+            stamp = (self.started or now_iso()).replace(":", "").replace("-", "").replace("+0000", "Z")
+            name = f"{stamp}-{platform.node() or 'host'}-{os.getpid()}-{id(self) & 0xFFFF:04x}.json"
+            self._run_file = os.path.join(os.path.dirname(path) or ".", RUNS_DIR, name)
+        write_text_atomic(self._run_file, text)
         return path
 
     def summary_table(self) -> str:

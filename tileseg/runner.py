@@ -487,11 +487,27 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, resume: bool = 
             report.versions = package_versions()
             report.write(report_path)
 
+        if cfg.model is not None:
+            report.model_loads = _model_loads(sched)
     report.versions = package_versions()
     report.finished = now_iso()
     report.duration_s = round(time.perf_counter() - t_start, 3)
     report.write(report_path)
     return report
+
+
+def _model_loads(sched: SchedulerInfo) -> dict[str, int]:
+    """Model loads per process (this one, and each worker of a distributed cluster)."""
+    from . import counters
+
+    per = counters.collect(sched.client)
+    return {proc: sum(c.get("model_loads", {}).values()) for proc, c in per.items()}
+
+
+def _bad_output_px(sched: SchedulerInfo, source: str) -> int:
+    from . import counters
+
+    return counters.total(counters.collect(sched.client), "bad_output_px", source)
 
 
 def _recorded_complete(manifest: Manifest, out: _Output) -> bool:
@@ -531,10 +547,14 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 for o in outputs:
                     manifest.set(o.path, item=item, config_hash=o.config_hash, status="running")
                 started = True
+                count_bad = cfg.model is not None and cfg.model.bad_output == "nodata"
+                bad_before = _bad_output_px(sched, image.source or "image") if count_bad else 0
                 write_outputs(outputs, images, overwrite=overwrite, sched=sched, progress=progress, timer=timer,
                               info={"input": item})
                 for o in outputs:
                     manifest.set(o.path, item=item, config_hash=o.config_hash, status="complete")
+                if count_bad:
+                    result.bad_output_px = _bad_output_px(sched, image.source or "image") - bad_before
                 if cfg.evaluate is not None:
                     with timer.stage("evaluate"):
                         result.dice = evaluate_item(cfg, item, index, _scored(outputs).path, sched)

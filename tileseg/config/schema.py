@@ -40,6 +40,8 @@ Schema (version 1)
       precision: fp32               # fp32 | fp16 | bf16
       device: auto                  # auto (CUDA when present) | cpu | cuda | cuda:N | mps
       classes: [background, object] # optional names, one per class (2 for a 1-channel model)
+      bad_output: error             # error | nodata: NaN/Inf in the model output fails the item naming the
+                                    # patch box, or those pixels are written as nodata and counted
     # method: {otsu: {}}            # a registered classical method ("methods" registry)
     postprocess: []                 # steps: a name or {name: {params}}, applied to the result
     output:                         # one output, or outputs: [ ... ] for several
@@ -54,7 +56,8 @@ Schema (version 1)
       scheduler: threads            # threads | processes | synchronous | local | tcp://host:port
       workers: 2                    # dask workers (threads or processes)
       threads_per_worker: 1         # for scheduler: local
-      resources: {GPU: 1}           # per-worker resources (scheduler: local); model tasks are annotated
+      resources: {GPU: 1}           # resources model inference needs: only workers offering them run it
+                                    # (scheduler local: every worker declares them; one worker per GPU)
       malloc_arenas: 1              # glibc malloc arenas per process (null: leave the allocator alone)
     evaluate:                       # optional: Dice per class against a reference label image
       reference: {path: null, array: labels}   # path (template fields allowed) defaults to the input;
@@ -339,6 +342,7 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: str = "auto"
     classes: list[str] | None = None
+    bad_output: Literal["error", "nodata"] = "error"
 
     @model_validator(mode="before")
     @classmethod
@@ -631,4 +635,5 @@ class PipelineConfig(_Section):
         return InferenceOptions(batch_size=m.batch_size, output=m.output, nan_policy=self.input.nan_policy,
                                 skip_nodata=skip,
                                 fill_value=float(self.input.fill_value), preprocess=tuple(self.preprocess),
-                                class_names=None if m.classes is None else tuple(m.classes), **runtime)
+                                class_names=None if m.classes is None else tuple(m.classes),
+                                bad_output=m.bad_output, **runtime)

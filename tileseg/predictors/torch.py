@@ -3,7 +3,8 @@
 Loading and caching
 -------------------
 A model read from a file is loaded at most once per worker *process* and
-device: a module-level cache is keyed by (kind, resolved path, file mtime and
+device (each load is counted in :mod:`tileseg.counters` as ``model_loads``
+and reported in the run report): a module-level cache is keyed by (kind, resolved path, file mtime and
 size, architecture config, device, precision). A :class:`TorchPredictor`
 built from a path pickles without its weights (``__getstate__`` drops the
 loaded module); after unpickling in a worker it reloads lazily from that
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import counters
 from ..errors import ConfigError, ModelError, require
 from .base import Predictor
 
@@ -300,6 +302,7 @@ class TorchPredictor(Predictor):
             return module, "cpu"
         if self._source[0] == "module":
             module = self._module.to(device).eval()
+            counters.add("model_loads", type(module).__name__)  # one copy per unpickled predictor
         else:
             module = self._module = self._load(device)
         self._ready = (module, device)
@@ -316,6 +319,7 @@ class TorchPredictor(Predictor):
                     module = _build_architecture(*self._source[1:], device=device)
                 module.eval()
                 _CACHE[key] = module
+                counters.add("model_loads", str(key[1]))
                 log.debug("loaded model %s on %s", key[1], device)
         return module
 

@@ -56,6 +56,7 @@ def predict_owner(
     batch_size: int,
     window: np.ndarray | None,
     nan_policy: str,
+    bad_output: str,
     source: str,
     boxes: Sequence[Box],
     read: Callable[[], Sequence[np.ndarray]] | None,
@@ -84,6 +85,10 @@ def predict_owner(
         Blending window (None for crop).
     nan_policy : str
         ``"error"`` raises on NaN input; ``"fill"`` (already applied upstream) passes.
+    bad_output : str
+        NaN/Inf in the model output: ``"error"`` raises a ModelError naming the
+        patch box; ``"nodata"`` makes those pixels NaN (the final tasks write
+        nodata there) and counts them (see :func:`check_output`).
     source : str
         Image name for error messages.
     boxes : sequence of Box
@@ -122,6 +127,7 @@ def predict_owner(
         expected = (len(idx), n_classes) + tuple(patch)
         if pred.shape != expected:
             raise ModelError(f"model returned shape {pred.shape!r} for a batch of {batch.shape!r}; expected {expected!r}")
+        pred = check_output(pred, idx + origin, patch, bad_output, source, region)
         for j, c in enumerate(idx):
             if crop_boxes is None:
                 sl = tuple(slice(s, s + p) for s, p in zip(c, patch))
@@ -132,6 +138,50 @@ def predict_owner(
                 inner = tuple(slice(a - s, b - s) for (a, b), s in zip(keep, c))
                 acc[(slice(None),) + sl] += pred[j][(slice(None),) + inner]
     return region, acc
+
+
+def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], bad_output: str, source: str,
+                 region: Box) -> np.ndarray:
+    """NaN/Inf in a batch of model output: an error naming the patch, or NaN pixels that become nodata.
+
+    Parameters
+    ----------
+    pred : numpy.ndarray
+        ``(N, K, *patch)`` model output.
+    starts : numpy.ndarray
+        ``(N, ndim)`` absolute start corners of the patches (padded image pixels).
+    bad_output : {"error", "nodata"}
+        Raise, or set every channel of a pixel with a non-finite value to NaN
+        and count the pixels (``bad_output_px``) and patches
+        (``bad_output_patches``) under ``source`` in :mod:`tileseg.counters`.
+
+    Raises
+    ------
+    ModelError
+        With ``bad_output="error"``: names the image, the first bad patch's
+        pixel box and the owner block's region.
+    """
+    finite = np.isfinite(pred)
+    if finite.all():
+        return pred
+    good_px = finite.all(axis=1)  # (N, *patch): every class finite
+    bad_patches = np.flatnonzero(~good_px.reshape(len(pred), -1).all(axis=1))
+    first = tuple((int(s), int(s) + p) for s, p in zip(starts[bad_patches[0]], patch))
+    n_px = int((~good_px).sum())
+    if bad_output == "error":
+        raise ModelError(
+            f"{source}: model output contains NaN or Inf in {len(bad_patches)} patch(es) of block region {region!r}, "
+            f"first at pixel box {first!r} ({n_px} pixels); check the model and its input scaling, or set "
+            "bad_output: nodata to write those pixels as nodata")
+    from .. import counters
+
+    counters.add("bad_output_px", source, n_px)
+    counters.add("bad_output_patches", source, len(bad_patches))
+    import logging
+
+    logging.getLogger(__name__).warning("%s: model output has NaN/Inf at %d pixels of %d patch(es), first at "
+                                        "pixel box %r: written as nodata", source, n_px, len(bad_patches), first)
+    return np.where(good_px[:, None], pred, np.float32(np.nan))
 
 
 def take_piece(owner: tuple[Box, np.ndarray], target: Box) -> tuple[Box, np.ndarray]:
@@ -228,6 +278,11 @@ def reduce_logits(logits: np.ndarray, output: str, dtype: str) -> np.ndarray:
             return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
         e = np.exp(logits - logits.max(axis=0, keepdims=True))
         return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
+    bad = np.isnan(logits).any(axis=0)  # bad model output kept as NaN (bad_output="nodata")
     if n_classes == 1:
-        return (logits[0] > 0).astype(dtype)
-    return np.argmax(logits, axis=0).astype(dtype)
+        labels = (logits[0] > 0).astype(dtype)
+    else:
+        labels = np.argmax(np.where(bad, np.float32(0), logits) if bad.any() else logits, axis=0).astype(dtype)
+    if bad.any():  # the label nodata: the dtype's largest value (see tileseg.graph)
+        labels[bad] = np.iinfo(labels.dtype).max
+    return labels
