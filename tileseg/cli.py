@@ -80,17 +80,17 @@ def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> N
     """Run PIPELINE over all its inputs; print a summary table and the report path."""
     from .runner import run_pipeline
 
-    if not quiet:  # one line per stage of each item, with its time: progress before the compute's bar
-        stages = logging.getLogger("tileseg.runner")
-        if logging.getLogger("tileseg").getEffectiveLevel() <= logging.WARNING and \
-                stages.getEffectiveLevel() > logging.INFO:
-            stages.setLevel(logging.INFO)
-
+    stages = logging.getLogger("tileseg.runner")
+    level = stages.level
+    if not quiet and logging.getLogger("tileseg").getEffectiveLevel() <= logging.WARNING:
+        stages.setLevel(logging.INFO)  # one line per stage of each item, with its time, before the compute's bar
     try:
         report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
     except (TilesegError, OSError) as exc:
         _fail(exc)
         return
+    finally:
+        stages.setLevel(level)
     click.echo(report.summary_table())
     for item in report.items:
         if item.dice:
