@@ -215,6 +215,10 @@ def segment(
 
         prepare(resources)
     predictor = load_predictor(model, device=device, precision=precision)
+    if not np.isscalar(patch_size):
+        from .predictors.check import check_patch_size
+
+        check_patch_size(predictor, tuple(patch_size))
     result = segment_image(img, predictor, tiling, inference)
     if given_xarray:
         from .interop.xarray import to_xarray
@@ -277,18 +281,25 @@ def run(
     pipeline: str | os.PathLike[str] | dict[str, Any] | PipelineConfig,
     *,
     scheduler: str | None = None,
+    client: Any = None,
     resume: bool = True,
+    fresh: bool = False,
+    retry_failed: bool = False,
     progress: bool = False,
 ) -> RunReport:
     """Run a pipeline over all its input items; returns the :class:`~tileseg.report.RunReport`.
 
-    The parameters are those of :func:`tileseg.runner.run_pipeline` (``scheduler``
-    overrides ``execution.scheduler``; ``resume=False`` recomputes finished items;
+    Inside an active ``distributed.Client`` (or with ``client=``) the run
+    computes on that cluster and creates no scheduler of its own, unless
+    ``scheduler`` or the pipeline's ``execution.scheduler`` names one. The
+    parameters are those of :func:`tileseg.runner.run_pipeline` (``fresh``
+    recomputes everything, ``retry_failed`` retries items that failed before,
     ``progress`` shows a progress bar). ``report.ok`` is false when an item failed.
     """
     from .runner import run_pipeline
 
-    return run_pipeline(pipeline, scheduler=scheduler, resume=resume, progress=progress)
+    return run_pipeline(pipeline, scheduler=scheduler, client=client, resume=resume, fresh=fresh,
+                        retry_failed=retry_failed, progress=progress)
 
 
 def load_pipeline(

@@ -82,6 +82,11 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     """:func:`segment_image` plus ``{"n_patches", "n_patches_skipped"}`` (patches left out as all-nodata)."""
     if tiling.target_spacing is not None:
         return segment_resampled(image, predictor, tiling, inference)
+    conventions = getattr(predictor, "conventions", None)
+    if getattr(conventions, "output_grid", False) and conventions.output_stride > 1:
+        from .output_grid import segment_on_output_grid  # a strided model stitched on its own grid
+
+        return segment_on_output_grid(image, predictor, tiling, inference)
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
