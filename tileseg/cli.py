@@ -154,7 +154,9 @@ def _summary(cfg: Any) -> list[str]:
         t = cfg.tiling
         overlap = f"overlap_px {t.overlap_px}" if t.overlap_px is not None else f"overlap {t.overlap}"
         files = ", ".join(cfg.model.files().values())
-        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision})")
+        speed = "".join(f", {k}" for k in ("channels_last", "compile") if getattr(cfg.model, k))
+        tta = f", tta {'/'.join(cfg.model.tta)}" if cfg.model.tta else ""
+        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision}{tta}{speed})")
         lines.append(f"tiling: patch {t.patch_size}, {overlap}, blend {t.blend}")
         lines.append(f"engine output: {cfg.model.output}")
     else:

@@ -214,7 +214,8 @@ def load_model(cfg: PipelineConfig):
 
     assert cfg.model is not None
     device = None if cfg.model.device == "auto" else cfg.model.device
-    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision)
+    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision, tta=cfg.model.tta,
+                          channels_last=cfg.model.channels_last, compile=cfg.model.compile)
 
 
 def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
@@ -534,6 +535,7 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
                           on_interrupt=sched.cancel)
                 if cfg.model is not None:
                     report.model_loads = _model_loads(sched)
+                    report.batch_sizes = _batch_sizes(sched, state)
             except KeyboardInterrupt as exc:
                 report.interrupted = True
                 report.error = f"interrupted ({type(exc).__name__}: {exc or 'Ctrl-C'}); rerun to continue"
@@ -689,6 +691,14 @@ def _model_loads(sched: SchedulerInfo) -> dict[str, int]:
 
     per = counters.collect(sched.client)
     return {proc: sum(c.get("model_loads", {}).values()) for proc, c in per.items()}
+
+
+def _batch_sizes(sched: SchedulerInfo, state: _RunState) -> list[dict[str, Any]]:
+    """Batch sizes the run's model fell back to after device out-of-memory, per worker process."""
+    from .predictors.oom import gather
+
+    key = getattr(state._predictor, "_key", None)
+    return gather(sched.client, key=key) if key is not None else []
 
 
 def _bad_output_px(sched: SchedulerInfo | None, source: str) -> int:

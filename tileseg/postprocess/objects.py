@@ -91,7 +91,8 @@ def remove_small_objects(
     """
     x = da.asarray(mask_or_labels)
     if x.dtype == bool:
-        comps = components(x, connectivity=connectivity)
+        # "first" too, so that labelling the result reuses these components instead of a new scan.
+        comps = components(x, connectivity=connectivity, stats={"sizes", "first"})
         keep = ~_small(comps.sizes, min_size_px, min_size_phys, spacing, x.ndim)
         return comps.apply(keep, background=False)
     if x.dtype.kind not in "iu":
@@ -152,7 +153,7 @@ def remove_small_holes(
     """
     x = da.asarray(mask)
     x = x if x.dtype == bool else x != 0
-    comps = components(~x, connectivity=connectivity)
+    comps = components(~x, connectivity=connectivity, stats={"sizes"})
     small = _small(comps.sizes, min_size_px, min_size_phys, spacing, x.ndim)
     return comps.apply(small, background=True)
 
@@ -185,7 +186,7 @@ def fill_holes(mask: Any, *, connectivity: int = 1, spacing: Any = None) -> da.A
     """
     x = da.asarray(mask)
     x = x if x.dtype == bool else x != 0
-    comps = components(~x, connectivity=connectivity)
+    comps = components(~x, connectivity=connectivity, stats=())
     return comps.apply(~comps.border, background=True)
 
 
