@@ -74,9 +74,12 @@ class RunProgress:
             self.mode = "bar" if isatty() else "log"
         self._last_log = self._t0
         if self.mode == "bar":
-            from tqdm.auto import tqdm
+            import shutil
 
-            self._bar = tqdm(total=self.total, file=self.stream, unit="item", mininterval=0.5, leave=True,
+            from tqdm import tqdm
+
+            width = shutil.get_terminal_size((100, 20)).columns or 100  # a pty without a size reports 0
+            self._bar = tqdm(total=self.total, file=self.stream, unit="item", mininterval=0.5, leave=True, ncols=width,
                              bar_format="{l_bar}{bar}| {n:.2f}/{total} items [{elapsed}<{remaining}] {postfix}")
 
     # -- events -----------------------------------------------------------------------------------
