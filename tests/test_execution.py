@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import dask
@@ -83,3 +84,60 @@ def test_existing_scheduler_address():
             assert info.distributed and info.name == cluster.scheduler_address
             assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
         assert info.client.status == "closed"
+
+
+def test_an_active_client_is_used_unless_the_pipeline_names_a_scheduler():
+    distributed = pytest.importorskip("distributed")
+    from tileseg.config.schema import ExecutionConfig
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            for cfg in (None, {}, ExecutionConfig(workers=2)):  # the threads default does not override it
+                with scheduler_context(cfg) as info:
+                    assert info.name == "client" and info.client is client and not info.owned
+                    assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
+            for cfg, name in (({"scheduler": "threads"}, "threads"),
+                              (ExecutionConfig(scheduler="synchronous"), "synchronous")):
+                with scheduler_context(cfg) as info:  # a scheduler the pipeline names wins
+                    assert info.name == name and info.client is None and dask.config.get("scheduler") == name
+            with scheduler_context({"scheduler": "threads"}, client=client) as info:  # client= wins
+                assert info.client is client
+            assert client.status == "running"  # never closed by tileseg
+    with scheduler_context(None) as info:  # no client any more: threads
+        assert info.name == "threads" and info.client is None
+
+
+def test_retries_are_passed_to_dask(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    marks = str(tmp_path)
+
+    def flaky(block, block_info=None):
+        mark = os.path.join(marks, str(block_info[0]["chunk-location"][0]))
+        if not os.path.exists(mark):  # every block raises once: a transient error
+            open(mark, "w").close()
+            raise OSError(f"transient failure in {mark}")
+        return block + 1
+
+    def failures() -> set[str]:
+        return set(os.listdir(marks))
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            x = da.zeros(8, chunks=2).map_blocks(flaky, dtype=float)
+            with scheduler_context({"retries": 0}, client=client) as info:
+                with pytest.raises(OSError, match="transient failure"):
+                    compute(info, x.sum())
+            for f in failures():
+                os.remove(os.path.join(marks, f))
+            with scheduler_context({"retries": 1}, client=client) as info:
+                assert info.describe()["retries"] == 1
+                assert compute(info, x.sum())[0] == 8 and failures() == {"0", "1", "2", "3"}
+
+
+def test_cancel_stops_local_work_and_says_interrupted():
+    from tileseg.errors import RunInterrupted
+
+    with scheduler_context({"scheduler": "threads", "workers": 1}) as info:
+        info.cancel("SIGTERM")
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            compute(info, da.ones(4, chunks=2).sum())

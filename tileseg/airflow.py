@@ -3,8 +3,9 @@
 Install with ``pip install "tileseg[airflow]"``. The operator loads the
 pipeline file, applies the (templated) input/output overrides, runs it with
 :func:`tileseg.run` and pushes a run summary (counts, outputs, failures) to
-XCom. A retried task resumes: items whose outputs the manifest records as
-complete are skipped, so a retry only does the work that is left.
+XCom. A retried task resumes: items the run manifest records as done (same
+input and pipeline) are skipped, and items that failed are run again
+(``retry_failed``), so a retry only does the work that is left.
 
 Examples
 --------
@@ -149,7 +150,7 @@ class TilesegOperator(BaseOperator):
 
         cfg = load_pipeline(self.pipeline, overrides=self.pipeline_overrides())
         self.log.info("tileseg: running %s over %s", self.pipeline, ", ".join(cfg.input.path))
-        report = run(cfg, scheduler=self.scheduler)
+        report = run(cfg, scheduler=self.scheduler, retry_failed=True)  # an attempt retries what failed before
         summary = run_summary(report)
         self.log.info("tileseg: %s", ", ".join(f"{n} {s}" for s, n in summary["counts"].items()))
         self.log.info("tileseg: report %s", summary["report_path"])

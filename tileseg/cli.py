@@ -2,11 +2,13 @@
 
 Commands::
 
-    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--no-resume] [--quiet]
+    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--fresh]
+                              [--retry-failed] [--quiet]
     tileseg validate PIPELINE.yaml
     tileseg plan PIPELINE.yaml [--json]
     tileseg info PATH [--array NAME] [--level N] [--axes cyx]
     tileseg evaluate PRED REF [--pred-array NAME] [--ref-array NAME] [--n-classes N] [--json]
+    tileseg export PIPELINE.yaml [--pt2 OUT.pt2] [--onnx OUT.onnx] [--int8 OUT.int8.onnx] [--samples P.npy]
 
 Exit codes: 0 success; 1 some items failed (the others finished) or a
 runtime error; 2 usage or configuration errors (invalid pipeline, unknown
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -63,10 +66,15 @@ def _fail(exc: BaseException, options: dict[str, str] | None = None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", "quiet_log", count=True, help="Less log output.")
+@click.option("-q", "--quiet", "quiet_log", count=True,
+              help="Quiet: no progress display, only warnings and errors (-qq: errors only).")
 @click.version_option(__version__, prog_name="tileseg")
-def main(verbose: int, quiet_log: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet_log: int) -> None:
     """tileseg: memory-bounded tiled segmentation on Dask."""
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet_log
+    ctx.obj["verbose"] = verbose
     _configure_logging(verbose, quiet_log)
 
 
@@ -74,17 +82,46 @@ def main(verbose: int, quiet_log: int) -> None:
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--scheduler", default=None, metavar="NAME|ADDR",
               help="threads, processes, synchronous, local or tcp://host:port (overrides execution.scheduler).")
-@click.option("--no-resume", is_flag=True, help="Recompute items an earlier run already completed.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> None:
-    """Run PIPELINE over all its inputs; print a summary table and the report path."""
+@click.option("--fresh", is_flag=True, help="Ignore earlier runs: recompute items already done or failed.")
+@click.option("--no-resume", "fresh", is_flag=True, hidden=True)
+@click.option("--retry-failed", is_flag=True, help="Run again the items an earlier run recorded as failed.")
+@click.option("-q", "--quiet", is_flag=True, help="Same as tileseg -q: no progress display, only warnings and errors.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Replace a pipeline value by dotted key, e.g. --set input.path=/data/day1 (YAML value).")
+@click.option("--report-page", is_flag=True, help="Also write the HTML report page (tileseg report) at the end.")
+@click.pass_context
+def run(ctx: click.Context, pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, quiet: bool,
+        overrides: tuple[str, ...], report_page: bool) -> None:
+    """Run PIPELINE over all its inputs; print a summary table and the report path.
+
+    Exit codes: 0 every item done (now or earlier); 1 an item failed or the
+    model failed to load (the report says why); 2 configuration errors;
+    128 + signal number when interrupted (Ctrl-C: 130, SIGTERM: 143), with
+    the state recorded so a rerun continues.
+    """
+    from .config import load_pipeline
     from .runner import run_pipeline
 
+    obj = ctx.obj or {}
+    if quiet and not obj.get("quiet"):  # `tileseg run -q` means what `tileseg -q run` means
+        _configure_logging(obj.get("verbose", 0), 1)
+    quiet = quiet or bool(obj.get("quiet"))
+    previous = _stop_on_sigterm()
     try:
-        report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
+        source = load_pipeline(pipeline, overrides=_parse_sets(overrides)) if overrides else pipeline
+        report = run_pipeline(source, scheduler=scheduler, fresh=fresh, retry_failed=retry_failed,
+                              progress=not quiet, notify=lambda text: click.echo(text, err=True))
     except (TilesegError, OSError) as exc:
         _fail(exc)
         return
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        click.echo(f"interrupted ({signal.Signals(signum).name}): unfinished items are recorded as pending; "
+                   "run the same command again to continue", err=True)
+        sys.exit(128 + int(signum))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(report.summary_table())
     for item in report.items:
         if item.dice:
@@ -93,11 +130,56 @@ def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> N
     for item in report.items:
         if item.error:
             click.echo(f"failed [{item.index}] {item.error}", err=True)
+    if report.error:
+        click.echo(f"error: {report.error}", err=True)
     counts = report.counts()
-    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete), {counts['failed']} failed "
-               f"in {report.duration_s:.1f} s")
+    busy = sum(1 for i in report.items if i.skipped_reason and "another run" in i.skipped_reason)
+    extra = "".join(f", {counts[k]} {k}" for k in ("interrupted", "pending") if k in counts)
+    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete"
+               + (f"; {busy} being processed by another run" if busy else "") + f"), {counts['failed']} failed"
+               + f"{extra} in {report.duration_s:.1f} s")
     click.echo(f"report: {report.report_path}")
+    if report_page and report.report_path:
+        from .report_page import write_report_page
+
+        try:
+            click.echo(f"report page: {write_report_page(os.path.dirname(report.report_path))}")
+        except Exception as exc:  # the run's result stands; the page is an extra
+            click.echo(f"warning: report page not written: {exc}", err=True)
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM stop a run like Ctrl-C (clean-up, state recorded); returns the previous handler."""
+    import threading
+
+    from .errors import RunInterrupted
+
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - embedded use
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        exc = RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+        exc.signum = signum  # type: ignore[attr-defined]
+        raise exc
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as dotted-key overrides; values are parsed as YAML (``safe_load``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set input.path=/data/day1")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({exc})") from None
+    return out
 
 
 def _summary(cfg: Any) -> list[str]:
@@ -106,7 +188,9 @@ def _summary(cfg: Any) -> list[str]:
         t = cfg.tiling
         overlap = f"overlap_px {t.overlap_px}" if t.overlap_px is not None else f"overlap {t.overlap}"
         files = ", ".join(cfg.model.files().values())
-        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision})")
+        speed = "".join(f", {k}" for k in ("channels_last", "compile") if getattr(cfg.model, k))
+        tta = f", tta {'/'.join(cfg.model.tta)}" if cfg.model.tta else ""
+        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision}{tta}{speed})")
         lines.append(f"tiling: patch {t.patch_size}, {overlap}, blend {t.blend}")
         lines.append(f"engine output: {cfg.model.output}")
     else:
@@ -158,6 +242,9 @@ def plan(pipeline: str, as_json: bool) -> None:
     except TilesegError as exc:
         _fail(exc)
         return
+    for r in rows:
+        for warning in r.get("warnings", ()):
+            click.echo(f"warning: item {r['index']} ({r['input']}): {warning}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -242,6 +329,47 @@ def evaluate(pred: str, ref: str, pred_array: str | None, ref_array: str | None,
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+@main.command("export")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--pt2", default=None, type=click.Path(dir_okay=False), help="Write a torch.export program here.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Write an ONNX file here.")
+@click.option("--int8", default=None, type=click.Path(dir_okay=False),
+              help="Also write an ONNX Runtime INT8 quantisation of the ONNX file here.")
+@click.option("--samples", default=None, type=click.Path(dir_okay=False, exists=True),
+              help=".npy of sample patches (N, C, *patch) for INT8 calibration and its accuracy report.")
+@click.option("--patch-size", default=None, type=int, multiple=True,
+              help="Example patch size per axis (default tiling.patch_size); repeat per axis.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_cmd(pipeline: str, pt2: str | None, onnx_path: str | None, int8: str | None, samples: str | None,
+               patch_size: tuple[int, ...], as_json: bool) -> None:
+    """Export the PyTorch model of PIPELINE to .pt2 / .onnx (dynamic batch), each checked before writing."""
+    import numpy as np
+
+    from .config import load_pipeline
+    from .export import export_model
+
+    try:
+        cfg = load_pipeline(pipeline)
+        if cfg.model is None:
+            raise ConfigError(f"{pipeline}: export needs a model: section")
+        size = tuple(patch_size) or tuple(cfg.tiling.patch_size or ())
+        data = None if samples is None else np.load(samples, allow_pickle=False)
+        report = export_model(cfg.model.spec(), patch_size=size, pt2=pt2, onnx=onnx_path, int8=int8, samples=data)
+    except (TilesegError, OSError, ValueError) as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    for fmt, path in report.written.items():
+        diff = report.max_abs_diff.get(fmt)
+        click.echo(f"wrote {fmt}: {path}" + ("" if diff is None else f" (max abs diff vs PyTorch {diff:.3g})"))
+    q = report.quantization
+    if q:
+        click.echo(f"int8 on {q['n_samples']} sample patches: max abs diff {q['max_abs_diff']:.3g}, mean "
+                   f"{q['mean_abs_diff']:.3g}, label agreement {100 * q['label_agreement']:.2f}%")
 
 
 def _num(v: Any) -> str:

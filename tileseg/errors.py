@@ -55,6 +55,10 @@ class OutputError(TilesegError, OSError):
     """An output cannot be written or would overwrite a finished result."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run was stopped (Ctrl-C, SIGTERM): state is recorded, no final-named partial output is left."""
+
+
 def require(module: str, extra: str):
     """Import ``module`` or raise :class:`MissingDependencyError` naming ``extra``.
 

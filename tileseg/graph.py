@@ -46,6 +46,10 @@ from .tiling.reads import private_reads
 
 log = logging.getLogger(__name__)
 
+#: Name prefix of the lookahead tokens: ordering-only edges (a pruned graph may drop them, see
+#: :func:`tileseg.writers.blocks.needed`).
+ORDER_TOKEN = "tileseg-done-"
+
 
 # --------------------------------------------------------------------------- stages
 
@@ -78,6 +82,11 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     """:func:`segment_image` plus ``{"n_patches", "n_patches_skipped"}`` (patches left out as all-nodata)."""
     if tiling.target_spacing is not None:
         return segment_resampled(image, predictor, tiling, inference)
+    conventions = getattr(predictor, "conventions", None)
+    if getattr(conventions, "output_grid", False) and conventions.output_stride > 1:
+        from .output_grid import segment_on_output_grid  # a strided model stitched on its own grid
+
+        return segment_on_output_grid(image, predictor, tiling, inference)
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
@@ -451,8 +460,8 @@ class _Names:
     def __init__(self, token: str, resources: dict[str, float] | None = None) -> None:
         self.model = model_key(token, resources)
         self.window = (f"tileseg-window-{token}", 0)
-        self.predict, self.piece, self.final, self.done = (
-            f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done"))
+        self.predict, self.piece, self.final = (f"tileseg-{s}-{token}" for s in ("predict", "piece", "final"))
+        self.done = f"{ORDER_TOKEN}{token}"
 
 
 def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,

@@ -10,6 +10,7 @@ import platform
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,8 +19,9 @@ REPORT_NAME = "tileseg-report.json"
 #: Folder next to the outputs keeping every run's report (one file per run, never overwritten).
 RUNS_DIR = "tileseg-runs"
 
-#: Item statuses.
-OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+#: Item statuses: done now, failed, left alone (done earlier, or held by another run), stopped by an
+#: interruption, not reached yet.
+OK, FAILED, SKIPPED, INTERRUPTED, PENDING_STATUS = "ok", "failed", "skipped", "interrupted", "pending"
 
 
 @dataclass
@@ -34,9 +36,13 @@ class ItemResult:
         Input path/URL and its first rendered output path.
     outputs : list of str
         Every rendered output path of the item (``outputs:`` in the pipeline).
-    status : {"ok", "failed", "skipped"}
-        ``skipped`` means an earlier run already completed this output with the
-        same configuration (resume).
+    status : {"ok", "failed", "skipped", "interrupted", "pending"}
+        ``skipped``: an earlier run already completed the item with the same
+        input and pipeline, or another run is processing it right now
+        (``skipped_reason`` says which); ``interrupted``: the run was stopped
+        before the item finished.
+    skipped_reason : str
+        Why a skipped item was left alone.
     shape, chunks : list of int
         Spatial shape of the input and output chunk sizes.
     n_patches : int
@@ -74,6 +80,7 @@ class ItemResult:
     error: str | None = None
     dice: dict[str, float | None] | None = None
     config_hash: str | None = None
+    skipped_reason: str | None = None
     bad_output_px: int | None = None
 
 
@@ -91,11 +98,26 @@ class RunReport:
         The scheduler that ran the graph.
     items : list of ItemResult
     report_path, manifest_path : str
+<<<<<<< HEAD
         Where the JSON report and the resume manifest were written.
+    batch_sizes : list of dict
+        Batch sizes lowered after device out-of-memory, per model and worker
+        process (``model``, ``device``, ``batch_size`` found, ``requested``,
+        ``worker``, ``host``, ``pid``; see :mod:`tileseg.predictors.oom`).
+        Empty when every batch fitted.
+=======
+        Where the JSON report and the run manifest were written.
+    run_id : str
+        This run's identifier (its claims in the manifest carry it).
+    error : str
+        What stopped the whole run (the model failed to load, an interruption).
+    interrupted : bool
+        Whether the run was stopped (Ctrl-C, SIGTERM) before every item finished.
     model_loads : dict
         Model loads per process since it started (``local``: this process,
         else worker addresses; see :mod:`tileseg.counters`): a worker that
         runs inference loads the model once.
+>>>>>>> main
     """
 
     pipeline: dict[str, Any]
@@ -107,7 +129,12 @@ class RunReport:
     duration_s: float | None = None
     report_path: str | None = None
     manifest_path: str | None = None
+    run_id: str | None = None
+    error: str | None = None
+    interrupted: bool = False
     model_loads: dict[str, int] | None = None
+    batch_sizes: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None
     _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -117,12 +144,17 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        """Whether every item succeeded or was already complete."""
-        return self.n_failed == 0
+        """Whether every item succeeded or was left alone (done earlier, or by another run)."""
+        return all(i.status in (OK, SKIPPED) for i in self.items) and self.error is None
 
     def counts(self) -> dict[str, int]:
-        """Items per status."""
-        return {s: sum(i.status == s for i in self.items) for s in (OK, SKIPPED, FAILED)}
+        """Items per status (``interrupted`` and ``pending`` only when there are some)."""
+        out = {s: sum(i.status == s for i in self.items) for s in (OK, SKIPPED, FAILED)}
+        for s in (INTERRUPTED, PENDING_STATUS):
+            n = sum(i.status == s for i in self.items)
+            if n:
+                out[s] = n
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
@@ -141,9 +173,8 @@ class RunReport:
         self.report_path = path
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
         write_text_atomic(path, text)
-        if self._run_file is None:
-            stamp = (self.started or now_iso()).replace(":", "").replace("-", "").replace("+0000", "Z")
-            name = f"{stamp}-{platform.node() or 'host'}-{os.getpid()}-{id(self) & 0xFFFF:04x}.json"
+        if self._run_file is None:  # named by the first write's time: runs sort in the order they started
+            name = f"{time.time_ns():020d}-{platform.node() or 'host'}-{os.getpid()}.json"
             self._run_file = os.path.join(os.path.dirname(path) or ".", RUNS_DIR, name)
         write_text_atomic(self._run_file, text)
         return path

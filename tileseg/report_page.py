@@ -41,7 +41,8 @@ img.ql{width:160px;height:auto;image-rendering:pixelated;border:1px solid #d0d5d
 def load_runs(run_dir: str) -> list[dict[str, Any]]:
     """Every run report kept in ``run_dir``, oldest first.
 
-    Reads ``tileseg-runs/*.json`` (one file per run, kept by every run) or,
+    Reads ``tileseg-runs/*.json`` (one file per run, kept by every run, named
+    by start time) or,
     for folders written before runs were kept, ``tileseg-report.json``.
 
     Raises
@@ -58,7 +59,7 @@ def load_runs(run_dir: str) -> list[dict[str, Any]]:
     for p in paths:
         with open(p, encoding="utf-8") as fh:
             runs.append(json.load(fh))
-    runs.sort(key=lambda r: r.get("started") or "")
+    # file names start with the run's start time in ns (report.RunReport.write): already in order
     return runs
 
 
@@ -185,11 +186,9 @@ def render_page(runs: list[dict[str, Any]], *, images: bool = True, max_side: in
             f"<td class='num'>{c.get('failed', 0)}</td><td>{html.escape(str(sched))}</td></tr>"
         )
     # marks how many quicklooks decoded (read by tests in a headless browser)
-    parts.append("</tbody></table><script>window.addEventListener('load',function(){"
-                 "var imgs=Array.prototype.slice.call(document.querySelectorAll('img.ql'));"
-                 "Promise.all(imgs.map(function(i){return i.decode().then(function(){return i.naturalWidth>0?1:0;},"
-                 "function(){return 0;});})).then(function(r){var n=r.reduce(function(a,b){return a+b;},0);"
-                 "document.body.setAttribute('data-images-loaded',String(n));});});</script></body></html>\n")
+    parts.append("</tbody></table><script>window.addEventListener('load',function(){var n=0;"
+                 "document.querySelectorAll('img.ql').forEach(function(i){if(i.complete&&i.naturalWidth>0)n++;});"
+                 "document.body.setAttribute('data-images-loaded',String(n));});</script></body></html>\n")
     return "".join(parts)
 
 

@@ -339,6 +339,9 @@ def resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
     if cfg.model is not None:
         params = {**cfg.model.params, **{k: _resolve(v, base) for k, v in cfg.model.files().items()}}
         updates["model"] = cfg.model.model_copy(update={"params": params})
+    if cfg.execution.manifest is not None:
+        updates["execution"] = cfg.execution.model_copy(
+            update={"manifest": _resolve(cfg.execution.manifest, base)})
     if cfg.evaluate is not None and cfg.evaluate.reference.path is not None:
         ref = cfg.evaluate.reference.model_copy(update={"path": _resolve(cfg.evaluate.reference.path, base)})
         updates["evaluate"] = cfg.evaluate.model_copy(update={"reference": ref})
