@@ -98,14 +98,6 @@ class RunReport:
         The scheduler that ran the graph.
     items : list of ItemResult
     report_path, manifest_path : str
-<<<<<<< HEAD
-        Where the JSON report and the resume manifest were written.
-    batch_sizes : list of dict
-        Batch sizes lowered after device out-of-memory, per model and worker
-        process (``model``, ``device``, ``batch_size`` found, ``requested``,
-        ``worker``, ``host``, ``pid``; see :mod:`tileseg.predictors.oom`).
-        Empty when every batch fitted.
-=======
         Where the JSON report and the run manifest were written.
     run_id : str
         This run's identifier (its claims in the manifest carry it).
@@ -117,7 +109,14 @@ class RunReport:
         Model loads per process since it started (``local``: this process,
         else worker addresses; see :mod:`tileseg.counters`): a worker that
         runs inference loads the model once.
->>>>>>> main
+    batch_sizes : list of dict
+        Batch sizes lowered after device out-of-memory, per model and worker
+        process (``model``, ``device``, ``batch_size`` found, ``requested``,
+        ``worker``, ``host``, ``pid``; see :mod:`tileseg.predictors.oom`).
+        Empty when every batch fitted.
+    progress : dict
+        The progress display's figures when the report was written (items,
+        chunks of the items in flight, throughput, ETA; see :mod:`tileseg.progress`).
     """
 
     pipeline: dict[str, Any]
