@@ -341,7 +341,28 @@ class TorchPredictor(Predictor):
         if div and any(s % div for s in batch.shape[2:]):
             raise ModelError(f"model needs patch sizes divisible by {div}, got {tuple(batch.shape[2:])!r}")
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def predict_tensor(self, batch: np.ndarray) -> Any:
+        """Forward a batch; the float32 output stays a tensor on the model's device.
+
+        The engine's stitching uses this to weight and accumulate predictions
+        where they are (see :mod:`tileseg.stitching.accumulate`) instead of
+        copying every batch to a NumPy array first.
+
+        Parameters
+        ----------
+        batch : numpy.ndarray
+            ``(N, C, *patch)``, converted to float32.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, K, *patch)`` float32 on the device the forward ran on.
+
+        Raises
+        ------
+        ModelError
+            Wrong channel count, patch size, output shape, or a failing forward.
+        """
         torch = _torch()
         batch = np.asarray(batch, dtype=np.float32)
         self._check_batch(batch)
@@ -359,7 +380,7 @@ class TorchPredictor(Predictor):
                     y = module(x)
                 if not isinstance(y, torch.Tensor):
                     raise ModelError(f"model returned {type(y).__name__}, expected one tensor (N, K, *patch)")
-                out = y.float().cpu().numpy()
+                out = y.float()
         except ModelError:
             raise
         except (RuntimeError, torch.jit.Error) as exc:  # torch.jit.Error is not a RuntimeError
@@ -368,11 +389,15 @@ class TorchPredictor(Predictor):
                 raise ModelError(f"model expects {m.group(1)} input channels, image has {m.group(2)}") from exc
             raise ModelError(
                 f"model forward failed on a batch of shape {batch.shape!r}: {str(exc).strip()[-500:]}") from exc
-        if out.ndim != batch.ndim or out.shape[0] != batch.shape[0] or out.shape[2:] != batch.shape[2:]:
+        shape = tuple(out.shape)
+        if len(shape) != batch.ndim or shape[0] != batch.shape[0] or shape[2:] != batch.shape[2:]:
             raise ModelError(
-                f"model output shape {out.shape!r} does not match input batch {batch.shape!r}: "
+                f"model output shape {shape!r} does not match input batch {batch.shape!r}: "
                 "expected (N, K, *patch) with the same N and patch")
         return out
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.predict_tensor(batch).cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": "torch", "source": self._source[0], "precision": self.precision,
