@@ -126,7 +126,9 @@ def main() -> None:
         for _ in range(args.repeat):
             for mode in args.modes:
                 for size in args.sizes:
-                    runs.setdefault((mode, size), []).append(run_sub(mode, size, workdir))
+                    r = run_sub(mode, size, workdir)
+                    runs.setdefault((mode, size), []).append(r)
+                    print(f"# {mode} {size}^2: {json.dumps(r)}", flush=True)
         print("\n| mode | " + " | ".join(f"{s}^2 peak RSS (MiB)" for s in args.sizes)
               + " | growth | " + " | ".join(f"{s}^2 s" for s in args.sizes) + " |")
         print("|---|" + "---:|" * (2 * len(args.sizes) + 1))
