@@ -134,10 +134,11 @@ def test_run_with_a_bad_item_exits_1(project):
 
     assert is_complete(by_name["a.zarr"]["output"])
     assert not os.path.exists(by_name["broken.zarr"]["output"])
-    manifest = json.loads((root / "out" / "tileseg-run.json").read_text())["items"]
-    assert manifest[by_name["a.zarr"]["output"]]["status"] == "complete"
-    assert by_name["broken.zarr"]["output"] not in manifest or \
-        manifest[by_name["broken.zarr"]["output"]]["status"] != "complete"
+    from tileseg.manifest import Manifest
+
+    manifest = Manifest(str(root / "out" / "tileseg-run.sqlite"))
+    assert manifest.by_output(by_name["a.zarr"]["output"])["status"] == "done"
+    assert manifest.by_output(by_name["broken.zarr"]["output"])["status"] == "failed"
     # fix the broken item: the rerun skips a.zarr and redoes only the failed ones
     write_scene(root / "broken.zarr", seed=9)
     pipe = write_pipeline(root / "p.yaml", ["a.zarr", "broken.zarr"])
@@ -226,3 +227,18 @@ def test_info_hints_name_cli_options(tmp_path):
     assert desc["axes"] == ["c", "y", "x"] and desc["shape"] == [1, 8, 8]
     res = invoke("info", str(tmp_path / "two.zarr"), "--array", "image", "--axes", "yyx")
     assert res.exit_code == 1 and "axes 'yyx'" in res.output and "at most once" in res.output
+
+
+def test_run_on_a_scheduler_address_prints_its_dashboard(project):
+    distributed = pytest.importorskip("distributed")
+    root, images = project
+    pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
+    with distributed.LocalCluster(n_workers=1, processes=False, protocol="tcp://",
+                                  dashboard_address="127.0.0.1:0") as cluster:
+        res = invoke("run", str(pipe), "--quiet", "--scheduler", cluster.scheduler_address)
+        with distributed.Client(cluster.scheduler_address) as client:
+            link = client.dashboard_link
+    assert res.exit_code == 0, res.output
+    assert f"dashboard: {link}" in res.output and link.startswith("http://127.0.0.1:")
+    out = zarr.open_group(str(root / "out" / "a_seg.zarr"), mode="r")["0"][...]
+    assert_labels_match(out, *argmax_labels(monai_logits(images["a"], (24, 24), 0.25)))

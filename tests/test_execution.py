@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import dask
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from tileseg.errors import ConfigError, MissingDependencyError
-from tileseg.execution import SchedulerInfo, compute, model_annotations, scheduler_context
+from tileseg.execution import compute, scheduler_context
 
 
 def test_threads_sets_worker_count_and_restores():
@@ -67,27 +68,6 @@ def test_unreachable_address_is_config_error():
                 pass
 
 
-def _annotations(info):
-    """The annotations of each layer of a small graph built inside ``model_annotations(info)``."""
-    with model_annotations(info):
-        x = da.ones(4, chunks=2) + 1
-    return [layer.annotations or None for layer in x.dask.layers.values()]
-
-
-def test_annotations_only_on_distributed_with_resources():
-    with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}}) as info:
-        assert not info.distributed
-        assert "resources" not in info.describe()  # not reported as if applied
-        assert set(_annotations(info)) == {None}
-        assert compute(info, (da.ones(4, chunks=2) + 1).sum())[0] == 8
-    # model_annotations itself: resources annotate only when a distributed client runs the graph
-    assert set(_annotations(SchedulerInfo(name="threads", resources={"GPU": 1}))) == {None}
-    assert set(_annotations(SchedulerInfo(name="tcp://x:1", resources={}, client=object()))) == {None}
-    assert set(_annotations(None)) == {None}
-    annotated = _annotations(SchedulerInfo(name="tcp://x:1", resources={"GPU": 1}, client=object()))
-    assert annotated and all(a == {"resources": {"GPU": 1}} for a in annotated)
-
-
 def test_processes_reuse_one_pool_for_the_run():
     import os
 
@@ -100,11 +80,64 @@ def test_processes_reuse_one_pool_for_the_run():
 def test_existing_scheduler_address():
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, processes=False, protocol="tcp://", dashboard_address=None) as cluster:
-        with scheduler_context({"scheduler": "threads", "resources": {"GPU": 1}},
-                               override=cluster.scheduler_address) as info:
+        with scheduler_context({"scheduler": "threads"}, override=cluster.scheduler_address) as info:
             assert info.distributed and info.name == cluster.scheduler_address
             assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
-            with model_annotations(info):
-                x = da.ones(4, chunks=2) + 1
-            assert any(layer.annotations == {"resources": {"GPU": 1}} for layer in x.dask.layers.values())
         assert info.client.status == "closed"
+
+
+def test_an_active_client_is_used_unless_the_pipeline_names_a_scheduler():
+    distributed = pytest.importorskip("distributed")
+    from tileseg.config.schema import ExecutionConfig
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            for cfg in (None, {}, ExecutionConfig(workers=2)):  # the threads default does not override it
+                with scheduler_context(cfg) as info:
+                    assert info.name == "client" and info.client is client and not info.owned
+                    assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
+            for cfg, name in (({"scheduler": "threads"}, "threads"),
+                              (ExecutionConfig(scheduler="synchronous"), "synchronous")):
+                with scheduler_context(cfg) as info:  # a scheduler the pipeline names wins
+                    assert info.name == name and info.client is None and dask.config.get("scheduler") == name
+            with scheduler_context({"scheduler": "threads"}, client=client) as info:  # client= wins
+                assert info.client is client
+            assert client.status == "running"  # never closed by tileseg
+    with scheduler_context(None) as info:  # no client any more: threads
+        assert info.name == "threads" and info.client is None
+
+
+def test_retries_are_passed_to_dask(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    marks = str(tmp_path)
+
+    def flaky(block, block_info=None):
+        mark = os.path.join(marks, str(block_info[0]["chunk-location"][0]))
+        if not os.path.exists(mark):  # every block raises once: a transient error
+            open(mark, "w").close()
+            raise OSError(f"transient failure in {mark}")
+        return block + 1
+
+    def failures() -> set[str]:
+        return set(os.listdir(marks))
+
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster:
+        with distributed.Client(cluster) as client:
+            x = da.zeros(8, chunks=2).map_blocks(flaky, dtype=float)
+            with scheduler_context({"retries": 0}, client=client) as info:
+                with pytest.raises(OSError, match="transient failure"):
+                    compute(info, x.sum())
+            for f in failures():
+                os.remove(os.path.join(marks, f))
+            with scheduler_context({"retries": 1}, client=client) as info:
+                assert info.describe()["retries"] == 1
+                assert compute(info, x.sum())[0] == 8 and failures() == {"0", "1", "2", "3"}
+
+
+def test_cancel_stops_local_work_and_says_interrupted():
+    from tileseg.errors import RunInterrupted
+
+    with scheduler_context({"scheduler": "threads", "workers": 1}) as info:
+        info.cancel("SIGTERM")
+        with pytest.raises(RunInterrupted, match="SIGTERM"):
+            compute(info, da.ones(4, chunks=2).sum())

@@ -139,9 +139,12 @@ def test_bad_items_fail_alone(scenes):
     assert saved["summary"] == {"ok": 2, "skipped": 0, "failed": 2}
     failed = [i for i in saved["items"] if i["status"] == "failed"]
     assert all(i["error"] for i in failed)
-    manifest = Manifest(str(root / "out" / "tileseg-run.json"))
-    assert manifest.get(str(root / "out" / "a_seg.zarr"))["status"] == "complete"
-    assert manifest.get(str(root / "out" / "corrupt_seg.zarr")) is None  # never opened, never written
+    manifest = Manifest(report.manifest_path)
+    assert report.manifest_path == str(root / "out" / "tileseg-run.sqlite")
+    assert manifest.by_output(str(root / "out" / "a_seg.zarr"))["status"] == "done"
+    corrupt = manifest.by_output(str(root / "out" / "corrupt_seg.zarr"))
+    assert corrupt["status"] == "failed" and "corrupt.zarr" in corrupt["error"]
+    assert manifest.by_output(str(root / "out" / "missing_seg.zarr")) is None  # never listed, never claimed
 
 
 def test_failure_while_computing_leaves_no_complete_output(scenes):
@@ -156,8 +159,8 @@ def test_failure_while_computing_leaves_no_complete_output(scenes):
     assert "b.zarr" in b.error
     assert not is_complete(b.output) and not os.path.exists(b.output)
     manifest = Manifest(report.manifest_path)
-    assert manifest.get(b.output)["status"] == "failed"
-    assert manifest.get(a.output)["status"] == "complete"
+    assert manifest.by_output(b.output)["status"] == "failed" and "b.zarr" in manifest.by_output(b.output)["error"]
+    assert manifest.by_output(a.output)["status"] == "done"
 
 
 def test_resume_skips_complete_and_reruns_incomplete(scenes):
@@ -175,10 +178,14 @@ def test_resume_skips_complete_and_reruns_incomplete(scenes):
     assert zarr.open_group(a_out, mode="r").attrs["tileseg"]["run_id"] == a_run_id  # not rewritten
     assert is_complete(b_out)
     assert_matches_monai(read_output(b_out), data["b"][0])
-    # a manifest saying "running" (a crash) reruns the item even though the output exists
-    manifest = Manifest(second.manifest_path)
-    rec = manifest.get(a_out)
-    manifest.set(a_out, item=rec["input"], config_hash=rec["config_hash"], status="running")
+    # a claim held by a process that no longer exists (a crash) is taken over, even though the output exists
+    import socket
+    import sqlite3
+    import time
+
+    with sqlite3.connect(second.manifest_path) as db:
+        db.execute("UPDATE items SET status = 'running', owner = ?, heartbeat = ? WHERE outputs LIKE ?",
+                   (f"{socket.gethostname()}:999999999:0:dead", time.time(), f"%{a_out}%"))
     third = run_pipeline(pipe)
     assert [i.status for i in third.items] == ["ok", "skipped"]
     # no resume: everything recomputed
@@ -290,11 +297,11 @@ def test_local_cluster_scheduler(scenes):
     root, data = scenes
     pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
     # one worker process (faster start) declaring a GPU resource that the model tasks ask for
-    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}"))
+    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}, memory_limit: 900MiB"))
     report = run_pipeline(pipe, scheduler="local")
     assert report.ok, report.items[0].error
     assert report.scheduler["scheduler"] == "local" and report.scheduler["resources"] == {"GPU": 1}
-    assert report.scheduler["n_workers"] == 1
+    assert report.scheduler["n_workers"] == 1 and report.scheduler["memory_limit"] == 900 * 2**20
     assert_matches_monai(read_output(report.items[0].output), data["a"][0])
 
 
@@ -371,8 +378,9 @@ def test_several_outputs_from_one_model_run(scenes, monkeypatch):
 
     owners = len(list(make_grid(image.shape, PATCH, overlap=OVERLAP, chunks=CHUNKS).owners()))
     assert len(calls) == owners  # one model task per owner block, not one per output
-    manifest = Manifest(str(root / "out" / "tileseg-run.json"))
-    assert [manifest.get(o)["status"] for o in item.outputs] == ["complete", "complete"]
+    manifest = Manifest(report.manifest_path)
+    assert manifest.by_output(item.outputs[0]) == manifest.by_output(item.outputs[1])  # one row per item
+    assert manifest.by_output(item.outputs[1])["status"] == "done"
     import tileseg
 
     back = tileseg.open(item.outputs[0])

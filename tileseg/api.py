@@ -101,6 +101,7 @@ def segment(
     out_channels: int | None = None,
     resources: dict[str, float] | None = None,
     lookahead: int | None = None,
+    bad_output: str = "error",
 ) -> Any:
     """Segment an image patch by patch, lazily, with the input's geometry kept.
 
@@ -156,17 +157,29 @@ def segment(
     out_channels : int, optional
         K, when the model cannot say (else one patch is probed).
     resources : dict, optional
-        Dask resources for model tasks, e.g. ``{"GPU": 1}``.
+        Dask resources for model inference tasks, e.g. ``{"GPU": 1}``: on a
+        distributed client (active when this is called) they run only on
+        workers offering them, whatever graph optimisation does; other tasks
+        run anywhere (see :mod:`tileseg.placement`).
     lookahead : int, optional
         Ordering edges that bound memory when the whole result is stored
         (see :func:`tileseg.graph.segment_image`); leave None when computing
         only part of the result.
+    bad_output : {"error", "nodata"}
+        NaN or Inf in the model's output raises a ``ModelError`` naming the
+        image and the patch's pixel box, or those pixels become the result's
+        nodata (counted as ``bad_output_px`` in :mod:`tileseg.counters`).
 
     Returns
     -------
     Image or xarray.DataArray
         The result with the input's geometry, class names and nodata; an
         ``xarray.DataArray`` (dims, coords and attrs kept) when ``image`` was one.
+
+    Raises
+    ------
+    PlacementError
+        ``resources`` given, a distributed client active, and no worker offers them.
 
     Examples
     --------
@@ -187,7 +200,8 @@ def segment(
     inference = InferenceOptions(batch_size=batch_size, output=output, nan_policy=nan_policy, fill_value=fill_value,
                                  preprocess=tuple(preprocess or ()), out_channels=out_channels,
                                  class_names=None if class_names is None else tuple(class_names),
-                                 resources=resources, lookahead=lookahead, skip_nodata=skip_nodata)
+                                 resources=resources, lookahead=lookahead, skip_nodata=skip_nodata,
+                                 bad_output=bad_output)
     given_xarray = _is_xarray(image)
     spatial_ndim = None if np.isscalar(patch_size) else len(tuple(patch_size))
     try:
@@ -196,7 +210,15 @@ def segment(
         from .errors import InputError
 
         raise InputError(str(exc)) from exc
+    if resources:  # no worker offers them: fail now rather than wait forever
+        from .placement import prepare
+
+        prepare(resources)
     predictor = load_predictor(model, device=device, precision=precision)
+    if not np.isscalar(patch_size):
+        from .predictors.check import check_patch_size
+
+        check_patch_size(predictor, tuple(patch_size))
     result = segment_image(img, predictor, tiling, inference)
     if given_xarray:
         from .interop.xarray import to_xarray
@@ -245,9 +267,13 @@ def write(
         ``job.handle.path`` is the output; ``job.done`` tells whether it was finalized.
     """
     from .image import as_image
+    from .placement import prepare, resources_in
     from .writers import get_writer
 
-    return get_writer(writer).write(as_image(image), os.fspath(path), overwrite=overwrite,
+    image = as_image(image)
+    if compute:  # a segmentation whose inference needs resources: placed on the client computing it now
+        prepare(resources_in(image.data))
+    return get_writer(writer).write(image, os.fspath(path), overwrite=overwrite,
                                     storage_options=storage_options, compute=compute, options=options)
 
 
@@ -255,23 +281,38 @@ def run(
     pipeline: str | os.PathLike[str] | dict[str, Any] | PipelineConfig,
     *,
     scheduler: str | None = None,
+    client: Any = None,
     resume: bool = True,
+    fresh: bool = False,
+    retry_failed: bool = False,
     progress: bool = False,
 ) -> RunReport:
     """Run a pipeline over all its input items; returns the :class:`~tileseg.report.RunReport`.
 
-    The parameters are those of :func:`tileseg.runner.run_pipeline` (``scheduler``
-    overrides ``execution.scheduler``; ``resume=False`` recomputes finished items;
+    Inside an active ``distributed.Client`` (or with ``client=``) the run
+    computes on that cluster and creates no scheduler of its own, unless
+    ``scheduler`` or the pipeline's ``execution.scheduler`` names one. The
+    parameters are those of :func:`tileseg.runner.run_pipeline` (``fresh``
+    recomputes everything, ``retry_failed`` retries items that failed before,
     ``progress`` shows a progress bar). ``report.ok`` is false when an item failed.
     """
     from .runner import run_pipeline
 
-    return run_pipeline(pipeline, scheduler=scheduler, resume=resume, progress=progress)
+    return run_pipeline(pipeline, scheduler=scheduler, client=client, resume=resume, fresh=fresh,
+                        retry_failed=retry_failed, progress=progress)
 
 
-def load_pipeline(path: str | os.PathLike[str] | dict[str, Any]) -> PipelineConfig:
-    """Load and validate a pipeline file; errors name the YAML key (see :func:`tileseg.config.load_pipeline`)."""
+def load_pipeline(
+    path: str | os.PathLike[str] | dict[str, Any],
+    *,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Load and validate a pipeline file; errors name the YAML key (see :func:`tileseg.config.load_pipeline`).
+
+    ``overrides`` replaces values by dotted key before validation, e.g.
+    ``{"input.path": "/data/day1", "outputs.0.path": "out/{stem}.zarr"}``.
+    """
     from .config import load_pipeline as _load
 
-    return _load(path)
+    return _load(path, overrides=overrides)
 

@@ -2,11 +2,13 @@
 
 Commands::
 
-    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--no-resume] [--quiet]
+    tileseg run PIPELINE.yaml [--scheduler threads|processes|local|tcp://host:port] [--fresh]
+                              [--retry-failed] [--quiet]
     tileseg validate PIPELINE.yaml
     tileseg plan PIPELINE.yaml [--json]
     tileseg info PATH [--array NAME] [--level N] [--axes cyx]
     tileseg evaluate PRED REF [--pred-array NAME] [--ref-array NAME] [--n-classes N] [--json]
+    tileseg export PIPELINE.yaml [--pt2 OUT.pt2] [--onnx OUT.onnx] [--int8 OUT.int8.onnx] [--samples P.npy]
 
 Exit codes: 0 success; 1 some items failed (the others finished) or a
 runtime error; 2 usage or configuration errors (invalid pipeline, unknown
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
 from typing import Any
 
@@ -73,17 +77,35 @@ def main(verbose: int, quiet_log: int) -> None:
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--scheduler", default=None, metavar="NAME|ADDR",
               help="threads, processes, synchronous, local or tcp://host:port (overrides execution.scheduler).")
-@click.option("--no-resume", is_flag=True, help="Recompute items an earlier run already completed.")
+@click.option("--fresh", is_flag=True, help="Ignore earlier runs: recompute items already done or failed.")
+@click.option("--no-resume", "fresh", is_flag=True, hidden=True)
+@click.option("--retry-failed", is_flag=True, help="Run again the items an earlier run recorded as failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> None:
-    """Run PIPELINE over all its inputs; print a summary table and the report path."""
+def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, quiet: bool) -> None:
+    """Run PIPELINE over all its inputs; print a summary table and the report path.
+
+    Exit codes: 0 every item done (now or earlier); 1 an item failed or the
+    model failed to load (the report says why); 2 configuration errors;
+    128 + signal number when interrupted (Ctrl-C: 130, SIGTERM: 143), with
+    the state recorded so a rerun continues.
+    """
     from .runner import run_pipeline
 
+    previous = _stop_on_sigterm()
     try:
-        report = run_pipeline(pipeline, scheduler=scheduler, resume=not no_resume, progress=not quiet)
+        report = run_pipeline(pipeline, scheduler=scheduler, fresh=fresh, retry_failed=retry_failed,
+                              progress=not quiet, notify=lambda text: click.echo(text, err=True))
     except (TilesegError, OSError) as exc:
         _fail(exc)
         return
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        click.echo(f"interrupted ({signal.Signals(signum).name}): unfinished items are recorded as pending; "
+                   "run the same command again to continue", err=True)
+        sys.exit(128 + int(signum))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     click.echo(report.summary_table())
     for item in report.items:
         if item.dice:
@@ -92,11 +114,33 @@ def run(pipeline: str, scheduler: str | None, no_resume: bool, quiet: bool) -> N
     for item in report.items:
         if item.error:
             click.echo(f"failed [{item.index}] {item.error}", err=True)
+    if report.error:
+        click.echo(f"error: {report.error}", err=True)
     counts = report.counts()
-    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete), {counts['failed']} failed "
-               f"in {report.duration_s:.1f} s")
+    busy = sum(1 for i in report.items if i.skipped_reason and "another run" in i.skipped_reason)
+    extra = "".join(f", {counts[k]} {k}" for k in ("interrupted", "pending") if k in counts)
+    click.echo(f"{counts['ok']} ok, {counts['skipped']} skipped (already complete"
+               + (f"; {busy} being processed by another run" if busy else "") + f"), {counts['failed']} failed"
+               + f"{extra} in {report.duration_s:.1f} s")
     click.echo(f"report: {report.report_path}")
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM stop a run like Ctrl-C (clean-up, state recorded); returns the previous handler."""
+    import threading
+
+    from .errors import RunInterrupted
+
+    if threading.current_thread() is not threading.main_thread():  # pragma: no cover - embedded use
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        exc = RunInterrupted(f"stopped by {signal.Signals(signum).name}")
+        exc.signum = signum  # type: ignore[attr-defined]
+        raise exc
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _summary(cfg: Any) -> list[str]:
@@ -243,8 +287,67 @@ def evaluate(pred: str, ref: str, pred_array: str | None, ref_array: str | None,
         click.echo("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
+@main.command("export")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--pt2", default=None, type=click.Path(dir_okay=False), help="Write a torch.export program here.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False), help="Write an ONNX file here.")
+@click.option("--int8", default=None, type=click.Path(dir_okay=False),
+              help="Also write an ONNX Runtime INT8 quantisation of the ONNX file here.")
+@click.option("--samples", default=None, type=click.Path(dir_okay=False, exists=True),
+              help=".npy of sample patches (N, C, *patch) for INT8 calibration and its accuracy report.")
+@click.option("--patch-size", default=None, type=int, multiple=True,
+              help="Example patch size per axis (default tiling.patch_size); repeat per axis.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def export_cmd(pipeline: str, pt2: str | None, onnx_path: str | None, int8: str | None, samples: str | None,
+               patch_size: tuple[int, ...], as_json: bool) -> None:
+    """Export the PyTorch model of PIPELINE to .pt2 / .onnx (dynamic batch), each checked before writing."""
+    import numpy as np
+
+    from .config import load_pipeline
+    from .export import export_model
+
+    try:
+        cfg = load_pipeline(pipeline)
+        if cfg.model is None:
+            raise ConfigError(f"{pipeline}: export needs a model: section")
+        size = tuple(patch_size) or tuple(cfg.tiling.patch_size or ())
+        data = None if samples is None else np.load(samples, allow_pickle=False)
+        report = export_model(cfg.model.spec(), patch_size=size, pt2=pt2, onnx=onnx_path, int8=int8, samples=data)
+    except (TilesegError, OSError, ValueError) as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    for fmt, path in report.written.items():
+        diff = report.max_abs_diff.get(fmt)
+        click.echo(f"wrote {fmt}: {path}" + ("" if diff is None else f" (max abs diff vs PyTorch {diff:.3g})"))
+    q = report.quantization
+    if q:
+        click.echo(f"int8 on {q['n_samples']} sample patches: max abs diff {q['max_abs_diff']:.3g}, mean "
+                   f"{q['mean_abs_diff']:.3g}, label agreement {100 * q['label_agreement']:.2f}%")
+
+
 def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.4f}"
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("-o", "--out", default=None, type=click.Path(dir_okay=False),
+              help="Where to write the page (default RUN_DIR/tileseg-report.html).")
+@click.option("--no-images", is_flag=True, help="Leave out the quicklooks of inputs and outputs.")
+@click.option("--max-side", default=160, show_default=True, help="Longest side of a quicklook in pixels.")
+def report(run_dir: str, out: str | None, no_images: bool, max_side: int) -> None:
+    """Write one self-contained HTML page for the runs kept in RUN_DIR (the outputs' folder)."""
+    from .report_page import write_report_page
+
+    try:
+        path = write_report_page(run_dir, out, images=not no_images, max_side=max_side)
+    except (TilesegError, OSError) as exc:
+        _fail(exc)
+        return
+    click.echo(f"report page: {path} ({os.path.getsize(path) / 1024:.0f} KiB)")
 
 
 if __name__ == "__main__":  # pragma: no cover

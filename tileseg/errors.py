@@ -39,6 +39,10 @@ class ModelError(TilesegError, RuntimeError):
     """A model cannot be loaded or does not fit the image (channels, shape)."""
 
 
+class PlacementError(TilesegError, RuntimeError):
+    """No worker of the cluster offers the resources model inference needs (e.g. ``GPU``)."""
+
+
 class PluginError(TilesegError, LookupError):
     """An unknown reader/writer/model/method name, or a broken plugin."""
 
@@ -49,6 +53,10 @@ class MissingDependencyError(TilesegError, ImportError):
 
 class OutputError(TilesegError, OSError):
     """An output cannot be written or would overwrite a finished result."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run was stopped (Ctrl-C, SIGTERM): state is recorded, no final-named partial output is left."""
 
 
 def require(module: str, extra: str):

@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, ModelError, TilingError
+from .errors import ConfigError, InputError, ModelError, TilingError
 from .image import Image, label_dtype
 from .options import InferenceOptions, TilingOptions
+from .placement import model_key
 from .stitching import buffers
 from .stitching import overlap_add as oa
 from .stitching.weights import blend_window
@@ -77,6 +78,11 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     """:func:`segment_image` plus ``{"n_patches", "n_patches_skipped"}`` (patches left out as all-nodata)."""
     if tiling.target_spacing is not None:
         return segment_resampled(image, predictor, tiling, inference)
+    conventions = getattr(predictor, "conventions", None)
+    if getattr(conventions, "output_grid", False) and conventions.output_stride > 1:
+        from .output_grid import segment_on_output_grid  # a strided model stitched on its own grid
+
+        return segment_on_output_grid(image, predictor, tiling, inference)
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
@@ -89,8 +95,10 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     labels = inference.output == "labels"
     # invalid input pixels become the result's nodata: the largest label value (a wider dtype when a
     # class needs it), NaN for scores; the final tasks apply it, reading the validity themselves
-    dtype = label_dtype(len(names) + (valid is not None)) if labels else np.dtype(np.float32)
-    nodata: Any = None if valid is None else (int(np.iinfo(dtype).max) if labels else float("nan"))
+    # bad model output (bad_output="nodata") is nodata too
+    has_nodata = valid is not None or inference.bad_output == "nodata"
+    dtype = label_dtype(len(names) + has_nodata) if labels else np.dtype(np.float32)
+    nodata: Any = None if not has_nodata else (int(np.iinfo(dtype).max) if labels else float("nan"))
     stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
                            dtype=dtype, valid=valid, nodata=nodata)
     axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
@@ -118,6 +126,9 @@ def segment_resampled(image: Image, predictor: Any, tiling: TilingOptions,
     from .stitching.overlap_add import reduce_logits
 
     img = check_input(image)
+    if inference.bad_output != "error":
+        raise ConfigError("bad_output: nodata is not supported with target_spacing (the resampling back would "
+                          "spread the bad pixels); use bad_output: error")
     if len(tiling.target_spacing) != img.spatial_ndim:
         raise TilingError(f"target_spacing {tiling.target_spacing!r} has {len(tiling.target_spacing)} entries but "
                           f"{img.source or 'the image'} has {img.spatial_ndim} spatial axes {img.axes!r}")
@@ -241,7 +252,7 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
 
     data, reads, readers = _owner_inputs(data, grid)
     token = uuid.uuid4().hex
-    names = _Names(token)
+    names = _Names(token, inference.resources)
     output = inference.output
     window = None if blend == "crop" else blend_window(grid.patch_size, blend)
     if dtype is None:
@@ -264,10 +275,8 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
                  if inference.lookahead else {})
     # One layer: with lookahead edges the owner -> piece -> final -> token
     # dependencies would form a cycle between separate layers.
-    layer = MaterializedLayer(
-        {**owner_dsk, **final_dsk, **token_dsk},
-        annotations={"resources": _owner_resources(names.predict, inference.resources)} if inference.resources else None,
-    )
+    # no resource annotation: optimisation drops it; placement reads the model key (tileseg.placement)
+    layer = MaterializedLayer({**owner_dsk, **final_dsk, **token_dsk})
     if readers is not None:  # owners read their input themselves
         layers, deps = {names.final: layer}, {names.final: set()}
     else:
@@ -437,10 +446,15 @@ def plan(image: Image, tiling: TilingOptions, *, out_channels: int = 1, batch_si
 
 
 class _Names:
-    """Graph key names of one segmentation."""
+    """Graph key names of one segmentation.
 
-    def __init__(self, token: str) -> None:
-        self.model = (f"tileseg-model-{token}", 0)
+    The model key carries the resources inference needs (see
+    :mod:`tileseg.placement`): every owner task depends on it, so the
+    restriction survives graph optimisation, which drops layer annotations.
+    """
+
+    def __init__(self, token: str, resources: dict[str, float] | None = None) -> None:
+        self.model = model_key(token, resources)
         self.window = (f"tileseg-window-{token}", 0)
         self.predict, self.piece, self.final, self.done = (
             f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done"))
@@ -468,7 +482,8 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             crop_boxes = np.stack([crop[d][idx[:, d]] for d in range(grid.ndim)], axis=1)
         dsk[(names.predict,) + owner] = (
             oa.predict_owner, names.model, grid.region(owner), grid.patches_of(owner), crop_boxes, grid.patch_size,
-            n_classes, int(inference.batch_size), names.window, inference.nan_policy, source, boxes, read, *in_keys,
+            n_classes, int(inference.batch_size), names.window, inference.nan_policy, inference.bad_output, source,
+            boxes, read, *in_keys,
         )
         for t in grid.targets(owner):
             key = (names.piece,) + owner + t
@@ -476,16 +491,6 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut
-
-
-class _owner_resources:
-    """Per-key resource annotation: only model tasks need e.g. a GPU."""
-
-    def __init__(self, owner_name: str, resources: dict[str, float]) -> None:
-        self.owner_name, self.resources = owner_name, dict(resources)
-
-    def __call__(self, key) -> dict[str, float] | None:
-        return self.resources if isinstance(key, tuple) and key[0] == self.owner_name else None
 
 
 def _done(*_finished) -> None:

@@ -18,6 +18,7 @@ from .errors import ConfigError
 
 OUTPUTS = ("labels", "probabilities", "logits")
 NAN_POLICIES = ("error", "fill")
+BAD_OUTPUTS = ("error", "nodata")
 PAD_MODES = ("reflect", "constant", "edge", "symmetric")
 
 
@@ -107,6 +108,11 @@ class InferenceOptions:
     skip_nodata : bool
         Leave out patches whose pixels are all invalid (``nodata`` or outside
         the image's ``mask``): they never reach the model (default True).
+    bad_output : {"error", "nodata"}
+        NaN or Inf in the model's output raises a
+        :class:`~tileseg.errors.ModelError` naming the image and the patch box
+        (default), or those pixels become the result's nodata and are counted
+        (``bad_output_px`` in :mod:`tileseg.counters` and the run report).
     """
 
     batch_size: int = 8
@@ -119,8 +125,11 @@ class InferenceOptions:
     resources: dict[str, float] | None = field(default=None)
     lookahead: int | None = None
     skip_nodata: bool = True
+    bad_output: str = "error"
 
     def __post_init__(self) -> None:
+        if self.bad_output not in BAD_OUTPUTS:
+            raise ConfigError(f"bad_output must be one of {BAD_OUTPUTS}, got {self.bad_output!r}")
         if self.output not in OUTPUTS:
             raise ConfigError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if self.nan_policy not in NAN_POLICIES:

@@ -44,10 +44,18 @@ _BUILTINS: dict[str, dict[str, str]] = {
     "models": {
         "torchscript": "tileseg.predictors.kinds:TorchScriptModel",
         "state_dict": "tileseg.predictors.kinds:StateDictModel",
+        "exported": "tileseg.predictors.kinds:ExportedModel",
+        "onnx": "tileseg.predictors.kinds:OnnxModel",
+        "transformers": "tileseg.predictors.kinds:TransformersModel",
+        "python": "tileseg.predictors.kinds:PythonModel",
     },
     # network architectures a ``state_dict`` model is built from
     "architectures": {
         "unet": "tileseg.predictors.unet:UNet",
+        "smp": "tileseg.predictors.zoo:smp",
+        "torchvision": "tileseg.predictors.zoo:torchvision",
+        "monai": "tileseg.predictors.zoo:monai",
+        "transformers": "tileseg.predictors.zoo:transformers",
     },
     "preprocess": {
         "zscore": "tileseg.preprocess:zscore",

@@ -10,11 +10,18 @@ import platform
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: Item statuses.
-OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+#: File name of the latest run's report, next to the outputs.
+REPORT_NAME = "tileseg-report.json"
+#: Folder next to the outputs keeping every run's report (one file per run, never overwritten).
+RUNS_DIR = "tileseg-runs"
+
+#: Item statuses: done now, failed, left alone (done earlier, or held by another run), stopped by an
+#: interruption, not reached yet.
+OK, FAILED, SKIPPED, INTERRUPTED, PENDING_STATUS = "ok", "failed", "skipped", "interrupted", "pending"
 
 
 @dataclass
@@ -29,9 +36,13 @@ class ItemResult:
         Input path/URL and its first rendered output path.
     outputs : list of str
         Every rendered output path of the item (``outputs:`` in the pipeline).
-    status : {"ok", "failed", "skipped"}
-        ``skipped`` means an earlier run already completed this output with the
-        same configuration (resume).
+    status : {"ok", "failed", "skipped", "interrupted", "pending"}
+        ``skipped``: an earlier run already completed the item with the same
+        input and pipeline, or another run is processing it right now
+        (``skipped_reason`` says which); ``interrupted``: the run was stopped
+        before the item finished.
+    skipped_reason : str
+        Why a skipped item was left alone.
     shape, chunks : list of int
         Spatial shape of the input and output chunk sizes.
     n_patches : int
@@ -49,6 +60,9 @@ class ItemResult:
         ``ExceptionType: message`` naming the file, for failed items.
     dice : dict
         Dice per class (``None`` where a class is absent from both images).
+    bad_output_px : int
+        Pixels written as nodata because the model output NaN/Inf there
+        (``model.bad_output: nodata``; see :mod:`tileseg.counters`).
     """
 
     index: int
@@ -66,6 +80,8 @@ class ItemResult:
     error: str | None = None
     dice: dict[str, float | None] | None = None
     config_hash: str | None = None
+    skipped_reason: str | None = None
+    bad_output_px: int | None = None
 
 
 @dataclass
@@ -82,7 +98,17 @@ class RunReport:
         The scheduler that ran the graph.
     items : list of ItemResult
     report_path, manifest_path : str
-        Where the JSON report and the resume manifest were written.
+        Where the JSON report and the run manifest were written.
+    run_id : str
+        This run's identifier (its claims in the manifest carry it).
+    error : str
+        What stopped the whole run (the model failed to load, an interruption).
+    interrupted : bool
+        Whether the run was stopped (Ctrl-C, SIGTERM) before every item finished.
+    model_loads : dict
+        Model loads per process since it started (``local``: this process,
+        else worker addresses; see :mod:`tileseg.counters`): a worker that
+        runs inference loads the model once.
     """
 
     pipeline: dict[str, Any]
@@ -94,6 +120,11 @@ class RunReport:
     duration_s: float | None = None
     report_path: str | None = None
     manifest_path: str | None = None
+    run_id: str | None = None
+    error: str | None = None
+    interrupted: bool = False
+    model_loads: dict[str, int] | None = None
+    _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_failed(self) -> int:
@@ -102,23 +133,39 @@ class RunReport:
 
     @property
     def ok(self) -> bool:
-        """Whether every item succeeded or was already complete."""
-        return self.n_failed == 0
+        """Whether every item succeeded or was left alone (done earlier, or by another run)."""
+        return all(i.status in (OK, SKIPPED) for i in self.items) and self.error is None
 
     def counts(self) -> dict[str, int]:
-        """Items per status."""
-        return {s: sum(i.status == s for i in self.items) for s in (OK, SKIPPED, FAILED)}
+        """Items per status (``interrupted`` and ``pending`` only when there are some)."""
+        out = {s: sum(i.status == s for i in self.items) for s in (OK, SKIPPED, FAILED)}
+        for s in (INTERRUPTED, PENDING_STATUS):
+            n = sum(i.status == s for i in self.items)
+            if n:
+                out[s] = n
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary."""
         out = asdict(self)
+        out.pop("_run_file", None)
         out["summary"] = self.counts()
         return _jsonable(out)
 
     def write(self, path: str) -> str:
-        """Write the report as JSON (atomically) and remember where."""
+        """Write the report as JSON (atomically) and remember where.
+
+        The same JSON also goes to this run's own file in :data:`RUNS_DIR`
+        beside ``path`` (named by start time and process), so a later run,
+        which replaces ``path``, never erases this run's figures.
+        """
         self.report_path = path
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        write_text_atomic(path, text)
+        if self._run_file is None:  # named by the first write's time: runs sort in the order they started
+            name = f"{time.time_ns():020d}-{platform.node() or 'host'}-{os.getpid()}.json"
+            self._run_file = os.path.join(os.path.dirname(path) or ".", RUNS_DIR, name)
+        write_text_atomic(self._run_file, text)
         return path
 
     def summary_table(self) -> str:

@@ -1,12 +1,24 @@
 """Run a pipeline over every input item: open, segment, post-process, write, evaluate.
 
-One bad item fails with its error recorded (file and message) while the
-others still finish; nothing already written is lost. Progress is kept in a
-manifest, ``tileseg-run.json`` (:mod:`tileseg.manifest`), in the common
-directory of the outputs (written atomically after every change). On the
-next run an item is skipped when the manifest records every one of its
-outputs complete *with the same configuration hash* and the writer confirms
-each output is complete, never because a file exists.
+Items run concurrently, up to ``execution.max_items_in_flight`` at a time
+(:mod:`tileseg.item_pool`), on one scheduler: the caller's ``distributed``
+client when there is one, else the one ``execution.scheduler`` names
+(:mod:`tileseg.execution`). One bad item fails with its error recorded (file
+and message) while the others still finish; nothing already written is lost.
+
+State is kept per item in the run manifest, ``tileseg-run.sqlite``
+(:mod:`tileseg.manifest`), next to the outputs. Before processing an item a
+run *claims* it in one transaction, so two runs into one folder never both
+process it. An item is skipped when the manifest records it done with the
+same pipeline fingerprint and input fingerprint (:mod:`tileseg.fingerprint`)
+*and* every writer confirms its output complete, never because a file
+exists. An item that failed with unchanged input is reported failed again
+without running unless ``retry_failed``; ``fresh`` ignores the earlier state.
+
+Before any work the run refuses outputs that collide, that would replace or
+contain an input (:mod:`tileseg.outputs`), and output folders it cannot
+write; an item whose planned output exceeds the free space fails before
+computing.
 
 An item may have several outputs (``outputs:``), for example the labels and
 the model's probabilities: their write tasks are computed together, so the
@@ -14,11 +26,11 @@ model runs once, and each is finalized (made complete) only after all of
 them were written.
 
 Overwriting: an existing output is replaced only when its ``overwrite`` is
-true or when this manifest recorded it (a partial or earlier result of a
-tileseg run into the same outputs). Anything else already on disk is left
+true or when the manifest recorded the item (a partial or earlier result of
+a tileseg run into the same outputs). Anything else already on disk is left
 alone and the item fails with an :class:`~tileseg.errors.OutputError`.
 
-The JSON run report (``tileseg-report.json`` next to the manifest) holds the
+The JSON run report (``tileseg-report.json`` next to the outputs) holds the
 fully resolved pipeline, package versions, the scheduler and, per item:
 status, input, outputs, shape, chunks, patches, timings per stage
 (``open``, ``graph``, ``compute_write``, ``finalize``, ``evaluate``),
@@ -30,24 +42,52 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from .config import OutputConfig, PipelineConfig, load_pipeline
-from .errors import PIPELINE_KEYS, ConfigError, InputError, ModelError, reword
+from .errors import PIPELINE_KEYS, ConfigError, InputError, ModelError, RunInterrupted, reword
 from .execution import SchedulerInfo, compute, scheduler_context
+from .fingerprint import config_fingerprint, input_fingerprint, output_hash, settings_fingerprint
 from .image import Image
-from .manifest import MANIFEST_NAME, Manifest, config_fingerprint, output_hash
-from .report import FAILED, OK, SKIPPED, ItemResult, PeakRSS, RunReport, now_iso, package_versions
-from .store import is_url
+from .item_pool import run_items
+from .manifest import DONE, MANIFEST_NAME, PENDING, Decision, Heartbeat, Manifest, item_key
+from .manifest import FAILED as M_FAILED
+from .outputs import (
+    check_free_space,
+    check_not_inputs,
+    check_outputs,
+    check_writable,
+    output_dir,
+    protected_paths,
+    render_output,
+)
+from .outputs import join as _join
+from .report import (
+    FAILED,
+    INTERRUPTED,
+    OK,
+    PENDING_STATUS,
+    SKIPPED,
+    ItemResult,
+    PeakRSS,
+    RunReport,
+    now_iso,
+    package_versions,
+)
+from .store import local_path
+from .writers.base import remove_stale
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "tileseg-report.json"
+#: Seconds between report rewrites while items finish (the final report is always written).
+REPORT_EVERY_S = 2.0
 
 
 # --------------------------------------------------------------------------- items
@@ -84,48 +124,6 @@ def expand_items(cfg: PipelineConfig) -> list[tuple[str, Exception | None]]:
     if not items:
         raise ConfigError(f"input.path: no items found in {cfg.input.path!r}")
     return items
-
-
-def render_output(template: str, item: str, index: int) -> str:
-    """Fill ``{stem}``, ``{name}`` and ``{index}`` for one item.
-
-    Examples
-    --------
-    >>> render_output("/out/{stem}_seg.zarr", "/data/a.ome.zarr", 0)
-    '/out/a_seg.zarr'
-    >>> render_output("/out/{index:03d}_{name}", "s3://b/x.zarr/", 7)
-    '/out/007_x.zarr'
-    """
-    from .readers import item_stem
-
-    name = str(item).rstrip("/").rsplit("/", 1)[-1]
-    return template.format(stem=item_stem(item), name=name, index=index)
-
-
-def _check_outputs(paths: list[list[str]], inputs: list[str]) -> None:
-    first: dict[str, str] = {}
-    for outs, item in zip(paths, inputs):
-        for out in outs:
-            if out in first:
-                who = f"items {first[out]!r} and {item!r} both" if first[out] != item else f"item {item!r} twice"
-                raise ConfigError(
-                    f"output.path: {who} write to {out!r}; "
-                    "use {stem}, {name} or {index} in the templates to make outputs unique"
-                )
-            first[out] = item
-
-
-def output_dir(outputs: list[str]) -> str:
-    """The directory that holds the manifest and report: common parent of the outputs."""
-    parents = [o.rstrip("/").rsplit("/", 1)[0] if is_url(o) else os.path.dirname(os.path.abspath(o))
-               for o in outputs]
-    if all(not is_url(p) for p in parents):
-        return os.path.commonpath(parents)
-    return parents[0]
-
-
-def _join(directory: str, name: str) -> str:
-    return f"{directory.rstrip('/')}/{name}" if is_url(directory) else os.path.join(directory, name)
 
 
 # --------------------------------------------------------------------------- stages
@@ -181,11 +179,19 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
     stats: dict[str, int] = {}
     if cfg.model is not None:
         from .graph import segment_with_stats
+        from .predictors.check import dry_run_on
 
-        _check_classes(cfg, getattr(predictor, "out_channels", None))
         resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
+        n_ch = int(image.data.shape[0]) if image.has_channels else 1
+        client = sched.client if sched is not None and sched.distributed else None
+        k = dry_run_on(client, predictor, n_ch, cfg.tiling.patch_size,  # type: ignore[union-attr]
+                       resources=resources, class_names=cfg.model.classes, source=image.source or "image")
+        _check_classes(cfg, k)
         tiling = cfg.tiling_options()
         inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
+        declared = getattr(predictor, "class_names", None)
+        if inference.class_names is None and declared and len(declared) == k:
+            inference = dataclasses.replace(inference, class_names=tuple(declared))
         raw, stats = segment_with_stats(image, predictor, tiling, inference)
     else:
         from .methods import apply_method
@@ -344,9 +350,43 @@ def _error_text(exc: BaseException, item: str) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
-def run_pipeline(pipeline: Any, *, scheduler: str | None = None, resume: bool = True,
-                 progress: bool = False) -> RunReport:
-    """Run a pipeline over all its input items.
+def _render_all(cfg: PipelineConfig, items: list[tuple[str, Exception | None]]) -> list[list[str]]:
+    """Every item's rendered outputs; an item whose name cannot make a safe path gets the error instead."""
+    paths: list[list[str]] = []
+    for index, (item, err) in enumerate(items):
+        try:
+            paths.append([render_output(o.path, item, index) for o in cfg.all_outputs()])
+        except InputError as exc:
+            paths.append([])
+            if err is None:
+                items[index] = (item, exc)
+    return paths
+
+
+def manifest_path(cfg: PipelineConfig, directory: str) -> str:
+    """Where the run manifest lives: ``execution.manifest``, else next to the outputs.
+
+    Remote output folders keep it in the user's cache folder (SQLite needs a
+    local disk), one file per output folder.
+    """
+    if cfg.execution.manifest:
+        return cfg.execution.manifest
+    local = local_path(directory)
+    if local is not None:
+        return os.path.join(local, MANIFEST_NAME)
+    import hashlib
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = hashlib.sha256(directory.rstrip("/").encode()).hexdigest()[:16]
+    log.warning("outputs in %s: the run manifest is kept on this machine under %s (set execution.manifest to "
+                "share it)", directory, cache)
+    return os.path.join(cache, "tileseg", "manifests", f"{name}-{MANIFEST_NAME}")
+
+
+def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = None, resume: bool = True,
+                 fresh: bool = False, retry_failed: bool = False, progress: bool = False,
+                 notify: Callable[[str], None] | None = None) -> RunReport:
+    """Run a pipeline over all its input items, up to ``execution.max_items_in_flight`` at a time.
 
     Parameters
     ----------
@@ -355,82 +395,238 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, resume: bool = 
     scheduler : str, optional
         Overrides ``execution.scheduler`` (``threads``, ``processes``,
         ``synchronous``, ``local`` or ``tcp://host:port``).
+    client : distributed.Client, optional
+        Compute on this client (left open). Without ``scheduler`` or an
+        ``execution.scheduler`` in the pipeline, the caller's active client
+        is used the same way.
     resume : bool
-        Skip items whose outputs are all recorded complete with the same
-        configuration hash (and confirmed complete by the writer). ``False``
-        recomputes everything.
+        ``False`` is ``fresh=True`` (kept for older callers).
+    fresh : bool
+        Ignore earlier state: recompute items recorded done or failed.
+    retry_failed : bool
+        Run again the items an earlier run recorded failed (items whose input
+        changed run again anyway).
     progress : bool
-        Show a progress bar per item on the terminal.
+        Show a progress bar per item (one item in flight) on the terminal.
+    notify : callable, optional
+        Receives one-line messages for the user: the dashboard link, and one
+        line per finished item when several are in flight.
 
     Returns
     -------
     RunReport
         Per-item results; also written as JSON next to the outputs
-        (``report.report_path``). ``report.ok`` is false if any item failed.
+        (``report.report_path``). ``report.ok`` is false if any item failed
+        (``report.error`` says why when the model could not be loaded).
 
     Raises
     ------
     ConfigError
-        Invalid pipeline, no inputs, or output paths that collide.
-    ModelError
-        If the model cannot be loaded.
+        Invalid pipeline, no inputs, output paths that collide or that would
+        replace an input.
+    OutputError
+        An output folder that cannot be created or written.
+    RunInterrupted, KeyboardInterrupt
+        The run was stopped; claims went back to ``pending`` in the manifest
+        and no final-named partial output was left.
     """
     cfg = load_pipeline(pipeline)
+    fresh = fresh or not resume
     t_start = time.perf_counter()
     items = expand_items(cfg)
-    out_cfgs = cfg.all_outputs()
-    paths = [[render_output(o.path, item, i) for o in out_cfgs] for i, (item, _) in enumerate(items)]
+    paths = _render_all(cfg, items)
     ok = [i for i, (_, err) in enumerate(items) if err is None]
-    _check_outputs([paths[i] for i in ok], [items[i][0] for i in ok])
-    directory = output_dir([p for ps in paths for p in ps])
-    manifest = Manifest(_join(directory, MANIFEST_NAME))
+    check_outputs([paths[i] for i in ok], [items[i][0] for i in ok])
+    every_output = [p for ps in paths for p in ps]
+    check_not_inputs(every_output, protected_paths(cfg, [item for item, _ in items]))
+    directory = output_dir(every_output or [cfg.all_outputs()[0].path])
+    check_writable([p for i in ok for p in paths[i]] or [_join(directory, REPORT_NAME)])
+    manifest = Manifest(manifest_path(cfg, directory), lease_s=cfg.execution.lease_s)
     report = RunReport(pipeline=cfg.model_dump(mode="json"), versions={}, started=now_iso(),
-                       manifest_path=manifest.path)
-    report_path = _join(directory, REPORT_NAME)
-    fingerprint = config_fingerprint(cfg)
-    writers = [_writer(o.writer) for o in out_cfgs]
-
-    with scheduler_context(cfg.execution, override=scheduler) as sched:
-        report.scheduler = sched.describe()
-        predictor = None  # loaded once, when the first item needs it (a resumed run may need none)
-        for index, (item, err) in enumerate(items):
-            outputs = [_Output(o, p, output_hash(fingerprint, item, o, p), w)
-                       for o, p, w in zip(out_cfgs, paths[index], writers)]
-            result = ItemResult(index=index, input=item, output=outputs[0].path,
-                                outputs=[o.path for o in outputs], config_hash=outputs[0].config_hash)
-            report.items.append(result)
-            if err is not None:
-                result.error = _error_text(err, item)
-                log.error("item %d failed: %s", index, result.error)
-                continue
-            if resume and all(_recorded_complete(manifest, o) for o in outputs):
-                result.status = SKIPPED
-                log.info("item %d: %s already complete, skipped", index, ", ".join(o.path for o in outputs))
-                if cfg.evaluate is not None:
-                    try:
-                        result.dice = evaluate_item(cfg, item, index, _scored(outputs).path, sched)
-                    except Exception as exc:
-                        result.status, result.error = FAILED, _error_text(exc, item)
-                report.write(report_path)
-                continue
-            if cfg.model is not None and predictor is None:
-                predictor = load_model(cfg)
-            _run_item(cfg, item, index, outputs, result, predictor=predictor, sched=sched, manifest=manifest,
-                      progress=progress)
-            report.versions = package_versions()
-            report.write(report_path)
-
-    report.versions = package_versions()
-    report.finished = now_iso()
-    report.duration_s = round(time.perf_counter() - t_start, 3)
-    report.write(report_path)
+                       manifest_path=manifest.path, run_id=manifest.run_id)
+    state = _RunState(cfg=cfg, items=items, paths=paths, manifest=manifest, report=report,
+                      report_path=_join(directory, REPORT_NAME), fingerprint=config_fingerprint(cfg),
+                      settings=settings_fingerprint(cfg),
+                      writers=[_writer(o.writer) for o in cfg.all_outputs()], fresh=fresh,
+                      retry_failed=retry_failed, progress=progress, notify=notify)
+    report.items = [ItemResult(index=i, input=item, output=(paths[i] or [None])[0], outputs=paths[i] or None,
+                               status=PENDING_STATUS) for i, (item, _) in enumerate(items)]
+    try:
+        with scheduler_context(cfg.execution, override=scheduler, client=client) as sched, Heartbeat(manifest):
+            state.sched = sched
+            report.scheduler = sched.describe()
+            if notify is not None and report.scheduler.get("dashboard"):
+                notify(f"dashboard: {report.scheduler['dashboard']}")
+            try:
+                run_items(range(len(items)), state.process, max_in_flight=cfg.execution.max_items_in_flight,
+                          on_interrupt=sched.cancel)
+                if cfg.model is not None:
+                    report.model_loads = _model_loads(sched)
+            except KeyboardInterrupt as exc:
+                report.interrupted = True
+                report.error = f"interrupted ({type(exc).__name__}: {exc or 'Ctrl-C'}); rerun to continue"
+                manifest.release_all(report.error)
+                for r in report.items:
+                    if r.status == PENDING_STATUS:
+                        r.status, r.error = INTERRUPTED, report.error
+                raise
+    finally:
+        report.versions = package_versions()
+        report.finished = now_iso()
+        report.duration_s = round(time.perf_counter() - t_start, 3)
+        state.write_report()
+        manifest.close()
     return report
 
 
-def _recorded_complete(manifest: Manifest, out: _Output) -> bool:
-    rec = manifest.get(out.path)
-    if not (rec and rec.get("status") == "complete" and rec.get("config_hash") == out.config_hash):
-        return False
+@dataclasses.dataclass
+class _RunState:
+    """What the item drivers of one run share (the manifest, the report, the model)."""
+
+    cfg: PipelineConfig
+    items: list[tuple[str, Exception | None]]
+    paths: list[list[str]]
+    manifest: Manifest
+    report: RunReport
+    report_path: str
+    fingerprint: str
+    settings: str
+    writers: list[Any]
+    fresh: bool
+    retry_failed: bool
+    progress: bool
+    notify: Callable[[str], None] | None
+    sched: SchedulerInfo | None = None
+    _lock: Any = dataclasses.field(default_factory=threading.Lock)
+    _model_lock: Any = dataclasses.field(default_factory=threading.Lock)
+    _predictor: Any = None
+    _model_error: BaseException | None = None
+    _finished: int = 0
+    _written: float = -1e9
+
+    def write_report(self, force: bool = True) -> None:
+        """Write the JSON report; unforced writes (after each item) at most once per :data:`REPORT_EVERY_S`."""
+        with self._lock:
+            now = time.monotonic()
+            if force or now - self._written >= REPORT_EVERY_S:
+                self.report.write(self.report_path)
+                self._written = now
+
+    def predictor(self) -> Any:
+        """The model, loaded once by the first item that needs it (a failure is kept and re-raised)."""
+        with self._model_lock:
+            if self._predictor is None and self._model_error is None:
+                try:
+                    self._predictor = load_model(self.cfg)
+                except Exception as exc:
+                    self._model_error = exc
+                    self.report.error = f"the model failed to load: {type(exc).__name__}: {exc}"
+                    log.error("%s", self.report.error)
+            if self._model_error is not None:
+                raise _ModelLoadFailed(self.report.error) from self._model_error
+            return self._predictor
+
+    def done(self, result: ItemResult) -> None:
+        with self._lock:
+            self._finished += 1
+            n = self._finished
+        self.write_report(force=False)
+        if self.notify is not None and self.cfg.execution.max_items_in_flight > 1:
+            self.notify(f"[{n}/{len(self.items)}] {result.status} {result.input}"
+                        + (f": {result.error}" if result.error else ""))
+
+    def process(self, index: int, stop: threading.Event) -> None:
+        """Claim, run and record one item (never raises for the item's own failure)."""
+        if stop.is_set():
+            return
+        item, err = self.items[index]
+        result = self.report.items[index]
+        if err is not None:
+            result.status, result.error = FAILED, _error_text(err, item)
+            log.error("item %d failed: %s", index, result.error)
+            self.done(result)
+            return
+        cfg = self.cfg
+        outputs = [_Output(o, p, output_hash(self.fingerprint, item, o, p), w)
+                   for o, p, w in zip(cfg.all_outputs(), self.paths[index], self.writers)]
+        result.config_hash = outputs[0].config_hash
+        key = item_key([o.path for o in outputs])
+        try:
+            fp = input_fingerprint(item, storage_options=cfg.input.options.get("storage_options"),
+                                   checksum=cfg.execution.input_checksum)
+            decision = self.manifest.claim(
+                key, input=item, outputs=[o.path for o in outputs], output_hashes=[o.config_hash for o in outputs],
+                input_fingerprint=fp, pipeline_fingerprint=self.fingerprint, settings_fingerprint=self.settings,
+                outputs_complete=all(_is_complete(o) for o in outputs), fresh=self.fresh,
+                retry_failed=self.retry_failed)
+        except Exception as exc:  # an unreadable manifest or input listing
+            result.status, result.error = FAILED, _error_text(exc, item)
+            self.done(result)
+            return
+        if decision.action == "busy":
+            result.status = SKIPPED
+            result.skipped_reason = f"being processed by another run ({decision.previous['owner']})"
+        elif decision.action == "done":
+            result.status, result.skipped_reason = SKIPPED, "complete (same input and pipeline)"
+            log.info("item %d: %s already complete, skipped", index, ", ".join(o.path for o in outputs))
+            if cfg.evaluate is not None:
+                try:
+                    result.dice = evaluate_item(cfg, item, index, _scored(outputs).path, self.sched)
+                except Exception as exc:
+                    result.status, result.error = FAILED, _error_text(exc, item)
+        elif decision.action == "failed":
+            result.status = FAILED
+            result.error = (f"{decision.previous['error']} (recorded by an earlier run; input and pipeline "
+                            "unchanged: rerun with --retry-failed to try again)")
+        else:
+            self._run_claimed(index, item, outputs, result, key, decision, stop)
+        self.done(result)
+
+    def _run_claimed(self, index: int, item: str, outputs: list[_Output], result: ItemResult, key: str,
+                     decision: Decision, stop: threading.Event) -> None:
+        try:
+            if stop.is_set():
+                raise RunInterrupted("the run was interrupted before the item started")
+            predictor = self.predictor() if self.cfg.model is not None else None
+            for o in outputs:
+                remove_stale(o.path)
+            overwrite = [o.cfg.overwrite or decision.previous is not None for o in outputs]
+            _run_item(self.cfg, item, index, outputs, result, predictor=predictor, sched=self.sched,
+                      overwrite=overwrite, progress=self.progress and self.cfg.execution.max_items_in_flight == 1)
+        except _ModelLoadFailed as exc:
+            result.status, result.error = FAILED, f"not run: {exc}"
+            self.manifest.finish(key, PENDING, error=result.error)
+            return
+        except BaseException as exc:  # interrupted: the claim goes back to pending, then the run stops
+            result.status = INTERRUPTED
+            result.error = f"interrupted: {exc or type(exc).__name__}"
+            self.manifest.finish(key, PENDING, error=result.error, timings=result.timings)
+            if isinstance(exc, Exception):  # pragma: no cover - a bug in the driver itself
+                raise
+            return
+        self.manifest.finish(key, DONE if result.status == OK else M_FAILED, error=result.error,
+                             timings=result.timings)
+
+
+def _model_loads(sched: SchedulerInfo) -> dict[str, int]:
+    """Model loads per process (this one, and each worker of a distributed cluster)."""
+    from . import counters
+
+    per = counters.collect(sched.client)
+    return {proc: sum(c.get("model_loads", {}).values()) for proc, c in per.items()}
+
+
+def _bad_output_px(sched: SchedulerInfo | None, source: str) -> int:
+    from . import counters
+
+    return counters.total(counters.collect(sched.client if sched is not None else None), "bad_output_px", source)
+
+
+class _ModelLoadFailed(Exception):
+    """The run's model could not be loaded (the item is not at fault)."""
+
+
+def _is_complete(out: _Output) -> bool:
     try:
         return bool(out.writer.is_complete(out.path))
     except Exception as exc:  # an unreadable output is not complete
@@ -444,9 +640,13 @@ def _scored(outputs: list[_Output]) -> _Output:
 
 
 def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output], result: ItemResult, *,
-              predictor: Any, sched: SchedulerInfo, manifest: Manifest, progress: bool) -> None:
+              predictor: Any, sched: SchedulerInfo | None, overwrite: list[bool], progress: bool) -> None:
+    """Open, build, check space, write and evaluate one claimed item; an item's error is recorded in ``result``.
+
+    Interruptions (``KeyboardInterrupt``, :class:`~tileseg.errors.RunInterrupted`) propagate after the
+    writers removed their partial outputs.
+    """
     timer = _Timer()
-    started = False
     try:
         with PeakRSS() as mem:
             try:
@@ -459,29 +659,27 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 result.n_patches_skipped = stats.get("n_patches_skipped")
                 images = [final if o.cfg.content == "result" else raw for o in outputs]
                 result.chunks = [int(max(c)) for c in final.data.chunks[-len(result.shape):]]
-                overwrite = [o.cfg.overwrite or manifest.get(o.path) is not None for o in outputs]
-                for o in outputs:
-                    manifest.set(o.path, item=item, config_hash=o.config_hash, status="running")
-                started = True
+                if cfg.execution.check_free_space:
+                    check_free_space([(o.path, int(im.data.nbytes)) for o, im in zip(outputs, images)])
+                count_bad = cfg.model is not None and cfg.model.bad_output == "nodata"
+                bad_before = _bad_output_px(sched, image.source or "image") if count_bad else 0
                 write_outputs(outputs, images, overwrite=overwrite, sched=sched, progress=progress, timer=timer,
                               info={"input": item})
-                for o in outputs:
-                    manifest.set(o.path, item=item, config_hash=o.config_hash, status="complete")
+                if count_bad:
+                    result.bad_output_px = _bad_output_px(sched, image.source or "image") - bad_before
                 if cfg.evaluate is not None:
                     with timer.stage("evaluate"):
                         result.dice = evaluate_item(cfg, item, index, _scored(outputs).path, sched)
-                result.status = OK
+                result.status, result.error = OK, None
                 log.info("item %d ok: %s -> %s", index, item, ", ".join(o.path for o in outputs))
             finally:
                 result.peak_rss_bytes = int(mem.peak) or None
     except Exception as exc:
+        if sched is not None and sched.cancelled:
+            raise RunInterrupted(sched.cancel_reason) from exc
         result.status = FAILED
         result.error = _error_text(exc, item)
         log.error("item %d failed: %s", index, result.error)
-        if started:
-            for o in outputs:
-                if (manifest.get(o.path) or {}).get("status") != "complete":
-                    manifest.set(o.path, item=item, config_hash=o.config_hash, status="failed", error=result.error)
     finally:
         result.timings = timer.timings
         px = int(np.prod(result.shape)) if result.shape else 0
@@ -510,8 +708,11 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
                 log.debug("could not load the model for plan: %s", exc)
     rows = []
     for index, (item, err) in enumerate(items):
-        outs = [render_output(o.path, item, index) for o in cfg.all_outputs()]
-        row: dict[str, Any] = {"index": index, "input": item, "output": outs[0], "outputs": outs}
+        try:
+            outs = [render_output(o.path, item, index) for o in cfg.all_outputs()]
+        except InputError as exc:
+            outs, err = [], err or exc
+        row: dict[str, Any] = {"index": index, "input": item, "output": (outs or [None])[0], "outputs": outs}
         rows.append(row)
         if err is not None:
             row["error"] = _error_text(err, item)

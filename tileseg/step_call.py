@@ -37,7 +37,7 @@ def call_step(fn: Any, image: Any, params: dict[str, Any]) -> Any:
     """Call a method or step on ``image`` with the user's ``params`` (see the module docstring)."""
     if takes_image(fn):
         return fn(image, **params)
-    declared = _parameters(fn)
+    declared = list(_parameters(fn))[1:]  # the first parameter takes the pixels, whatever its name
     extra = {k: getattr(image, k) for k in IMAGE_ARGS if k in declared and k not in params}
     return fn(image.data, **extra, **params)
 

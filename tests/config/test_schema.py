@@ -186,7 +186,7 @@ def test_model_output_is_explicit_and_classify_steps_need_probabilities(base):
 
 def test_model_is_one_registered_kind_with_its_parameters(base, weights):
     msg = errors_of(changed(base, lambda d: d.update(model={"batch_size": 4})))
-    assert "model: give exactly one model kind (state_dict, torchscript)" in msg
+    assert "model: give exactly one model kind (exported, onnx, python, state_dict, torchscript, transformers)" in msg
     msg = errors_of(changed(base, lambda d: d.update(model={"torchscrpt": {"path": weights}})))
     assert "model: unknown model kind 'torchscrpt'; did you mean 'torchscript'?" in msg
     msg = errors_of(changed(base, lambda d: d.update(model={"torchscript": {"pth": weights}})))

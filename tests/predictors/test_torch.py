@@ -251,16 +251,18 @@ def test_autocast_precision(net, batch, precision):
 
 
 def test_spec_errors_and_passthrough(net, tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown model kind 'onnx'.*installed: state_dict, torchscript"):
-        load_predictor({"onnx": "model.onnx"})
-    with pytest.raises(ConfigError, match=r"exactly one model kind.*\['state_dict', 'torchscript'\]"):
+    with pytest.raises(ConfigError, match=r"unknown model kind 'keras'.*installed: exported, onnx, python, state_dict"):
+        load_predictor({"keras": "model.h5"})
+    with pytest.raises(ConfigError, match=r"exactly one model kind.*'state_dict', 'torchscript'"):
         load_predictor({"state_dict": {}, "torchscript": "x.pt"})
     with pytest.raises(ConfigError, match="did you mean 'torchscript'"):
         load_predictor({"torchscipt": {"path": "x.pt"}})
     with pytest.raises(ConfigError, match=r"model.state_dict.architecture: unknown architecture 'unnet'"):
         load_predictor({"state_dict": {"path": "w.pt", "architecture": {"unnet": CFG}}})
-    with pytest.raises(ConfigError, match=r"model.torchscript: .*unexpected keyword argument 'pth'"):
+    with pytest.raises(ConfigError, match=r"model.torchscript: .*(missing .*'path'|unknown parameter 'pth')"):
         load_predictor({"torchscript": {"pth": "x.pt"}})
+    with pytest.raises(ConfigError, match=r"model.torchscript: unknown parameter 'layot'.*did you mean 'layout'"):
+        load_predictor({"torchscript": {"path": "x.pt", "layot": "NHWC"}})
     with pytest.raises(ConfigError, match="precision"):
         load_predictor(net, precision="fp8")
     with pytest.raises(ConfigError, match="cannot make a model"):

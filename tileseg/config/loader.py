@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,12 @@ from ..store import is_url
 from .schema import PipelineConfig
 
 
-def load_pipeline(source: Any, *, base_dir: str | os.PathLike[str] | None = None) -> PipelineConfig:
+def load_pipeline(
+    source: Any,
+    *,
+    base_dir: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> PipelineConfig:
     """Load and validate a pipeline.
 
     Parameters
@@ -34,6 +40,10 @@ def load_pipeline(source: Any, *, base_dir: str | os.PathLike[str] | None = None
     base_dir : path, optional
         Directory that relative paths are resolved against; defaults to the
         pipeline file's directory (or the current directory for a mapping).
+    overrides : mapping, optional
+        Values replacing the file's, by dotted key (``{"input.path": "/data/day1",
+        "outputs.0.path": "out/{stem}.zarr"}``), applied before validation (see
+        :func:`apply_overrides`). Relative override paths resolve like the file's.
 
     Returns
     -------
@@ -54,13 +64,73 @@ def load_pipeline(source: Any, *, base_dir: str | os.PathLike[str] | None = None
     [256, 256]
     """
     if isinstance(source, PipelineConfig):
+        if overrides:
+            raise ConfigError("overrides apply to a pipeline file or mapping, not to a validated PipelineConfig")
         return source
     if isinstance(source, dict):
         check_size(source, "<mapping>")
-        return parse_pipeline(source, base_dir=base_dir or os.getcwd(), source="<mapping>")
+        data = apply_overrides(source, overrides or {}, "<mapping>")
+        return parse_pipeline(data, base_dir=base_dir or os.getcwd(), source="<mapping>")
     path = Path(os.fspath(source)).expanduser()
-    data = read_yaml(path)
+    data = apply_overrides(read_yaml(path), overrides or {}, str(path))
     return parse_pipeline(data, base_dir=base_dir or path.resolve().parent, source=str(path))
+
+
+def apply_overrides(data: Any, overrides: Mapping[str, Any], source: str = "<pipeline>") -> Any:
+    """A copy of parsed pipeline ``data`` with values replaced by dotted key.
+
+    Keys walk mappings by name and lists by index (``outputs.0.path``); a
+    missing mapping key is created, so ``execution.retries`` may be set even
+    when the file has no ``execution`` section. The result is validated later
+    like the file itself.
+
+    Raises
+    ------
+    ConfigError
+        For an empty key part, an index past a list's end, or a key that walks
+        into a scalar.
+
+    Examples
+    --------
+    >>> apply_overrides({"input": {"path": "a"}}, {"input.path": "b", "execution.scheduler": "threads"})
+    {'input': {'path': 'b'}, 'execution': {'scheduler': 'threads'}}
+    """
+    import copy
+
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        return data  # parse_pipeline reports the shape error
+    out = copy.deepcopy(data)
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        if any(not p for p in parts):
+            raise ConfigError(f"{source}: override {key!r}: empty part in the dotted key")
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"{source}: override {key!r}: {where} is not an index of the "
+                                      f"{len(node)}-element list {'.'.join(parts[:i]) or '<top>'}")
+                idx = int(part)
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(f"{source}: override {key!r}: {'.'.join(parts[:i])} is a "
+                                  f"{type(node).__name__}, not a section or list")
+    check_size(out, source)
+    return out
 
 
 #: A pipeline file larger than this is refused before parsing.
@@ -269,6 +339,9 @@ def resolve_paths(cfg: PipelineConfig, base_dir: Path) -> PipelineConfig:
     if cfg.model is not None:
         params = {**cfg.model.params, **{k: _resolve(v, base) for k, v in cfg.model.files().items()}}
         updates["model"] = cfg.model.model_copy(update={"params": params})
+    if cfg.execution.manifest is not None:
+        updates["execution"] = cfg.execution.model_copy(
+            update={"manifest": _resolve(cfg.execution.manifest, base)})
     if cfg.evaluate is not None and cfg.evaluate.reference.path is not None:
         ref = cfg.evaluate.reference.model_copy(update={"path": _resolve(cfg.evaluate.reference.path, base)})
         updates["evaluate"] = cfg.evaluate.model_copy(update={"reference": ref})

@@ -40,6 +40,8 @@ Schema (version 1)
       precision: fp32               # fp32 | fp16 | bf16
       device: auto                  # auto (CUDA when present) | cpu | cuda | cuda:N | mps
       classes: [background, object] # optional names, one per class (2 for a 1-channel model)
+      bad_output: error             # error | nodata: NaN/Inf in the model output fails the item naming the
+                                    # patch box, or those pixels are written as nodata and counted
     # method: {otsu: {}}            # a registered classical method ("methods" registry)
     postprocess: []                 # steps: a name or {name: {params}}, applied to the result
     output:                         # one output, or outputs: [ ... ] for several
@@ -52,10 +54,19 @@ Schema (version 1)
       options: {}                   # extra writer-specific keyword arguments
     execution:
       scheduler: threads            # threads | processes | synchronous | local | tcp://host:port
+                                    # (not set: the caller's active distributed.Client if any, else threads)
       workers: 2                    # dask workers (threads or processes)
       threads_per_worker: 1         # for scheduler: local
-      resources: {GPU: 1}           # per-worker resources (scheduler: local); model tasks are annotated
+      resources: {GPU: 1}           # resources model inference needs: only workers offering them run it
+                                    # (scheduler local: every worker declares them; one worker per GPU)
       malloc_arenas: 1              # glibc malloc arenas per process (null: leave the allocator alone)
+      memory_limit: 4GiB            # per worker (scheduler: local; default auto)
+      max_items_in_flight: 1        # items processed at the same time (graph, statistics, writes overlap)
+      retries: 0                    # task retries on a distributed scheduler (a task that raised)
+      manifest: null                # the run manifest (SQLite); default tileseg-run.sqlite next to the outputs
+      input_checksum: false         # input fingerprints hash every byte instead of sizes and mtimes
+      check_free_space: true        # refuse an item whose uncompressed output exceeds the free space
+      lease_s: 120                  # a claim without heartbeat for this long is taken over by another run
     evaluate:                       # optional: Dice per class against a reference label image
       reference: {path: null, array: labels}   # path (template fields allowed) defaults to the input;
                                     # scored against the first output with content: result
@@ -76,8 +87,8 @@ for models.
 Relative paths (input, model weights, output, reference) are resolved against
 the pipeline file's directory by the loader.
 
-Next to the outputs (their common folder) a run writes ``tileseg-run.json``
-(the resume manifest) and ``tileseg-report.json`` (see :mod:`tileseg.runner`).
+Next to the outputs (their common folder) a run writes ``tileseg-run.sqlite``
+(the run manifest, :mod:`tileseg.manifest`) and ``tileseg-report.json`` (see :mod:`tileseg.runner`).
 """
 
 from __future__ import annotations
@@ -339,6 +350,7 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: str = "auto"
     classes: list[str] | None = None
+    bad_output: Literal["error", "nodata"] = "error"
 
     @model_validator(mode="before")
     @classmethod
@@ -456,6 +468,27 @@ class ExecutionConfig(_Section):
     threads_per_worker: int = Field(default=1, gt=0)
     resources: dict[str, float] = Field(default_factory=dict)
     malloc_arenas: int | None = Field(default=1, gt=0)
+    memory_limit: str | int | None = None
+    max_items_in_flight: int = Field(default=1, gt=0)
+    retries: int = Field(default=0, ge=0)
+    manifest: str | None = None
+    input_checksum: bool = False
+    check_free_space: bool = True
+    lease_s: float = Field(default=120.0, gt=0)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, str) and v != "auto":
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(v)
+            except (ValueError, TypeError):
+                raise ValueError(f"must be bytes (an integer), a size like '4GiB', or 'auto' (got {v!r})") from None
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"must be > 0 (got {v!r})")
+        return v
 
     @field_validator("scheduler")
     @classmethod
@@ -631,4 +664,5 @@ class PipelineConfig(_Section):
         return InferenceOptions(batch_size=m.batch_size, output=m.output, nan_policy=self.input.nan_policy,
                                 skip_nodata=skip,
                                 fill_value=float(self.input.fill_value), preprocess=tuple(self.preprocess),
-                                class_names=None if m.classes is None else tuple(m.classes), **runtime)
+                                class_names=None if m.classes is None else tuple(m.classes),
+                                bad_output=m.bad_output, **runtime)

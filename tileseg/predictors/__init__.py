@@ -9,7 +9,15 @@ One form: ``{kind: {parameters}}`` with a registered model kind (see
 :mod:`tileseg.predictors.kinds`)::
 
     {"torchscript": {"path": "unet.pt"}}
+    {"exported": {"path": "unet.pt2"}}
+    {"onnx": {"path": "unet.onnx", "providers": ["CUDA", "CPU"], "layout": "NHWC"}}
     {"state_dict": {"path": "weights.pt", "architecture": {"unet": {"in_channels": 1, "out_channels": 2}}}}
+    {"state_dict": {"path": "w.pt", "architecture": {"smp": {"arch": "FPN", "encoder_name": "resnet34"}}}}
+    {"transformers": {"config": "segformer/config.json", "path": "segformer/model.safetensors"}}
+    {"python": {"callable": "mypackage.models:build", "args": {}}}
+
+Every kind also takes the conventions of :mod:`tileseg.predictors.conventions`
+(``layout``, ``patch_size``, ``activation``, ``output_stride``, ``output_grid``, ``output``).
 
 In Python a model may also be a ``torch.nn.Module``, a :class:`Predictor`, a
 TorchScript path, or any callable ``f(batch) -> array``.

@@ -21,6 +21,11 @@ class Predictor:
     out_channels: int | None = None
     #: Receptive-field radius in pixels per spatial axis when known.
     receptive_field: tuple[int, ...] | None = None
+    #: Class names the model declares (one per output channel), when it does.
+    class_names: tuple[str, ...] | None = None
+    #: How the model's tensors differ from the engine's (layout, fixed patch size, ...);
+    #: see :mod:`tileseg.predictors.conventions`. None: ``(N, C, *patch) -> (N, K, *patch)`` logits.
+    conventions: Any = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError

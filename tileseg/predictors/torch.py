@@ -1,9 +1,11 @@
-"""PyTorch predictors: TorchScript files, built-in architectures + state_dicts, in-memory modules.
+"""PyTorch predictors: TorchScript files, exported programs (``torch.export``), architectures + state_dicts,
+in-memory modules.
 
 Loading and caching
 -------------------
 A model read from a file is loaded at most once per worker *process* and
-device: a module-level cache is keyed by (kind, resolved path, file mtime and
+device (each load is counted in :mod:`tileseg.counters` as ``model_loads``
+and reported in the run report): a module-level cache is keyed by (kind, resolved path, file mtime and
 size, architecture config, device, precision). A :class:`TorchPredictor`
 built from a path pickles without its weights (``__getstate__`` drops the
 loaded module); after unpickling in a worker it reloads lazily from that
@@ -37,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import counters
 from ..errors import ConfigError, ModelError, require
 from .base import Predictor
+from .conventions import Conventions, select_output
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +110,48 @@ def _load_torchscript(path: str, device: str):
     return module
 
 
+def _load_exported(path: str, device: str):
+    """The module of a ``torch.export`` program (``.pt2``), moved to ``device``."""
+    torch = _torch()
+    try:
+        program = torch.export.load(path)
+    except Exception as exc:
+        raise ModelError(
+            f"cannot load exported program {path!r} (torch.export.load): {exc.__class__.__name__}: "
+            f"{str(exc).strip()[:300]}") from exc
+    module = program.module()
+    module.tileseg_conventions = _exported_conventions(program)
+    return module.to(device)
+
+
+def _exported_conventions(program) -> dict:
+    """``in_channels``/``out_channels`` and a fixed patch size read from an exported program's signature."""
+    found: dict = {}
+    try:
+        inputs = [n for n in program.graph.nodes if n.op == "placeholder"
+                  and n.name in set(program.graph_signature.user_inputs)]
+        outputs = [n for n in program.graph.nodes if n.op == "output"]
+        shape = tuple(inputs[0].meta["val"].shape)
+        out = outputs[0].args[0]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        oshape = tuple(out.meta["val"].shape)
+    except Exception:  # an unusual signature: the dry forward checks the model instead
+        return found
+    static = [isinstance(d, int) for d in shape]
+    found["shape"] = tuple(d if ok else None for d, ok in zip(shape, static))
+    found["out_shape"] = tuple(d if isinstance(d, int) else None for d in oshape)
+    return found
+
+
 def _load_state_dict(path: str) -> dict:
     torch = _torch()
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(
             f"cannot load weights file {path!r} (torch.load with weights_only=True): "
@@ -124,7 +166,12 @@ def _load_state_dict(path: str) -> dict:
 def _build_architecture(name: str, config: dict, weights: str | None, device: str):
     from .. import registry
 
-    builder = registry.get("architectures", name)
+    if name.startswith("python:"):  # a ``python:`` model kind: the user's own callable
+        from .zoo import import_target
+
+        builder = import_target(name[len("python:"):])
+    else:
+        builder = registry.get("architectures", name)
     try:
         module = builder(**config)
     except (ConfigError, ModelError):
@@ -185,6 +232,11 @@ def _infer_channels(module) -> tuple[int | None, int | None]:
     return cin, cout
 
 
+def _plain(conv: Any) -> bool:
+    """Whether the model's output already is ``(N, K, *patch)`` logits (nothing for the conventions to convert)."""
+    return not conv.channels_last and conv.output_stride == 1 and conv.activation in (None, "softmax")
+
+
 class TorchPredictor(Predictor):
     """Run a PyTorch model on batches ``(N, C, *patch)`` -> ``(N, K, *patch)`` float32.
 
@@ -225,7 +277,8 @@ class TorchPredictor(Predictor):
 
     def __init__(self, module: Any = None, *, device: str | None = None, precision: str = "fp32",
                  in_channels: int | None = None, out_channels: int | None = None,
-                 serialize: bool = True, _source: tuple | None = None) -> None:
+                 serialize: bool = True, conventions: Conventions | None = None,
+                 _source: tuple | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: must be one of {PRECISIONS}, got {precision!r}")
         self.device = device
@@ -237,9 +290,22 @@ class TorchPredictor(Predictor):
         if module is None and self._source[0] == "module":
             raise ModelError("TorchPredictor needs a module or a file to load it from")
         loaded = self._get_module(probe=True)[0]
+        conv = conventions if conventions is not None else Conventions()
+        declared = dict(getattr(loaded, "tileseg_conventions", None) or {})
+        sig_in, sig_out = declared.pop("shape", None), declared.pop("out_shape", None)
+        self.conventions = conv = conv.with_defaults(**declared)
         cin, cout = _infer_channels(loaded)
+        if sig_in is not None and len(sig_in) >= 3:  # an exported program's signature
+            cin = sig_in[-1] if conv.channels_last else sig_in[1]
+            spatial = sig_in[1:-1] if conv.channels_last else sig_in[2:]
+            if all(d is not None for d in spatial) and "patch_size" not in conv.explicit:
+                self.conventions = conv = conv.with_defaults(patch_size=tuple(spatial))
+            if sig_out is not None and len(sig_out) == len(sig_in):
+                cout = sig_out[-1] if conv.channels_last else sig_out[1]
         self.in_channels = in_channels if in_channels is not None else cin
         self.out_channels = out_channels if out_channels is not None else cout
+        names = getattr(loaded, "tileseg_class_names", None)
+        self.class_names = tuple(names) if names else None
         rf = getattr(loaded, "receptive_field", None)
         self.receptive_field = tuple(int(r) for r in rf) if isinstance(rf, (tuple, list)) and rf else None
         self.size_divisor = _int_attr(loaded, "size_divisor")
@@ -255,6 +321,17 @@ class TorchPredictor(Predictor):
             If the file is missing or not a TorchScript archive (message names it).
         """
         return cls(None, _source=("torchscript", os.fspath(path)), **kwargs)
+
+    @classmethod
+    def from_exported(cls, path: str | os.PathLike, **kwargs: Any) -> TorchPredictor:
+        """Predictor for a ``torch.export`` program (``torch.export.save``, ``.pt2``); loaded now to check it.
+
+        Raises
+        ------
+        ModelError
+            If the file is missing or not an exported program (message names it).
+        """
+        return cls(None, _source=("exported", os.fspath(path)), **kwargs)
 
     @classmethod
     def from_architecture(cls, name: str, config: dict | None = None, weights: str | os.PathLike | None = None,
@@ -278,8 +355,8 @@ class TorchPredictor(Predictor):
     # -- loading ----------------------------------------------------------------------------
     def _cache_key(self, device: str) -> tuple:
         kind = self._source[0]
-        if kind == "torchscript":
-            return ("torchscript", *_file_key(self._source[1]), device, self.precision)
+        if kind in ("torchscript", "exported"):
+            return (kind, *_file_key(self._source[1]), device, self.precision)
         _, name, config, weights = self._source
         wkey = _file_key(weights) if weights is not None else None
         return ("arch", name, json.dumps(config, sort_keys=True, default=str), wkey, device, self.precision)
@@ -300,6 +377,7 @@ class TorchPredictor(Predictor):
             return module, "cpu"
         if self._source[0] == "module":
             module = self._module.to(device).eval()
+            counters.add("model_loads", type(module).__name__)  # one copy per unpickled predictor
         else:
             module = self._module = self._load(device)
         self._ready = (module, device)
@@ -312,10 +390,14 @@ class TorchPredictor(Predictor):
             if module is None:
                 if self._source[0] == "torchscript":
                     module = _load_torchscript(self._source[1], device)
+                elif self._source[0] == "exported":
+                    module = _load_exported(self._source[1], device)
                 else:
                     module = _build_architecture(*self._source[1:], device=device)
-                module.eval()
+                if self._source[0] != "exported":  # an exported program's module has no eval mode to set
+                    module.eval()
                 _CACHE[key] = module
+                counters.add("model_loads", str(key[1]))
                 log.debug("loaded model %s on %s", key[1], device)
         return module
 
@@ -333,8 +415,7 @@ class TorchPredictor(Predictor):
 
     # -- running ----------------------------------------------------------------------------
     def _check_batch(self, batch: np.ndarray) -> None:
-        if batch.ndim < 3:
-            raise ModelError(f"a batch must be (N, C, *patch), got shape {batch.shape!r}")
+        self.conventions.check_batch(batch)
         if self.in_channels is not None and batch.shape[1] != self.in_channels:
             raise ModelError(f"model expects {self.in_channels} input channels, image has {batch.shape[1]}")
         div = self.size_divisor
@@ -355,8 +436,10 @@ class TorchPredictor(Predictor):
 
         Returns
         -------
-        torch.Tensor
-            ``(N, K, *patch)`` float32 on the device the forward ran on.
+        torch.Tensor or numpy.ndarray
+            ``(N, K, *patch)`` float32 logits: a tensor on the device the forward
+            ran on, or a NumPy array when the model's conventions (channels-last
+            layout, probabilities out, an output stride) are converted on the host.
 
         Raises
         ------
@@ -366,7 +449,10 @@ class TorchPredictor(Predictor):
         torch = _torch()
         batch = np.asarray(batch, dtype=np.float32)
         self._check_batch(batch)
-        if not batch.flags.c_contiguous or not batch.flags.writeable:
+        conv = self.conventions
+        shape = batch.shape
+        batch = conv.model_input(batch)
+        if not batch.flags.writeable:
             batch = np.array(batch, dtype=np.float32, order="C")
         module, device = self._get_module()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
@@ -378,9 +464,7 @@ class TorchPredictor(Predictor):
                 amp = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
                 with amp:
                     y = module(x)
-                if not isinstance(y, torch.Tensor):
-                    raise ModelError(f"model returned {type(y).__name__}, expected one tensor (N, K, *patch)")
-                out = y.float()
+                out = select_output(y, conv.output, torch.is_tensor).float()
         except ModelError:
             raise
         except (RuntimeError, torch.jit.Error) as exc:  # torch.jit.Error is not a RuntimeError
@@ -389,21 +473,21 @@ class TorchPredictor(Predictor):
                 raise ModelError(f"model expects {m.group(1)} input channels, image has {m.group(2)}") from exc
             raise ModelError(
                 f"model forward failed on a batch of shape {batch.shape!r}: {str(exc).strip()[-500:]}") from exc
-        shape = tuple(out.shape)
-        if len(shape) != batch.ndim or shape[0] != batch.shape[0] or shape[2:] != batch.shape[2:]:
-            raise ModelError(
-                f"model output shape {shape!r} does not match input batch {batch.shape!r}: "
-                "expected (N, K, *patch) with the same N and patch")
+        if not (_plain(conv) and out.ndim == len(shape) and out.shape[0] == shape[0]
+                and tuple(out.shape[2:]) == tuple(shape[2:])):
+            return conv.engine_output(out.cpu().numpy(), shape)  # converts, or words the shape error
         return out
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.predict_tensor(batch).cpu().numpy()
+        out = self.predict_tensor(batch)
+        return out if isinstance(out, np.ndarray) else out.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": "torch", "source": self._source[0], "precision": self.precision,
                              "device": self.device or "auto",
-                             "in_channels": self.in_channels, "out_channels": self.out_channels}
-        if self._source[0] == "torchscript":
+                             "in_channels": self.in_channels, "out_channels": self.out_channels,
+                             "conventions": self.conventions.as_dict()}
+        if self._source[0] in ("torchscript", "exported"):
             d["path"] = self._source[1]
         elif self._source[0] == "arch":
             d.update(architecture=self._source[1], config=self._source[2], weights=self._source[3])

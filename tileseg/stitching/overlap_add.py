@@ -60,6 +60,7 @@ def predict_owner(
     batch_size: int,
     window: np.ndarray | None,
     nan_policy: str,
+    bad_output: str,
     source: str,
     boxes: Sequence[Box],
     read: Callable[[], Sequence[np.ndarray]] | None,
@@ -88,6 +89,10 @@ def predict_owner(
         Blending window (None for crop).
     nan_policy : str
         ``"error"`` raises on NaN input; ``"fill"`` (already applied upstream) passes.
+    bad_output : str
+        NaN/Inf in the model output: ``"error"`` raises a ModelError naming the
+        patch box; ``"nodata"`` makes those pixels NaN (the final tasks write
+        nodata there) and counts them (see :func:`check_output`).
     source : str
         Image name for error messages.
     boxes : sequence of Box
@@ -132,6 +137,7 @@ def predict_owner(
         if tuple(pred.shape) != expected:
             raise ModelError(f"model returned shape {tuple(pred.shape)!r} for a batch of {part.shape!r}; "
                              f"expected {expected!r}")
+        pred = check_output(pred, idx + origin, patch, bad_output, source, region)
         if acc is None:
             acc = accumulator(pred, n_classes, shape, window)
         for j, c in enumerate(idx):
@@ -145,6 +151,59 @@ def predict_owner(
     if acc is None:  # an owner always has patches; kept for safety
         return region, buffers.zeros((n_classes,) + shape, np.float32)
     return region, acc.result()
+
+
+def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], bad_output: str, source: str,
+                 region: Box) -> np.ndarray:
+    """NaN/Inf in a batch of model output: an error naming the patch, or NaN pixels that become nodata.
+
+    Parameters
+    ----------
+    pred : numpy.ndarray or torch.Tensor
+        ``(N, K, *patch)`` model output (a tensor stays on its device unless it is bad).
+    starts : numpy.ndarray
+        ``(N, ndim)`` absolute start corners of the patches (padded image pixels).
+    bad_output : {"error", "nodata"}
+        Raise, or set every channel of a pixel with a non-finite value to NaN
+        and count the pixels (``bad_output_px``) and patches
+        (``bad_output_patches``) under ``source`` in :mod:`tileseg.counters`.
+
+    Raises
+    ------
+    ModelError
+        With ``bad_output="error"``: names the image, the first bad patch's
+        pixel box and the owner block's region.
+    """
+    if not isinstance(pred, np.ndarray):  # a tensor on the model's device (see .accumulate)
+        if bool(pred.sum().isfinite()):  # one reduction, no mask tensor; an overflow goes on to the exact check
+            return pred
+        import torch
+
+        return torch.from_numpy(check_output(pred.cpu().numpy(), starts, patch, bad_output, source, region)).to(
+            pred.device)
+    if np.isfinite(pred.sum()):  # one pass, no mask array; an overflowing sum goes on to the exact check
+        return pred
+    finite = np.isfinite(pred)
+    if finite.all():
+        return pred
+    good_px = finite.all(axis=1)  # (N, *patch): every class finite
+    bad_patches = np.flatnonzero(~good_px.reshape(len(pred), -1).all(axis=1))
+    first = tuple((int(s), int(s) + p) for s, p in zip(starts[bad_patches[0]], patch))
+    n_px = int((~good_px).sum())
+    if bad_output == "error":
+        raise ModelError(
+            f"{source}: model output contains NaN or Inf in {len(bad_patches)} patch(es) of block region {region!r}, "
+            f"first at pixel box {first!r} ({n_px} pixels); check the model and its input scaling, or set "
+            "bad_output: nodata to write those pixels as nodata")
+    from .. import counters
+
+    counters.add("bad_output_px", source, n_px)
+    counters.add("bad_output_patches", source, len(bad_patches))
+    import logging
+
+    logging.getLogger(__name__).warning("%s: model output has NaN/Inf at %d pixels of %d patch(es), first at "
+                                        "pixel box %r: written as nodata", source, n_px, len(bad_patches), first)
+    return np.where(good_px[:, None], pred, np.float32(np.nan))
 
 
 def take_piece(owner: tuple[Box, np.ndarray], target: Box, own: bool = False) -> tuple[Box, np.ndarray]:

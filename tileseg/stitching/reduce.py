@@ -119,7 +119,8 @@ def labels_from_pieces(block: Box, n_classes: int, dtype: np.dtype | str,
     Returns
     -------
     numpy.ndarray
-        ``block``-shaped labels; pixels no piece covers are 0.
+        ``block``-shaped labels; pixels no piece covers are 0, pixels where a
+        class score is NaN (bad model output) the dtype's largest value.
     """
     shape = tuple(b - a for a, b in block)
     out = buffers.empty(shape, dtype)
@@ -136,10 +137,17 @@ def labels_from_pieces(block: Box, n_classes: int, dtype: np.dtype | str,
         n = hi - lo
         slab = buf[:, :n]
         sum_rows(slab, lo, hi, parts)
+        labels = out[lo:hi]
         if n_classes == 1:
-            np.greater(slab[0], 0, out=out[lo:hi], casting="unsafe")
+            np.greater(slab[0], 0, out=labels, casting="unsafe")
+            top = slab[0]
         else:
-            first_argmax(slab, out[lo:hi], tuple(s[:n] for s in scratch))
+            top = scratch[0][:n]
+            first_argmax(slab, labels, (top, scratch[1][:n], scratch[2][:n]))
+        if not np.isfinite(top.sum()):  # bad model output kept as NaN (bad_output="nodata"), or an overflow
+            bad = np.isnan(top)  # the per-pixel maximum is NaN where any class is
+            if bad.any():
+                labels[bad] = np.iinfo(labels.dtype).max  # the label nodata (see tileseg.graph)
     return out
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -209,6 +210,55 @@ def partial_sibling(path: str) -> tuple[str, str]:
     except OSError as exc:
         raise OutputError(f"{path!r}: cannot create the output folder {parent!r}: {exc}") from exc
     return final, os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+
+
+#: A partial sibling named by a fresh uuid (``partial_sibling`` without a key): never resumed.
+_UUID_PARTIAL = re.compile(r"\.partial-[0-9a-f]{12}$")
+
+
+def stale_siblings(path: str) -> list[str]:
+    """Hidden siblings of a local output left by killed runs that nothing will reuse.
+
+    ``.<name>.old-*`` (a replaced output not yet removed) and uuid-named
+    ``.<name>.partial-<12 hex>`` folders. Partial outputs named by a longer key
+    (a run's hash of the item and pipeline, for chunk-level resume) are left to
+    the writer, which resumes the one for its key and removes the others.
+    """
+    from ..store import local_path
+
+    local = local_path(path)
+    if local is None:
+        return []
+    final = os.path.abspath(local.rstrip("/") or local)
+    parent, base = os.path.split(final)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    old, partial = f".{base}.old-", f".{base}.partial-"
+    return sorted(os.path.join(parent, n) for n in names
+                  if n.startswith(old) or (n.startswith(partial) and _UUID_PARTIAL.search(n)))
+
+
+def remove_stale(path: str) -> list[str]:
+    """Remove the stale siblings of ``path`` (see :func:`stale_siblings`); returns what went.
+
+    Call it only while holding the item's claim in the run manifest: no live
+    run is then writing these folders.
+    """
+    removed = []
+    for p in stale_siblings(path):
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.remove(p)
+            except OSError:
+                continue
+        removed.append(p)
+    if removed:
+        log.info("removed %d stale partial folder(s) of %s", len(removed), path)
+    return removed
 
 
 def move_into_place(src: str, dst: str) -> None:

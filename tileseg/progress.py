@@ -1,0 +1,193 @@
+"""One progress display for a whole run: items, chunks of the items in flight, throughput, ETA.
+
+On a terminal it is one tqdm bar over the run's work (an item counts 1 when
+finished, and the fraction of its output chunks written while it runs), with
+items done/failed/total, chunks, pixels per second and an ETA in the bar's
+text, redrawn at most every 0.5 s. When the output is not a terminal it
+writes plain log lines instead: one per finished item and a status line at
+most every ``interval`` seconds, never redraws. ``quiet`` turns it off.
+The same figures go into the run report (:meth:`RunProgress.snapshot`).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+#: Seconds between status lines when the output is not a terminal.
+LOG_INTERVAL_S = 30.0
+
+
+@dataclass
+class _Item:
+    name: str
+    stage: str = "queued"
+    chunks_total: int = 0
+    chunks_done: int = 0
+    pixels_done: int = 0
+
+
+@dataclass
+class RunProgress:
+    """Progress of a run over ``total`` items (thread-safe: items may run concurrently).
+
+    Parameters
+    ----------
+    total : int
+        Number of input items.
+    stream : file, optional
+        Where to draw (default ``sys.stderr``).
+    mode : {"auto", "bar", "log", "off"}
+        ``auto``: a bar on a terminal, log lines otherwise.
+    interval : float
+        Seconds between status lines in ``log`` mode.
+    """
+
+    total: int
+    stream: TextIO | None = None
+    mode: str = "auto"
+    interval: float = LOG_INTERVAL_S
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    pixels: int = 0
+    _items: dict[int, _Item] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _bar: Any = field(default=None, repr=False)
+    _t0: float = field(default_factory=time.perf_counter, repr=False)
+    _last_log: float = field(default=0.0, repr=False)
+    lines_written: int = 0
+
+    def __post_init__(self) -> None:
+        self.stream = self.stream or sys.stderr
+        if self.mode not in ("auto", "bar", "log", "off"):
+            raise ValueError(f"progress mode must be auto, bar, log or off, got {self.mode!r}")
+        if self.mode == "auto":
+            isatty = getattr(self.stream, "isatty", lambda: False)
+            self.mode = "bar" if isatty() else "log"
+        self._last_log = self._t0
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, file=self.stream, unit="item", mininterval=0.5, leave=True,
+                             bar_format="{l_bar}{bar}| {n:.2f}/{total} items [{elapsed}<{remaining}] {postfix}")
+
+    # -- events -----------------------------------------------------------------------------------
+    def start_item(self, index: int, name: str, stage: str = "open") -> None:
+        """Item ``index`` (displayed as ``name``) started, in ``stage``."""
+        with self._lock:
+            self._items[index] = _Item(name=name, stage=stage)
+        self._update(force=self.mode == "log" and self.lines_written == 0)
+
+    def stage(self, index: int, stage: str, chunks_total: int | None = None) -> None:
+        """Item ``index`` moved to ``stage`` (``graph``, ``compute``, ``finalize`` ...)."""
+        with self._lock:
+            item = self._items.get(index)
+            if item is not None:
+                item.stage = stage
+                if chunks_total is not None:
+                    item.chunks_total = int(chunks_total)
+        self._update()
+
+    def chunk_done(self, index: int, n: int = 1, pixels: int = 0) -> None:
+        """``n`` output chunks (``pixels`` spatial pixels) of item ``index`` are written."""
+        with self._lock:
+            item = self._items.get(index)
+            if item is not None:
+                item.chunks_done += n
+                item.pixels_done += pixels
+            self.pixels += pixels
+        self._update()
+
+    def finish_item(self, index: int, status: str, message: str = "") -> None:
+        """Item ``index`` ended with ``status`` (``ok``, ``failed`` or ``skipped``)."""
+        with self._lock:
+            item = self._items.pop(index, None)
+            if status == "failed":
+                self.failed += 1
+            elif status == "skipped":
+                self.skipped += 1
+            else:
+                self.done += 1
+        if self.mode == "log":
+            name = item.name if item else f"item {index}"
+            self._line(f"[{self.finished}/{self.total}] {name}: {status}" + (f" ({message})" if message else ""))
+        self._update()
+
+    def close(self) -> None:
+        """Final line (log mode) or close the bar."""
+        if self._bar is not None:
+            self._update(force=True)
+            self._bar.close()
+            self._bar = None
+        elif self.mode == "log":
+            self._line(self.status_line())
+
+    # -- figures ----------------------------------------------------------------------------------
+    @property
+    def finished(self) -> int:
+        """Items that ended (ok, skipped or failed)."""
+        return self.done + self.failed + self.skipped
+
+    def snapshot(self) -> dict[str, Any]:
+        """The figures shown: items, chunks of the items in flight, throughput and ETA."""
+        with self._lock:
+            elapsed = time.perf_counter() - self._t0
+            running = list(self._items.values())
+            chunks_done = sum(i.chunks_done for i in running)
+            chunks_total = sum(i.chunks_total for i in running)
+            partial = sum(i.chunks_done / i.chunks_total for i in running if i.chunks_total)
+            work = self.finished + partial
+            eta = elapsed * (self.total - work) / work if work > 0 and self.total > work else (0.0 if work else None)
+            return {
+                "items_total": self.total, "items_done": self.done, "items_failed": self.failed,
+                "items_skipped": self.skipped, "items_running": len(running),
+                "chunks_done": chunks_done, "chunks_total": chunks_total,
+                "pixels_per_s": self.pixels / elapsed if elapsed > 0 else None,
+                "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1),
+                "work_done": round(work, 4),
+            }
+
+    def status_line(self) -> str:
+        """One line with the current figures."""
+        s = self.snapshot()
+        parts = [f"{s['items_done']} done, {s['items_skipped']} skipped, {s['items_failed']} failed "
+                 f"of {s['items_total']} items"]
+        if s["items_running"]:
+            parts.append(f"{s['items_running']} running ({s['chunks_done']}/{s['chunks_total']} chunks)")
+        if s["pixels_per_s"]:
+            parts.append(f"{s['pixels_per_s'] / 1e6:.2f} Mpx/s")
+        if s["eta_s"] is not None and s["items_done"] + s["items_failed"] + s["items_skipped"] < s["items_total"]:
+            parts.append(f"ETA {_duration(s['eta_s'])}")
+        return "; ".join(parts)
+
+    # -- drawing ----------------------------------------------------------------------------------
+    def _update(self, force: bool = False) -> None:
+        if self.mode == "off":
+            return
+        if self._bar is not None:
+            s = self.snapshot()
+            self._bar.n = s["work_done"]
+            self._bar.set_postfix_str(
+                f"{s['items_done']} ok, {s['items_failed']} failed, {s['items_skipped']} skipped; "
+                f"chunks {s['chunks_done']}/{s['chunks_total']}"
+                + (f"; {s['pixels_per_s'] / 1e6:.1f} Mpx/s" if s["pixels_per_s"] else ""), refresh=False)
+            self._bar.refresh() if force else self._bar.update(0)
+            return
+        now = time.perf_counter()
+        if force or now - self._last_log >= self.interval:
+            self._line(self.status_line())
+
+    def _line(self, text: str) -> None:
+        with self._lock:
+            self._last_log = time.perf_counter()
+            self.lines_written += 1
+        print(f"tileseg: {text}", file=self.stream, flush=True)
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
