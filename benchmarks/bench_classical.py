@@ -1,20 +1,28 @@
 """Benchmark: Otsu -> opening -> remove small objects -> label on huge 2D/3D uint8 images.
 
-Variants (each run in its own subprocess, watched for wall time and resident
-memory; the watcher kills a run that passes ``--mem-limit-gb`` and reports
-it as out of memory):
+The image is written once per size to a Zarr store (``--tmpdir``, reused by
+later runs, removed with ``--clean``), so every variant starts from the same
+bytes on disk and ends with the int64 labels written to a Zarr store (chunks
+as the input's), as a pipeline does. Variants, each run in its own fresh
+subprocess (imports before the clock starts), watched for wall time and
+resident memory (the watcher kills a run past ``--mem-limit-gb`` or
+``--timeout``, or when the shared machine runs low on memory):
 
-* ``tileseg``: the image is generated lazily chunk by chunk (never whole in
-  RAM); :func:`tileseg.methods.thresholds.threshold` (one-pass histogram Otsu),
+* ``tileseg``: the image read lazily chunk by chunk (never whole in RAM);
+  :func:`tileseg.methods.thresholds.threshold` (one-pass histogram Otsu),
   :func:`tileseg.postprocess.morphology.binary_opening`,
   :func:`tileseg.postprocess.objects.remove_small_objects` and
-  :func:`tileseg.stitching.labels.label`; labels (int64) are written to a
-  zarr store chunk by chunk.
-* ``skimage``: the same image materialised as one numpy array, then
+  :func:`tileseg.stitching.labels.label` (Dask threads).
+* ``skimage``: the image read whole into one numpy array, then
   ``threshold_otsu``, ``binary_opening``, ``remove_small_objects``,
-  ``skimage.measure.label`` on the whole array.
+  ``skimage.measure.label`` on the whole array (the baseline).
 * ``daskimage``: as ``tileseg`` up to the small-object removal, then
-  ``dask_image.ndmeasure.label``, written to zarr.
+  ``dask_image.ndmeasure.label``.
+
+Runs are interleaved (repeat 1 of every variant, then repeat 2, ...); the
+table shows medians and tileseg's time and peak RSS as ratios of
+scikit-image's measured in the same run. The load of the machine
+(``uptime``) is printed before and after.
 
 The synthetic image is a sum of two separable products of sines (blobs of
 about 20-60 pixels across, hundreds of thousands of them, crossing every
@@ -24,8 +32,8 @@ work to do.
 Usage::
 
     python benchmarks/bench_classical.py --check              # equality at a small size
-    python benchmarks/bench_classical.py --sizes2d 4096 30000 --sizes3d 256 1024
-    python benchmarks/bench_classical.py --variants tileseg --sizes3d 1024 --sizes2d
+    python benchmarks/bench_classical.py --sizes2d 16384 --sizes3d 512 --repeats 3
+    python benchmarks/bench_classical.py --variants tileseg --sizes3d 1024 --sizes2d 30000 --repeats 1
 
 Prints a markdown table (and writes JSON with ``--json``).
 """
@@ -37,13 +45,13 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import warnings
 
 import numpy as np
+from _watch import launch, summarise, uptime
 
 MIN_SIZE_PX = 30
 # blob periods per axis (two components): about 25-px blobs in 2D, 12-px blobs in 3D
@@ -88,14 +96,28 @@ def _footprint(ndim: int) -> np.ndarray:
     return ndi.generate_binary_structure(ndim, 1)  # disk(1) / ball(1)
 
 
-def run_tileseg(ndim: int, size: int, chunk: int, outdir: str, label_impl: str = "tileseg") -> dict:
+def prepare(tmpdir: str, ndim: int, size: int, chunk: int) -> str:
+    """Write the image to ``tmpdir`` once (a ``.done`` marker records completion); return its path."""
+    path = os.path.join(tmpdir, f"image_{ndim}d_{size}_{chunk}.zarr")
+    if not os.path.exists(path + ".done"):
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        synthetic(ndim, size, chunk).to_zarr(path)
+        open(path + ".done", "w").close()
+        print(f"prepared {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def run_tileseg(path: str, outdir: str, label_impl: str = "tileseg") -> dict:
+    import dask.array as da
+
     from tileseg.methods.thresholds import threshold
     from tileseg.postprocess.morphology import binary_opening
     from tileseg.postprocess.objects import remove_small_objects
     from tileseg.stitching.labels import label
 
-    img = synthetic(ndim, size, chunk)
     t0 = time.perf_counter()
+    img = da.from_zarr(path)
     t = threshold(img, "otsu")
     t1 = time.perf_counter()
     opened = binary_opening(img > t, footprint="ball", radius=1)
@@ -109,142 +131,68 @@ def run_tileseg(ndim: int, size: int, chunk: int, outdir: str, label_impl: str =
     labels.to_zarr(os.path.join(outdir, "labels.zarr"), overwrite=True)
     n = int(n)
     t2 = time.perf_counter()
-    return {"threshold": float(t), "n_objects": n, "t_threshold_s": t1 - t0, "t_total_s": t2 - t0}
+    return {"threshold": float(t), "n_objects": n, "t_threshold_s": t1 - t0, "time_s": t2 - t0}
 
 
-def run_skimage(ndim: int, size: int, chunk: int, outdir: str) -> dict:
-    import dask
+def run_skimage(path: str, outdir: str) -> dict:
+    import dask.array as da
+    import zarr
     from skimage.filters import threshold_otsu
     from skimage.measure import label
     from skimage.morphology import binary_opening, remove_small_objects
 
     t0 = time.perf_counter()
-    with dask.config.set(scheduler="threads"):
-        arr = synthetic(ndim, size, chunk).compute()
+    src = zarr.open_array(path, mode="r")
+    arr = src[...]
     t1 = time.perf_counter()
     t = threshold_otsu(arr)
     mask = arr > t
     del arr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # binary_opening is deprecated in 0.26
-        opened = binary_opening(mask, footprint=_footprint(ndim))
+        opened = binary_opening(mask, footprint=_footprint(mask.ndim))
     del mask
     cleaned = remove_small_objects(opened, max_size=MIN_SIZE_PX - 1, connectivity=1)
     del opened
     labels = label(cleaned, connectivity=1)
+    del cleaned
     n = int(labels.max())
+    da.from_array(labels, chunks=src.chunks).to_zarr(os.path.join(outdir, "labels.zarr"), overwrite=True)
     t2 = time.perf_counter()
-    return {"threshold": float(t), "n_objects": n, "t_generate_s": t1 - t0, "t_total_s": t2 - t0}
+    return {"threshold": float(t), "n_objects": n, "read_s": t1 - t0, "time_s": t2 - t0}
 
 
 def worker(args: argparse.Namespace) -> None:
-    outdir = tempfile.mkdtemp(prefix="bench_classical_", dir=args.tmpdir)
+    outdir = tempfile.mkdtemp(prefix="bench_classical_out_", dir=args.tmpdir)
     try:
         if args.worker == "tileseg":
-            res = run_tileseg(args.ndim, args.size, args.chunk, outdir)
+            res = run_tileseg(args.path, outdir)
         elif args.worker == "daskimage":
-            res = run_tileseg(args.ndim, args.size, args.chunk, outdir, label_impl="daskimage")
+            res = run_tileseg(args.path, outdir, label_impl="daskimage")
         elif args.worker == "skimage":
-            res = run_skimage(args.ndim, args.size, args.chunk, outdir)
+            res = run_skimage(args.path, outdir)
         else:
             raise SystemExit(f"unknown variant {args.worker!r}")
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
     res["ru_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print("RESULT " + json.dumps(res), flush=True)
+    print(json.dumps(res), flush=True)
 
 
-def launch(
-    variant: str,
-    ndim: int,
-    size: int,
-    chunk: int,
-    timeout: float,
-    mem_gb: float,
-    tmpdir: str,
-    min_free_gb: float = 1.0,
-) -> dict:
-    import psutil
-
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--worker",
-        variant,
-        "--ndim",
-        str(ndim),
-        "--size",
-        str(size),
-        "--chunk",
-        str(chunk),
-        "--tmpdir",
-        tmpdir,
+def table(summary: list[dict]) -> str:
+    lines = [
+        "| image | chunks | variant | time (s) | x scikit-image time | peak RSS (GB) | x scikit-image RSS | objects | runs | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    start = time.perf_counter()
-    out_f = tempfile.TemporaryFile(mode="w+")
-    err_f = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, text=True, env=env)
-    ps = psutil.Process(proc.pid)
-    peak, status = 0, "ok"
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-        except psutil.Error:
-            rss = 0
-        peak = max(peak, rss)
-        if rss > mem_gb * 2**30:
-            status = f"out of memory (> {mem_gb:g} GB cap)"
-            proc.kill()
-            break
-        if rss > 2**30 and psutil.virtual_memory().available < min_free_gb * 2**30:
-            # the machine is shared: never push other processes into the OOM killer
-            status = f"aborted at {rss / 2**30:.1f} GB: machine memory low (other processes)"
-            proc.kill()
-            break
-        if time.perf_counter() - start > timeout:
-            status = f"timeout (> {timeout:g} s)"
-            proc.kill()
-            break
-        time.sleep(0.1)
-    proc.wait()
-    out_f.seek(0)
-    err_f.seek(0)
-    out, err = out_f.read(), err_f.read()
-    wall = time.perf_counter() - start
-    row = {
-        "variant": variant,
-        "ndim": ndim,
-        "size": size,
-        "chunk": chunk,
-        "wall_s": wall,
-        "peak_rss_gb_sampled": peak / 2**30,
-        "status": status,
-    }
-    for line in out.splitlines():
-        if line.startswith("RESULT "):
-            row.update(json.loads(line[7:]))
-    if status == "ok" and proc.returncode != 0:
-        low = err.lower()
-        row["status"] = (
-            "out of memory (MemoryError)" if "memoryerror" in low else f"failed (rc {proc.returncode})"
-        )
-        row["error"] = err.strip().splitlines()[-1] if err.strip() else ""
-    return row
-
-
-def table(rows: list[dict]) -> str:
-    head = "| variant | image | chunks | status | time (s) | peak RSS (GB) | objects |\n|---|---|---|---|---|---|---|"
-    lines = [head]
-    for r in rows:
-        shape = "x".join([str(r["size"])] * r["ndim"])
-        rss = max(r.get("ru_maxrss_gb", 0.0), r["peak_rss_gb_sampled"])
-        t = r.get("t_total_s")
+    for s in summary:
+        t = s.get("time_s")
+        tt = "" if t is None else f"{t:.1f}"
+        r1 = f"{s['ratio']:.2f}" if "ratio" in s else ""
+        r2 = f"{s['rss_ratio']:.2f}" if "rss_ratio" in s else ""
+        rss = f"{s['peak_rss_gb']:.2f}" if "peak_rss_gb" in s else ""
         lines.append(
-            f"| {r['variant']} | {shape} | {r['chunk']}^{r['ndim']} | {r['status']} | "
-            f"{'' if t is None else f'{t:.1f}'} | {rss:.2f} | {r.get('n_objects', '')} |"
+            f"| {s['shape']} | {s['chunk']} | {s['variant']} | {tt} | {r1} | {rss} | {r2} | "
+            f"{s.get('n_objects', '')} | {s['runs']} | {s['status']} |"
         )
     return "\n".join(lines)
 
@@ -280,42 +228,60 @@ def check(size2d: int = 1500, size3d: int = 96) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker")
-    ap.add_argument("--ndim", type=int)
-    ap.add_argument("--size", type=int)
-    ap.add_argument("--chunk", type=int)
-    ap.add_argument(
-        "--tmpdir", default=tempfile.gettempdir(), help="where the zarr outputs go (deleted after)"
-    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--tmpdir", default=os.path.join(tempfile.gettempdir(), "tileseg-bench-classical"),
+                    help="where the prepared images and the outputs go")
+    ap.add_argument("--clean", action="store_true", help="remove the prepared images at the end")
     ap.add_argument("--check", action="store_true", help="equality check at a small size, then exit")
-    ap.add_argument("--sizes2d", type=int, nargs="*", default=[4096, 30000])
-    ap.add_argument("--sizes3d", type=int, nargs="*", default=[256, 1024])
+    ap.add_argument("--sizes2d", type=int, nargs="*", default=[16384])
+    ap.add_argument("--sizes3d", type=int, nargs="*", default=[512])
     ap.add_argument("--chunk2d", type=int, default=2048)
-    ap.add_argument("--chunk3d", type=int, default=256)
-    ap.add_argument("--variants", default="tileseg,skimage,daskimage")
+    ap.add_argument("--chunk3d", type=int, default=128)
+    ap.add_argument("--variants", default="tileseg,skimage")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant (median)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     ap.add_argument("--mem-limit-gb", type=float, default=14.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--table-from", help="print the table of rows saved by --json, then exit")
     args = ap.parse_args()
+    if args.table_from:
+        with open(args.table_from) as fh:
+            print(table(summarise(json.load(fh), "skimage")))
+        return
     if args.worker:
         worker(args)
         return
     if args.check:
         check()
         return
+    os.makedirs(args.tmpdir, exist_ok=True)
+    print("before:", uptime(), file=sys.stderr, flush=True)
     rows = []
     for ndim, sizes, chunk in ((2, args.sizes2d, args.chunk2d), (3, args.sizes3d, args.chunk3d)):
         for size in sizes:
-            for variant in args.variants.split(","):
-                row = launch(
-                    variant, ndim, size, min(chunk, size), args.timeout, args.mem_limit_gb, args.tmpdir
-                )
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if args.json:
-                    with open(args.json, "w") as fh:
-                        json.dump(rows, fh, indent=1)
-    print(table(rows))
+            path = prepare(args.tmpdir, ndim, size, min(chunk, size))
+            failed: set[str] = set()
+            for rep in range(args.repeats):
+                for variant in args.variants.split(","):
+                    if variant in failed:
+                        continue
+                    cmd = ["--worker", variant, "--path", path, "--tmpdir", args.tmpdir]
+                    row = launch(cmd, __file__, args.timeout, args.mem_limit_gb)
+                    row.update(variant=variant, shape="x".join([str(size)] * ndim), chunk=f"{min(chunk, size)}^{ndim}",
+                               repeat=rep, load=os.getloadavg()[0])
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if row["status"] != "ok":
+                        failed.add(variant)
+                    if args.json:
+                        with open(args.json, "w") as fh:
+                            json.dump(rows, fh, indent=1)
+            if args.clean:
+                shutil.rmtree(path, ignore_errors=True)
+                os.remove(path + ".done")
+    print("after:", uptime(), file=sys.stderr, flush=True)
+    print(table(summarise(rows, "skimage")))
 
 
 if __name__ == "__main__":

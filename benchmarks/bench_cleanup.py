@@ -1,15 +1,27 @@
 """Benchmark: connected-component labelling of huge masks, chunked vs whole-array.
 
-Variants, each in its own subprocess, watched for wall time and resident
-memory (the watcher kills a run past ``--timeout`` or ``--mem-limit-gb``):
+The mask is written once per size to a Zarr store (``--tmpdir``, reused by
+later runs, removed with ``--clean``) so every variant starts from the same
+bytes on disk, as a real pipeline does. Variants, each run in its own fresh
+subprocess (imports before the clock starts), watched for wall time and
+resident memory (the watcher kills a run past ``--timeout`` or
+``--mem-limit-gb``, or when the shared machine runs low on memory):
 
-* ``tileseg``: :func:`tileseg.stitching.labels.label` on a mask generated
-  lazily chunk by chunk (never whole in RAM); the int64 labels are consumed
-  chunk by chunk (a max reduction), so nothing of image size is held.
-* ``scipy``: the same mask materialised as one numpy array, then
-  :func:`scipy.ndimage.label` (int32 output in RAM).
+* ``tileseg``: :func:`tileseg.stitching.labels.label` on the lazily read mask
+  (Dask threads); the int64 labels are consumed chunk by chunk (a max
+  reduction), so nothing of image size is held. Time: reading + labelling.
+* ``tileseg-processes``: the same with Dask's multiprocessing scheduler
+  (:func:`scipy.ndimage.label` holds the GIL, so threads cannot label two
+  chunks at once).
+* ``scipy``: the mask read whole into one numpy array, then
+  :func:`scipy.ndimage.label` (int32 output in RAM). Time: labelling only
+  (the read is reported separately as ``read_s``), the baseline.
 * ``daskimage``: :func:`dask_image.ndmeasure.label` on the lazy mask,
   consumed like ``tileseg``.
+
+Runs are interleaved (repeat 1 of every variant, then repeat 2, ...) and the
+table shows medians, with tileseg's time as a ratio of SciPy's measured in the
+same run. The load of the machine (``uptime``) is printed before and after.
 
 The mask is a thresholded sum of products of sines (blobs about 10-30 pixels
 across that cross every chunk border) plus sparse single-pixel "salt", so
@@ -18,37 +30,11 @@ there are many objects of both kinds.
 Usage::
 
     python benchmarks/bench_cleanup.py --check                 # equality at a small size
-    python benchmarks/bench_cleanup.py --sizes3d 256 512 1024 --sizes2d 8192 30000
-    python benchmarks/bench_cleanup.py --variants daskimage --sizes3d 256 --timeout 300
+    python benchmarks/bench_cleanup.py --sizes3d 512 1024 --sizes2d 30000 --repeats 3
+    python benchmarks/bench_cleanup.py --sizes3d 2048 --sizes2d --variants tileseg --repeats 1
+    python benchmarks/bench_cleanup.py --variants daskimage --sizes3d 256 --sizes2d --timeout 300
 
 Prints a markdown table (and writes JSON with ``--json``).
-
-Measured 2026-11-25 on the 2-core, 23 GB development machine (shared with other
-jobs, so times are noisy), connectivity 1. "time" is labelling only for
-scipy (mask generation not counted: 14 s at 30000^2, 19 s at 1024^3); for
-tileseg and dask-image it includes generating the mask lazily, twice for
-tileseg (the summary pass and the relabel pass each regenerate it).
-
-=========  =====  ==========  ========  ===========  ==========================
-shape      chunk  variant     time (s)  peak RSS GB  objects / status
-=========  =====  ==========  ========  ===========  ==========================
-4096^2     2048   tileseg     1.9       0.37         28 022
-4096^2     2048   scipy       0.1       0.33         28 022
-4096^2     2048   dask-image  8.3       0.37         28 022
-30000^2    2048   tileseg     55.9      0.49         1 494 589
-30000^2    2048   scipy       14.0      4.56         1 494 589
-256^3      128    tileseg     1.9       0.23         22 970
-256^3      128    scipy       0.1       0.21         22 970
-256^3      128    dask-image  16.1      0.24         22 970
-512^3      128    tileseg     11.5      0.27         184 726
-512^3      128    scipy       2.0       0.74         184 726
-512^3      128    dask-image  > 300     -            killed at the 300 s timeout
-1024^3     128    tileseg     75.9      0.53         1 478 217
-1024^3     128    scipy       10.7      5.21         1 478 217
-2048^3     256    tileseg     529       2.34         11 817 344
-2048^3     -      scipy       -         -            not run: needs ~43 GB (8.6 GB
-                                                     mask + 34 GB int32 labels)
-=========  =====  ==========  ========  ===========  ==========================
 """
 
 from __future__ import annotations
@@ -57,12 +43,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
 
 import numpy as np
+from _watch import launch, summarise, uptime
 
 PERIODS = {2: ((47.0, 53.0), (131.0, 97.0)), 3: ((23.0, 29.0, 31.0), (61.0, 53.0, 67.0))}
 SALT = 0.002
@@ -102,32 +89,50 @@ def synthetic(ndim: int, size: int, chunk: int):
     )
 
 
-def run(variant: str, ndim: int, size: int, chunk: int) -> dict:
-    x = synthetic(ndim, size, chunk)
+def prepare(tmpdir: str, ndim: int, size: int, chunk: int) -> str:
+    """Write the mask to ``tmpdir`` once (a ``.done`` marker records completion); return its path."""
+    path = os.path.join(tmpdir, f"mask_{ndim}d_{size}_{chunk}.zarr")
+    if not os.path.exists(path + ".done"):
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.perf_counter()
+        synthetic(ndim, size, chunk).to_zarr(path)
+        open(path + ".done", "w").close()
+        print(f"prepared {path} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return path
+
+
+def run(variant: str, path: str) -> dict:
+    import dask
+    import dask.array as da
+
     res: dict = {}
-    if variant == "tileseg":
+    x = da.from_zarr(path)
+    if variant in ("tileseg", "tileseg-processes"):
         from tileseg.stitching.labels import label
 
-        t0 = time.perf_counter()
-        lab, n = label(x, connectivity=1)
-        res["summary_s"] = time.perf_counter() - t0
-        top = int(lab.max().compute())
-        res["time_s"] = time.perf_counter() - t0
-        assert top == n
+        sched = "processes" if variant == "tileseg-processes" else "threads"
+        with dask.config.set(scheduler=sched):
+            t0 = time.perf_counter()
+            lab, n = label(x, connectivity=1)
+            res["scan_s"] = time.perf_counter() - t0
+            top = int(lab.max().compute())
+            res["time_s"] = time.perf_counter() - t0
+        if top != n:
+            raise SystemExit(f"largest label {top} != number of objects {n}")
     elif variant == "daskimage":
         from dask_image import ndmeasure
 
         t0 = time.perf_counter()
         lab, n = ndmeasure.label(x)
         n = int(n.compute()) if hasattr(n, "compute") else int(n)
-        top = int(lab.max().compute())
+        int(lab.max().compute())
         res["time_s"] = time.perf_counter() - t0
     elif variant == "scipy":
         import scipy.ndimage as ndi
 
-        t_gen = time.perf_counter()
+        t_read = time.perf_counter()
         arr = x.compute()
-        res["generate_s"] = time.perf_counter() - t_gen
+        res["read_s"] = time.perf_counter() - t_read
         t0 = time.perf_counter()
         lab, n = ndi.label(arr)
         res["time_s"] = time.perf_counter() - t0
@@ -138,130 +143,99 @@ def run(variant: str, ndim: int, size: int, chunk: int) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    res = run(args.worker, args.ndim, args.size, args.chunk)
+    res = run(args.worker, args.path)
     res["ru_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(res))
 
 
-def launch(variant: str, ndim: int, size: int, chunk: int, timeout: float, mem_gb: float) -> dict:
-    """Run one variant in a subprocess; sample its RSS; kill it past the limits."""
-    import psutil
-
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        variant,
-        "--ndim",
-        str(ndim),
-        "--size",
-        str(size),
-        "--chunk",
-        str(chunk),
-    ]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
-    )
-    row = {"variant": variant, "shape": f"{size}^{ndim}", "chunk": chunk}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
-        ps = psutil.Process(proc.pid)
-        peak, status = 0, None
-        while proc.poll() is None:
-            try:
-                rss = ps.memory_info().rss
-            except psutil.Error:
-                rss = 0
-            peak = max(peak, rss)
-            if rss > mem_gb * 2**30:
-                status = f"killed at {rss / 2**30:.1f} GB (> {mem_gb} GB limit)"
-            elif time.perf_counter() - t0 > timeout:
-                status = f"timeout after {timeout:.0f} s"
-            if status:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(0.2)
-        row["wall_s"] = time.perf_counter() - t0
-        row["peak_rss_gb_sampled"] = peak / 2**30
-        out.seek(0)
-        err.seek(0)
-        lines = out.read().strip().splitlines()
-        if status is None and proc.returncode == 0 and lines:
-            row.update(json.loads(lines[-1]))
-            row["status"] = "ok"
-        else:
-            tail = err.read().strip().splitlines()[-1:] if status is None else []
-            row["status"] = status or f"failed (rc={proc.returncode}): {' '.join(tail)[:120]}"
-    return row
-
-
-def table(rows: list[dict]) -> str:
+def table(summary: list[dict]) -> str:
     lines = [
-        "| shape | chunk | variant | label time (s) | peak RSS (GB) | objects | status |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | chunk | variant | time (s) | x SciPy label | x SciPy read+label | peak RSS (GB) | objects | runs | status |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
-    for r in rows:
-        t = r.get("time_s")
-        rss = max(r.get("ru_maxrss_gb", 0.0), r["peak_rss_gb_sampled"])
+    for s in summary:
+        t = s.get("time_s")
+        tt = "" if t is None else f"{t:.1f}" + (f" (+{s['read_s']:.1f} read)" if "read_s" in s else "")
+        v1 = f"{s['ratio']:.2f}" if "ratio" in s else ""
+        v2 = f"{s['ratio_read']:.2f}" if "ratio_read" in s else ""
+        rss = f"{s['peak_rss_gb']:.2f}" if "peak_rss_gb" in s else ""
         lines.append(
-            f"| {r['shape']} | {r['chunk']} | {r['variant']} | {'' if t is None else f'{t:.1f}'} | "
-            f"{rss:.2f} | {r.get('n_objects', '')} | {r['status']} |"
+            f"| {s['shape']} | {s['chunk']} | {s['variant']} | {tt} | {v1} | {v2} | {rss} | "
+            f"{s.get('n_objects', '')} | {s['runs']} | {s['status']} |"
         )
     return "\n".join(lines)
 
 
 def check() -> None:
-    """tileseg labels equal scipy's on the benchmark data at a small size."""
+    """tileseg labels equal scipy's on the benchmark data at a small size (both label stores)."""
     import dask.array as da
     import scipy.ndimage as ndi
 
     from tileseg.stitching.labels import label
 
     for ndim, size, chunk in ((2, 700, 128), (3, 90, 32)):
-        x = synthetic(ndim, size, chunk)
-        arr = x.compute()
+        arr = synthetic(ndim, size, chunk).compute()
         ref, n_ref = ndi.label(arr)
-        lab, n = label(da.from_array(arr, chunks=chunk))
-        assert n == n_ref and (lab.compute() == ref).all(), (ndim, n, n_ref)
+        for spill in ("disk", "memory"):
+            lab, n = label(da.from_array(arr, chunks=chunk), spill=spill)
+            assert n == n_ref and (lab.compute() == ref).all(), (ndim, n, n_ref, spill)
         print(f"{ndim}D {size}: {n} objects, equal to scipy.ndimage.label")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--ndim", type=int, default=3, help=argparse.SUPPRESS)
-    p.add_argument("--size", type=int, default=256, help=argparse.SUPPRESS)
-    p.add_argument("--chunk", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--check", action="store_true", help="verify equality with scipy at a small size")
-    p.add_argument("--variants", nargs="+", default=["tileseg", "scipy", "daskimage"])
-    p.add_argument("--sizes3d", nargs="*", type=int, default=[256, 512])
-    p.add_argument("--sizes2d", nargs="*", type=int, default=[8192])
+    p.add_argument("--variants", nargs="+", default=["tileseg", "scipy"])
+    p.add_argument("--sizes3d", nargs="*", type=int, default=[512, 1024])
+    p.add_argument("--sizes2d", nargs="*", type=int, default=[])
     p.add_argument("--chunk3d", type=int, default=128)
     p.add_argument("--chunk2d", type=int, default=2048)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats per variant (median)")
+    p.add_argument("--tmpdir", default=os.path.join(tempfile.gettempdir(), "tileseg-bench-cleanup"))
+    p.add_argument("--clean", action="store_true", help="remove the prepared masks at the end")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--mem-limit-gb", type=float, default=16.0)
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--table-from", help="print the table of rows saved by --json, then exit")
     args = p.parse_args()
+    if args.table_from:
+        with open(args.table_from) as f:
+            print(table(summarise(json.load(f), "scipy")))
+        return
     if args.worker:
         worker(args)
         return
     if args.check:
         check()
         return
+    os.makedirs(args.tmpdir, exist_ok=True)
+    print("before:", uptime(), file=sys.stderr, flush=True)
     rows = []
     for ndim, sizes, chunk in ((2, args.sizes2d, args.chunk2d), (3, args.sizes3d, args.chunk3d)):
         for size in sizes:
-            for variant in args.variants:
-                row = launch(variant, ndim, size, chunk, args.timeout, args.mem_limit_gb)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            path = prepare(args.tmpdir, ndim, size, min(chunk, size))
+            failed: set[str] = set()
+            for rep in range(args.repeats):
+                for variant in args.variants:
+                    if variant in failed:
+                        continue
+                    row = launch(["--worker", variant, "--path", path], __file__, args.timeout, args.mem_limit_gb)
+                    row.update(variant=variant, shape=f"{size}^{ndim}", chunk=min(chunk, size), repeat=rep,
+                               load=os.getloadavg()[0])
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    if row["status"] != "ok":
+                        failed.add(variant)
+                    if args.json:
+                        with open(args.json, "w") as f:
+                            json.dump(rows, f, indent=1)
+            if args.clean:
+                shutil.rmtree(path, ignore_errors=True)
+                os.remove(path + ".done")
+    print("after:", uptime(), file=sys.stderr, flush=True)
+    print(table(summarise(rows, "scipy")))
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ def test_run_inside_a_users_client_computes_on_that_cluster(tmp_path, cluster, m
         ran_on = {t["worker"] for t in ts.data}
         assert ran_on and ran_on <= _worker_addresses(client)
         names = {t["key"][0] if isinstance(t["key"], tuple) else t["key"] for t in ts.data}
-        assert any(str(n).startswith("store-map") for n in names), names  # read, threshold, write: fused there
+        assert any(str(n).startswith("tileseg-store-") for n in names), names  # the chunk writes ran there
         # the pipeline naming a scheduler wins over the client: nothing more reaches the cluster
         local = write_method_pipeline(tmp_path / "q.yaml", "in/*.zarr", output="local/{stem}.zarr",
                                       execution="{scheduler: threads, workers: 1}")

@@ -93,6 +93,9 @@ def segment(
     target_spacing: Sequence[float] | None = None,
     device: str | None = None,
     precision: str = "fp32",
+    tta: Sequence[str] = (),
+    channels_last: bool = False,
+    compile: bool = False,
     preprocess: Sequence[Any] | None = None,
     nan_policy: str = "error",
     fill_value: float = 0.0,
@@ -141,6 +144,16 @@ def segment(
         Torch device (default CUDA when available in the worker, else CPU).
     precision : {"fp32", "fp16", "bf16"}
         Autocast precision for torch models.
+    tta : sequence of str
+        Flip test-time augmentation over these axes (``"x"``, ``"y"``,
+        ``"z"``): every combination of flips is folded into the batch (one
+        forward of ``2**len(tta)`` times the patches) and the outputs are
+        flipped back and averaged as logits.
+    channels_last : bool
+        Channels-last memory format for torch models (often faster on GPUs).
+    compile : bool
+        ``torch.compile`` a torch model once per worker process (eager, with a
+        warning, where compiling fails).
     preprocess : list, optional
         Preprocessing steps, e.g. ``["zscore"]`` (see :mod:`tileseg.preprocess`);
         use the same as in training.
@@ -214,7 +227,8 @@ def segment(
         from .placement import prepare
 
         prepare(resources)
-    predictor = load_predictor(model, device=device, precision=precision)
+    predictor = load_predictor(model, device=device, precision=precision, tta=tta, channels_last=channels_last,
+                               compile=compile)
     if not np.isscalar(patch_size):
         from .predictors.check import check_patch_size
 

@@ -91,6 +91,10 @@ def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, q
     """
     from .runner import run_pipeline
 
+    stages = logging.getLogger("tileseg.runner")
+    level = stages.level
+    if not quiet and logging.getLogger("tileseg").getEffectiveLevel() <= logging.WARNING:
+        stages.setLevel(logging.INFO)  # one line per stage of each item, with its time, before the compute's bar
     previous = _stop_on_sigterm()
     try:
         report = run_pipeline(pipeline, scheduler=scheduler, fresh=fresh, retry_failed=retry_failed,
@@ -104,6 +108,7 @@ def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, q
                    "run the same command again to continue", err=True)
         sys.exit(128 + int(signum))
     finally:
+        stages.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     click.echo(report.summary_table())
@@ -149,7 +154,9 @@ def _summary(cfg: Any) -> list[str]:
         t = cfg.tiling
         overlap = f"overlap_px {t.overlap_px}" if t.overlap_px is not None else f"overlap {t.overlap}"
         files = ", ".join(cfg.model.files().values())
-        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision})")
+        speed = "".join(f", {k}" for k in ("channels_last", "compile") if getattr(cfg.model, k))
+        tta = f", tta {'/'.join(cfg.model.tta)}" if cfg.model.tta else ""
+        lines.append(f"model: {cfg.model.kind} {files} (batch {cfg.model.batch_size}, {cfg.model.precision}{tta}{speed})")
         lines.append(f"tiling: patch {t.patch_size}, {overlap}, blend {t.blend}")
         lines.append(f"engine output: {cfg.model.output}")
     else:
@@ -201,6 +208,9 @@ def plan(pipeline: str, as_json: bool) -> None:
     except TilesegError as exc:
         _fail(exc)
         return
+    for r in rows:
+        for warning in r.get("warnings", ()):
+            click.echo(f"warning: item {r['index']} ({r['input']}): {warning}", err=True)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

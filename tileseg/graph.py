@@ -46,6 +46,10 @@ from .tiling.reads import private_reads
 
 log = logging.getLogger(__name__)
 
+#: Name prefix of the lookahead tokens: ordering-only edges (a pruned graph may drop them, see
+#: :func:`tileseg.writers.blocks.needed`).
+ORDER_TOKEN = "tileseg-done-"
+
 
 # --------------------------------------------------------------------------- stages
 
@@ -456,8 +460,8 @@ class _Names:
     def __init__(self, token: str, resources: dict[str, float] | None = None) -> None:
         self.model = model_key(token, resources)
         self.window = (f"tileseg-window-{token}", 0)
-        self.predict, self.piece, self.final, self.done = (
-            f"tileseg-{s}-{token}" for s in ("predict", "piece", "final", "done"))
+        self.predict, self.piece, self.final = (f"tileseg-{s}-{token}" for s in ("predict", "piece", "final"))
+        self.done = f"{ORDER_TOKEN}{token}"
 
 
 def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,

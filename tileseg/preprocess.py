@@ -26,6 +26,14 @@ Conventions
   other pixel (NaN stays NaN).
 - A standard deviation of 0 (constant channel) or a percentile range of 0 is
   treated as 1, so the step never divides by zero.
+- Images of more than :data:`SUBSAMPLE_ABOVE_PIXELS` (2**32) pixels per channel
+  take these statistics from :data:`SUBSAMPLE_BLOCKS` blocks spread evenly over
+  the image (logged), not from every pixel: a normalisation needs the
+  intensity distribution, not every pixel of a 10^12-pixel mosaic, and the
+  exact pass would read the whole image once more before segmenting it.
+  Smaller images (every test, CT, a whole slide) get exact statistics.
+  Thresholding methods (Otsu and the other histogram thresholds) stay exact at
+  any size: their threshold decides every pixel's class.
 - ``percentile`` follows ``numpy.percentile`` (linear interpolation). It is
   exact for integer images of up to 16 bits (and for wider integer images whose
   value range spans at most 2**20 values), via a per-chunk ``bincount`` summed
@@ -37,7 +45,9 @@ Conventions
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from itertools import product
 from typing import Any
 
 import dask
@@ -45,6 +55,8 @@ import dask.array as da
 import numpy as np
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "apply_preprocess", "zscore", "fixed", "percentile", "clip", "scale",
@@ -94,18 +106,83 @@ def _tree(items: list, combine: Callable[[Any, Any], Any]) -> Any:
     return items[0]
 
 
+#: Images with more pixels than this (per channel) get their statistics from a subsample of blocks.
+SUBSAMPLE_ABOVE_PIXELS = 2**32
+#: About how many windows such a subsample reads (on an even lattice over the image).
+SUBSAMPLE_BLOCKS = 64
+#: Pixels in each window. A window lies in one block, and that block is computed whole (slices are not
+#: pushed below the preprocessing steps), so the cost is about SUBSAMPLE_BLOCKS blocks.
+SUBSAMPLE_WINDOW = 2**16
+
+
+def _windows(arr: da.Array, per_axis: int) -> da.Array:
+    """``(C, n)``: windows of ``arr`` ``(C, *spatial)`` centred on an even lattice of ``per_axis`` points per axis.
+
+    Each window lies inside the block holding its centre (one block read each), flattened, one chunk each.
+    """
+    side = max(1, int(round(SUBSAMPLE_WINDOW ** (1 / (arr.ndim - 1)))))
+    bounds = [np.concatenate([[0], np.cumsum(c)]).astype(int) for c in arr.chunks[1:]]
+    axes = []
+    for b, n in zip(bounds, arr.shape[1:]):
+        spans = []
+        for k in range(per_axis):
+            centre = int((k + 0.5) * n / per_axis)
+            i = int(np.searchsorted(b, centre, side="right") - 1)
+            lo, hi = int(b[i]), int(b[i + 1])
+            w = min(side, hi - lo)
+            start = min(max(lo, centre - w // 2), hi - w)
+            spans.append(slice(start, start + w))
+        axes.append(spans)
+    pieces = [arr[(slice(None), *region)].reshape(arr.shape[0], -1, merge_chunks=True)
+              for region in product(*axes)]
+    return da.concatenate(pieces, axis=1)
+
+
+def sample_blocks(numblocks: Sequence[int], n_pixels: int, *, above: int | None = None,
+                  max_blocks: int | None = None) -> int | None:
+    """Sample points per axis for the statistics of a huge image, or None for "use every pixel".
+
+    Every pixel is used unless the image has more than ``above`` pixels and
+    more than ``max_blocks`` blocks (defaults :data:`SUBSAMPLE_ABOVE_PIXELS`,
+    :data:`SUBSAMPLE_BLOCKS`); then about ``max_blocks`` windows are read, on
+    a lattice of this many evenly spaced points per axis.
+
+    >>> sample_blocks((10, 10), 100), sample_blocks((1000, 1000), 10**12)
+    (None, 8)
+    """
+    above = SUBSAMPLE_ABOVE_PIXELS if above is None else above
+    max_blocks = SUBSAMPLE_BLOCKS if max_blocks is None else max_blocks
+    total = int(np.prod(numblocks, dtype=np.int64))
+    if n_pixels <= above or total <= max_blocks:
+        return None
+    return max(1, int(max_blocks ** (1 / len(numblocks)) + 1e-9))
+
+
 def _reduce_blocks(arr: da.Array, fn: Callable[[np.ndarray, slice], Any],
                    combine: Callable[[Any, Any], Any]) -> list[tuple[slice, Any]]:
     """``fn(block, channels)`` on every block, tree-combined per channel chunk; one Dask compute.
 
+    On images above :data:`SUBSAMPLE_ABOVE_PIXELS` pixels only the blocks of
+    :func:`sample_blocks` are read (an approximation, logged), so set-up does
+    not read a huge image once more before segmenting it.
+
     Returns ``(channel slice, combined result)`` per channel chunk.
     """
     offsets = np.concatenate([[0], np.cumsum(arr.chunks[0])])
-    blocks = arr.to_delayed()
+    spatial = arr.numblocks[1:]
+    chosen = sample_blocks(spatial, int(np.prod(arr.shape[1:], dtype=np.int64)))
+    if chosen is not None:
+        log.info("image statistics from %d windows of %d pixels (of %d blocks; a subsample: the image has "
+                 "%.3g pixels per channel)", chosen ** len(spatial), SUBSAMPLE_WINDOW,
+                 int(np.prod(spatial, dtype=np.int64)), float(np.prod(arr.shape[1:], dtype=float)))
+        arr = _windows(arr.rechunk({0: arr.chunks[0]}), chosen)
     roots, keys = [], []
-    for c in range(blocks.shape[0]):
+    blocks = arr.to_delayed()
+    chosen = list(np.ndindex(blocks.shape[1:]))
+    get = blocks.__getitem__
+    for c in range(arr.numblocks[0]):
         ch = slice(int(offsets[c]), int(offsets[c + 1]))
-        parts = [dask.delayed(fn)(blocks[(c, *idx)], ch) for idx in np.ndindex(blocks.shape[1:])]
+        parts = [dask.delayed(fn)(get((c, *idx)), ch) for idx in chosen]
         roots.append(_tree(parts, combine))
         keys.append(ch)
     return list(zip(keys, dask.compute(*roots)))

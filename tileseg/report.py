@@ -98,6 +98,14 @@ class RunReport:
         The scheduler that ran the graph.
     items : list of ItemResult
     report_path, manifest_path : str
+<<<<<<< HEAD
+        Where the JSON report and the resume manifest were written.
+    batch_sizes : list of dict
+        Batch sizes lowered after device out-of-memory, per model and worker
+        process (``model``, ``device``, ``batch_size`` found, ``requested``,
+        ``worker``, ``host``, ``pid``; see :mod:`tileseg.predictors.oom`).
+        Empty when every batch fitted.
+=======
         Where the JSON report and the run manifest were written.
     run_id : str
         This run's identifier (its claims in the manifest carry it).
@@ -109,6 +117,7 @@ class RunReport:
         Model loads per process since it started (``local``: this process,
         else worker addresses; see :mod:`tileseg.counters`): a worker that
         runs inference loads the model once.
+>>>>>>> main
     """
 
     pipeline: dict[str, Any]
@@ -124,6 +133,7 @@ class RunReport:
     error: str | None = None
     interrupted: bool = False
     model_loads: dict[str, int] | None = None
+    batch_sizes: list[dict[str, Any]] = field(default_factory=list)
     _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property

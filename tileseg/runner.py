@@ -33,13 +33,17 @@ alone and the item fails with an :class:`~tileseg.errors.OutputError`.
 The JSON run report (``tileseg-report.json`` next to the outputs) holds the
 fully resolved pipeline, package versions, the scheduler and, per item:
 status, input, outputs, shape, chunks, patches, timings per stage
-(``open``, ``graph``, ``compute_write``, ``finalize``, ``evaluate``),
+(``open``, ``statistics``: whole-image passes made while the graph is built,
+such as a histogram or connected components; ``graph``: the rest of building
+and preparing the outputs, ``compute_write``, ``finalize``, ``evaluate``),
 throughput (pixels/s), peak RSS, the error if any, and Dice if evaluated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -130,16 +134,63 @@ def expand_items(cfg: PipelineConfig) -> list[tuple[str, Exception | None]]:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Times the stages of one item and logs a line when each starts and ends (progress from the first stage)."""
+
+    def __init__(self, label: str = "") -> None:
         self.timings: dict[str, float] = {}
+        self.label = label
+        self.t0 = time.perf_counter()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        log.info("%s: %s ... (%.1f s into the item)", self.label, name, t0 - self.t0)
         try:
             yield
         finally:
-            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t0, 4)
+            dt = time.perf_counter() - t0
+            self.timings[name] = round(self.timings.get(name, 0.0) + dt, 4)
+            log.info("%s: %s done in %.1f s", self.label, name, dt)
+
+    def split(self, stage: str, part: str, seconds: float) -> None:
+        """Move ``seconds`` of ``stage`` into its own entry ``part`` (e.g. statistics computed while building)."""
+        if seconds <= 0:
+            return
+        self.timings[part] = round(self.timings.get(part, 0.0) + seconds, 4)
+        self.timings[stage] = round(max(0.0, self.timings.get(stage, 0.0) - seconds), 4)
+        log.info("%s: of which %.1f s computing whole-image statistics (%s)", self.label, seconds, part)
+
+
+class _EagerComputes:
+    """Seconds spent in Dask computes while a graph is built (whole-image statistics, components).
+
+    Counted with a local-scheduler callback; on a distributed client nothing is counted.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0: list[float] = []
+        self._cb: Any = None
+
+    def __enter__(self) -> _EagerComputes:
+        from dask.callbacks import Callback
+
+        outer = self
+
+        class _CB(Callback):
+            def _start(self, dsk: Any) -> None:
+                outer._t0.append(time.perf_counter())
+
+            def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
+                if outer._t0:
+                    outer.seconds += time.perf_counter() - outer._t0.pop()
+
+        self._cb = _CB()
+        self._cb.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cb.__exit__(*exc)
 
 
 def open_item(cfg: PipelineConfig, item: str, index: int = 0) -> Image:
@@ -163,7 +214,8 @@ def load_model(cfg: PipelineConfig):
 
     assert cfg.model is not None
     device = None if cfg.model.device == "auto" else cfg.model.device
-    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision)
+    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision, tta=cfg.model.tta,
+                          channels_last=cfg.model.channels_last, compile=cfg.model.compile)
 
 
 def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
@@ -255,6 +307,9 @@ class _Output:
     path: str
     config_hash: str
     writer: Any
+    #: Names the partial output a killed run leaves for the next one: the output's hash and the
+    #: input's fingerprint (an input changed in place must not resume chunks of the old one).
+    partial_key: str | None = None
 
 
 def _writer(name: str):
@@ -271,10 +326,15 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
     (a finished output of an earlier run stays in place until ``finalize``).
     """
     handles: list[Any] = []
+    keyed: list[bool] = []
     try:
         with timer.stage("graph"):
             for out, image, ow in zip(outputs, images, overwrite):
-                handles.append(out.writer.prepare(image, out.path, overwrite=ow, **dict(out.cfg.options)))
+                options = dict(out.cfg.options)
+                keyed.append(_takes_partial_key(out.writer) and "partial_key" not in options)
+                if keyed[-1]:  # a killed or failed run leaves this partial output for the next run to resume
+                    options["partial_key"] = out.partial_key or out.config_hash
+                handles.append(out.writer.prepare(image, out.path, overwrite=ow, **options))
             tasks = [out.writer.write_task(h, image) for out, h, image in zip(outputs, handles, images)]
         with timer.stage("compute_write"):
             compute(sched, *tasks, progress=progress)
@@ -282,13 +342,26 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
             for out, h in zip(outputs, handles):
                 out.writer.finalize(h, {**info, "config_hash": out.config_hash})
     except BaseException:
-        for out, h in zip(outputs, handles):
+        for out, h, keep in zip(outputs, handles, keyed):
+            if keep:  # hidden partial output with its chunk records: the next run resumes it
+                log.info("%s: partial output %s kept for resuming", out.path, h.target)
+                continue
             try:
                 out.writer.abort(h)  # local: removes the partial copy; a finalized output is already in place
             except Exception as exc:  # pragma: no cover - best effort
                 log.warning("could not clean up %s: %s", out.path, exc)
         raise
     return handles
+
+
+def _takes_partial_key(writer: Any) -> bool:
+    """Whether ``writer.prepare`` resumes partial outputs by key (see :mod:`tileseg.writers.blocks`)."""
+    import inspect
+
+    try:
+        return "partial_key" in inspect.signature(writer.prepare).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -458,10 +531,12 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
             if notify is not None and report.scheduler.get("dashboard"):
                 notify(f"dashboard: {report.scheduler['dashboard']}")
             try:
-                run_items(range(len(items)), state.process, max_in_flight=cfg.execution.max_items_in_flight,
-                          on_interrupt=sched.cancel)
+                first = _warm_up(state, sched) if cfg.execution.max_items_in_flight > 1 else 0
+                run_items(range(first, len(items)), state.process,
+                          max_in_flight=cfg.execution.max_items_in_flight, on_interrupt=sched.cancel)
                 if cfg.model is not None:
                     report.model_loads = _model_loads(sched)
+                    report.batch_sizes = _batch_sizes(sched, state)
             except KeyboardInterrupt as exc:
                 report.interrupted = True
                 report.error = f"interrupted ({type(exc).__name__}: {exc or 'Ctrl-C'}); rerun to continue"
@@ -477,6 +552,21 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
         state.write_report()
         manifest.close()
     return report
+
+
+def _warm_up(state: _RunState, sched: SchedulerInfo) -> int:
+    """Run items one at a time until one is computed; return the index the concurrent part starts at.
+
+    The first computed item imports what the pipeline needs (scikit-image's lazily
+    loaded submodules, torch, codecs) on one thread: several item drivers
+    importing the same lazily loaded package at once can see it half
+    initialised (seen with ``skimage.morphology``).
+    """
+    for index in range(len(state.items)):
+        run_items([index], state.process, max_in_flight=1, on_interrupt=sched.cancel)
+        if state.report.items[index].status == OK:
+            return index + 1
+    return len(state.items)
 
 
 @dataclasses.dataclass
@@ -554,6 +644,9 @@ class _RunState:
         try:
             fp = input_fingerprint(item, storage_options=cfg.input.options.get("storage_options"),
                                    checksum=cfg.execution.input_checksum)
+            for o in outputs:
+                o.partial_key = hashlib.sha256(
+                    f"{o.config_hash}\0{json.dumps(fp, sort_keys=True, default=str)}".encode()).hexdigest()[:32]
             decision = self.manifest.claim(
                 key, input=item, outputs=[o.path for o in outputs], output_hashes=[o.config_hash for o in outputs],
                 input_fingerprint=fp, pipeline_fingerprint=self.fingerprint, settings_fingerprint=self.settings,
@@ -616,6 +709,14 @@ def _model_loads(sched: SchedulerInfo) -> dict[str, int]:
     return {proc: sum(c.get("model_loads", {}).values()) for proc, c in per.items()}
 
 
+def _batch_sizes(sched: SchedulerInfo, state: _RunState) -> list[dict[str, Any]]:
+    """Batch sizes the run's model fell back to after device out-of-memory, per worker process."""
+    from .predictors.oom import gather
+
+    key = getattr(state._predictor, "_key", None)
+    return gather(sched.client, key=key) if key is not None else []
+
+
 def _bad_output_px(sched: SchedulerInfo | None, source: str) -> int:
     from . import counters
 
@@ -643,18 +744,19 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
               predictor: Any, sched: SchedulerInfo | None, overwrite: list[bool], progress: bool) -> None:
     """Open, build, check space, write and evaluate one claimed item; an item's error is recorded in ``result``.
 
-    Interruptions (``KeyboardInterrupt``, :class:`~tileseg.errors.RunInterrupted`) propagate after the
-    writers removed their partial outputs.
+    Interruptions (``KeyboardInterrupt``, :class:`~tileseg.errors.RunInterrupted`) propagate; keyed partial
+    outputs stay for the next run to resume (see :mod:`tileseg.writers.blocks`).
     """
-    timer = _Timer()
+    timer = _Timer(f"item {index} ({os.path.basename(item.rstrip('/')) or item})")
     try:
         with PeakRSS() as mem:
             try:
                 with timer.stage("open"):
                     image = open_item(cfg, item, index)
                 result.shape = [int(s) for s in image.spatial_shape]
-                with timer.stage("graph"):
+                with timer.stage("graph"), _EagerComputes() as eager:
                     raw, final, stats = build_item(cfg, image, predictor, sched)
+                timer.split("graph", "statistics", eager.seconds)
                 result.n_patches = stats.get("n_patches")
                 result.n_patches_skipped = stats.get("n_patches_skipped")
                 images = [final if o.cfg.content == "result" else raw for o in outputs]
@@ -732,9 +834,33 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
                 row.update(shape=list(image.spatial_shape), channels=image.data.shape[0] if image.has_channels else 1,
                            chunks=chunks, n_patches=None, est_peak_task_bytes=None)
             row["dtype"] = str(image.dtype)
+            row["est_tasks"] = estimate_tasks(row, len(cfg.postprocess or ()) + len(cfg.preprocess or ()),
+                                              spatial_ndim=image.spatial_ndim)
+            if row["est_tasks"] > MAX_TASKS_PER_ITEM:
+                row.setdefault("warnings", []).append(
+                    f"about {row['est_tasks']:.3g} tasks in its graph (more than {MAX_TASKS_PER_ITEM:.0e}): "
+                    "graph building and the scheduler will be slow; use larger tiling.chunks")
         except Exception as exc:
             row["error"] = _error_text(exc, item)
     return rows
+
+
+#: ``tileseg plan`` warns about items whose graph would have more tasks than this.
+MAX_TASKS_PER_ITEM = 100_000
+
+
+def estimate_tasks(row: dict[str, Any], n_steps: int, *, spatial_ndim: int) -> int:
+    """Rough task count of one item's graph from its plan row (``n_blocks`` or ``shape``/``chunks``).
+
+    A model's block has an owner, up to ``2**ndim`` pieces, a final task, an
+    ordering token and a store task; a classical block one task per step plus
+    its read and store.
+    """
+    if row.get("n_owner_tasks") is not None:
+        return int(row["n_owner_tasks"]) * (1 + 2 ** spatial_ndim) + 3 * int(row["n_blocks"]) + \
+            n_steps * int(row["n_blocks"])
+    blocks = int(np.prod([-(-int(s) // int(c)) for s, c in zip(row["shape"], row["chunks"])], dtype=np.int64))
+    return blocks * (3 + n_steps)
 
 
 __all__ = ["run_pipeline", "plan_pipeline", "expand_items", "render_output", "open_item", "build_item"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import pickle
+
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -10,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tileseg.errors import ConfigError, InputError
-from tileseg.stitching.labels import components, label
+from tileseg.stitching.labels import _first_in_raster_order, components, label
 from tileseg.testing.strategies import chunkings
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -204,3 +209,96 @@ def test_empty_chunks_and_empty_arrays():
     np.testing.assert_array_equal(lab.compute(), ref)
     lab, n = label(da.zeros((0, 5), dtype=bool, chunks=2))
     assert n == 0 and lab.compute().shape == (0, 5)
+
+
+# --- the label store between the scan and the relabel pass -------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(cases())
+def test_memory_and_disk_stores_give_scipys_labels(case):
+    mask, chunks, connectivity = case
+    ref, n_ref = _ref(mask, connectivity)
+    for spill in ("memory", "disk"):
+        lab, n = label(da.from_array(mask, chunks=chunks), connectivity=connectivity, spill=spill)
+        assert n == n_ref
+        np.testing.assert_array_equal(lab.compute(), ref)
+
+
+def test_labels_under_the_processes_scheduler_equal_scipy():
+    # The relabel tasks (and the store) are pickled into worker processes.
+    rng = np.random.default_rng(11)
+    mask = ndi.gaussian_filter(rng.random((40, 36, 30)), 1.2) > 0.5
+    ref, n_ref = _ref(mask, 1)
+    with dask.config.set(scheduler="processes", num_workers=2):
+        lab, n = label(da.from_array(mask, chunks=(13, 10, 16)))
+        got = lab.compute()
+    assert n == n_ref
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_disk_store_is_removed_with_the_last_array_using_it():
+    mask = da.from_array(np.eye(12, dtype=bool), chunks=5)
+    comps = components(mask, connectivity=2, spill="disk")
+    path = comps.store.path
+    lab = comps.apply(np.arange(1, comps.n + 1))
+    assert os.listdir(path)
+    del comps
+    gc.collect()
+    assert os.path.isdir(path)  # the array still needs it
+    np.testing.assert_array_equal(lab.compute(), np.eye(12, dtype=np.int64))
+    del lab
+    gc.collect()
+    assert not os.path.exists(path)
+
+
+def test_a_pickled_store_reads_but_never_removes():
+    mask = da.from_array(np.eye(9, dtype=bool), chunks=4)
+    comps = components(mask, connectivity=1, spill="disk")
+    copy = pickle.loads(pickle.dumps(comps.store))
+    np.testing.assert_array_equal(copy.get(0, comps.tokens[0]), comps.store.get(0, comps.tokens[0]))
+    del copy
+    gc.collect()
+    assert os.path.isdir(comps.store.path)
+    comps.store.cleanup()
+    assert not os.path.exists(comps.store.path)
+    lab = comps.apply(np.arange(1, comps.n + 1))
+    with pytest.raises(FileNotFoundError, match="provisional labels of chunk"):
+        lab.compute()
+
+
+def test_unknown_spill_mode_is_a_config_error():
+    with pytest.raises(ConfigError, match="spill"):
+        label(da.zeros((4, 4), dtype=bool, chunks=2), spill="tape")
+
+
+def test_first_pixel_per_label_across_pieces():
+    rng = np.random.default_rng(2)
+    mask = ndi.gaussian_filter(rng.random((23, 19)), 1.0) > 0.5
+    lab, n = ndi.label(mask)
+    expected = [int(np.flatnonzero(lab.ravel() == k)[0]) for k in range(1, n + 1)]
+    for step in (1, 2, 7, 64, 10_000):
+        assert _first_in_raster_order(lab, step=step).tolist() == expected
+
+
+@pytest.mark.parametrize("clean_conn,label_conn", [(1, 1), (2, 2), (1, 2), (2, 1)])
+def test_labelling_a_cleaned_mask_equals_skimage(clean_conn, label_conn, monkeypatch):
+    from skimage.morphology import remove_small_objects as sk_rso
+
+    from tileseg.postprocess.objects import remove_small_objects
+    from tileseg.stitching import labels as labels_mod
+
+    rng = np.random.default_rng(clean_conn * 10 + label_conn)
+    mask = ndi.gaussian_filter(rng.random((33, 31, 29)), 1.0) > 0.52
+    scans = []
+    real_scan = labels_mod._scan
+    monkeypatch.setattr(labels_mod, "_scan", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    cleaned = remove_small_objects(da.from_array(mask, chunks=(10, 12, 9)), min_size_px=6, connectivity=clean_conn)
+    n_chunks = len(scans)
+    lab, n = label(cleaned, connectivity=label_conn)
+    # Same connectivity: the cleaned mask's components are the kept ones, no second scan.
+    assert len(scans) == (n_chunks if clean_conn == label_conn else 2 * n_chunks)
+    ref_mask = sk_rso(mask, max_size=5, connectivity=clean_conn)
+    ref, n_ref = _ref(ref_mask, label_conn)
+    assert n == n_ref
+    np.testing.assert_array_equal(lab.compute(), ref)

@@ -39,6 +39,9 @@ Schema (version 1)
       batch_size: 16                # > 0
       precision: fp32               # fp32 | fp16 | bf16
       device: auto                  # auto (CUDA when present) | cpu | cuda | cuda:N | mps
+      tta: []                       # flip test-time augmentation over these axes, e.g. [y, x] (z, y, x)
+      channels_last: false          # channels-last memory format (torch models)
+      compile: false                # torch.compile once per worker (eager with a warning if impossible)
       classes: [background, object] # optional names, one per class (2 for a 1-channel model)
       bad_output: error             # error | nodata: NaN/Inf in the model output fails the item naming the
                                     # patch box, or those pixels are written as nodata and counted
@@ -349,6 +352,9 @@ class ModelConfig(_Section):
     batch_size: int = Field(default=8, gt=0)
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: str = "auto"
+    tta: list[str] = Field(default_factory=list)
+    channels_last: bool = False
+    compile: bool = False
     classes: list[str] | None = None
     bad_output: Literal["error", "nodata"] = "error"
 
@@ -392,6 +398,17 @@ class ModelConfig(_Section):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
             raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps (got {v!r})")
         return v
+
+    @field_validator("tta")
+    @classmethod
+    def _tta(cls, v: list[str]) -> list[str]:
+        from ..errors import ConfigError
+        from ..predictors.tta import check_axes
+
+        try:
+            return list(check_axes(v, "tta"))
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("tta: ")) from None
 
     @field_validator("classes")
     @classmethod
@@ -611,6 +628,14 @@ class PipelineConfig(_Section):
             problems.append("give exactly one of model: or method:")
         if self.model is not None and (self.tiling is None or self.tiling.patch_size is None):
             problems.append("tiling.patch_size: required when a model is given")
+        elif self.model is not None and self.tiling is not None and self.tiling.patch_size is not None:
+            from ..predictors.tta import AXES
+
+            n = len(self.tiling.patch_size)
+            too_deep = [a for a in self.model.tta if -AXES[a] > n]
+            if too_deep:
+                problems.append(f"model.tta: cannot flip axis {too_deep[0]!r} of {n}D patches "
+                                f"(tiling.patch_size {self.tiling.patch_size!r})")
         if (self.output is None) == (self.outputs is None):
             problems.append("give exactly one of output: (one output) or outputs: (a list)")
         elif self.outputs is not None and not self.outputs:

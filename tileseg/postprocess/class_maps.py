@@ -37,9 +37,14 @@ def apply_per_class(name: str, data: da.Array, n_classes: int, nodata: Any, spac
     invalid = None if nodata is None else data == data.dtype.type(nodata)
     x = data if invalid is None else da.where(invalid, zero, data)
     if name == "remove_small_objects":
-        comps = components(x, connectivity=params.get("connectivity", 1), by_value=True)
+        connectivity = params.get("connectivity", 1)
+        reuse = invalid is None and n_classes <= 2  # one foreground class: its components are the mask's
+        comps = components(x, connectivity=connectivity, by_value=True,
+                           stats={"sizes", "first"} if reuse else {"sizes"})
         small = objects._small(comps.sizes, params.get("min_size_px"), params.get("min_size_phys"), spacing, x.ndim)
         out = da.where(comps.apply(~small, background=False), x, zero)
+        if reuse:  # a later label step numbers the kept components (see objects.label_step)
+            objects.remember_components(out, comps, ~small, connectivity)
     elif name == "keep_largest":
         out = objects.keep_largest(x, per_class=True, connectivity=params.get("connectivity", 1))
     else:

@@ -91,7 +91,8 @@ def remove_small_objects(
     """
     x = da.asarray(mask_or_labels)
     if x.dtype == bool:
-        comps = components(x, connectivity=connectivity)
+        # "first" too, so that labelling the result reuses these components instead of a new scan.
+        comps = components(x, connectivity=connectivity, stats={"sizes", "first"})
         keep = ~_small(comps.sizes, min_size_px, min_size_phys, spacing, x.ndim)
         return comps.apply(keep, background=False)
     if x.dtype.kind not in "iu":
@@ -152,7 +153,7 @@ def remove_small_holes(
     """
     x = da.asarray(mask)
     x = x if x.dtype == bool else x != 0
-    comps = components(~x, connectivity=connectivity)
+    comps = components(~x, connectivity=connectivity, stats={"sizes"})
     small = _small(comps.sizes, min_size_px, min_size_phys, spacing, x.ndim)
     return comps.apply(small, background=True)
 
@@ -185,7 +186,7 @@ def fill_holes(mask: Any, *, connectivity: int = 1, spacing: Any = None) -> da.A
     """
     x = da.asarray(mask)
     x = x if x.dtype == bool else x != 0
-    comps = components(~x, connectivity=connectivity)
+    comps = components(~x, connectivity=connectivity, stats=())
     return comps.apply(~comps.border, background=True)
 
 
@@ -232,7 +233,32 @@ def keep_largest(
     return da.where(kept, x, np.zeros((), x.dtype))
 
 
+#: Components solved by an earlier step, by the dask name of that step's result (newest last, a few kept).
+_SOLVED: dict[str, tuple[Any, np.ndarray, int]] = {}
+_SOLVED_MAX = 8
+
+
+def remember_components(result: da.Array, comps: Any, kept: np.ndarray, connectivity: int) -> None:
+    """Note that ``result``'s nonzero pixels are exactly the components ``kept`` of ``comps`` (whole-image
+    statistics a later ``label`` step reuses instead of solving the same components again)."""
+    _SOLVED[result.name] = (comps, np.asarray(kept, dtype=bool), int(connectivity))
+    while len(_SOLVED) > _SOLVED_MAX:
+        _SOLVED.pop(next(iter(_SOLVED)))
+
+
 def label_step(data: Any, *, spacing: Any = None, connectivity: int = 1, sequential: bool = True) -> da.Array:
-    """Pipeline step ``label``: connected components as int64 labels (see :func:`tileseg.stitching.labels.label`)."""
+    """Pipeline step ``label``: connected components as int64 labels (see :func:`tileseg.stitching.labels.label`).
+
+    After ``remove_small_objects`` with the same connectivity on a one-class map, the
+    components that step solved are numbered directly (no second whole-image pass):
+    removing whole components neither splits nor joins the others.
+    """
+    solved = _SOLVED.get(getattr(data, "name", None)) if isinstance(data, da.Array) else None
+    if solved is not None and solved[2] == connectivity:
+        comps, kept, _ = solved
+        table = np.zeros(comps.n, dtype=np.int64)
+        idx = np.flatnonzero(kept)
+        table[idx[np.argsort(comps.first[idx], kind="stable")]] = np.arange(1, len(idx) + 1, dtype=np.int64)
+        return comps.apply(table, background=0)
     labels, _ = label(data, connectivity=connectivity, sequential=sequential)
     return labels

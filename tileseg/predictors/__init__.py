@@ -21,6 +21,11 @@ Every kind also takes the conventions of :mod:`tileseg.predictors.conventions`
 
 In Python a model may also be a ``torch.nn.Module``, a :class:`Predictor`, a
 TorchScript path, or any callable ``f(batch) -> array``.
+
+Speed options (:func:`with_speed_options`): flip test-time augmentation
+folded into the batch (:mod:`.tta`), channels-last and ``torch.compile``
+for torch models; every predictor halves its batch on device out-of-memory
+(:mod:`.oom`).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from .. import registry
 from ..errors import ConfigError
 from .base import CallablePredictor, Predictor
 
-__all__ = ["load_predictor", "Predictor", "CallablePredictor", "TorchPredictor", "model_kind"]
+__all__ = ["load_predictor", "with_speed_options", "Predictor", "CallablePredictor", "TorchPredictor", "model_kind"]
 
 def __getattr__(name: str) -> Any:
     if name == "TorchPredictor":
@@ -56,7 +61,8 @@ def _is_torch_module(obj: Any) -> bool:
     return torch is not None and isinstance(obj, torch.nn.Module)
 
 
-def load_predictor(spec: Any, *, device: str | None = None, precision: str = "fp32") -> Predictor:
+def load_predictor(spec: Any, *, device: str | None = None, precision: str = "fp32", tta: Any = (),
+                   channels_last: bool = False, compile: bool = False) -> Predictor:
     """Build a :class:`Predictor` from a model spec (see the module docstring).
 
     Parameters
@@ -68,6 +74,8 @@ def load_predictor(spec: Any, *, device: str | None = None, precision: str = "fp
         runs the model), else CPU.
     precision : {"fp32", "fp16", "bf16"}
         Autocast precision for torch models.
+    tta, channels_last, compile
+        Speed options, see :func:`with_speed_options`.
 
     Returns
     -------
@@ -87,6 +95,45 @@ def load_predictor(spec: Any, *, device: str | None = None, precision: str = "fp
     >>> p(np.ones((1, 1, 2, 2), np.float32)).max()
     np.float32(2.0)
     """
+    return with_speed_options(_build(spec, device, precision), tta=tta, channels_last=channels_last,
+                              compile=compile)
+
+
+def with_speed_options(predictor: Predictor, *, tta: Any = (), channels_last: bool = False,
+                       compile: bool = False) -> Predictor:
+    """``predictor`` with flip TTA, channels-last and ``torch.compile`` applied (see :mod:`.tta`, :mod:`.torch`).
+
+    Parameters
+    ----------
+    predictor : Predictor
+        Any predictor; a torch predictor folds TTA on its device, any other one
+        is wrapped in :class:`~tileseg.predictors.tta.FlipTTAPredictor`.
+    tta : sequence of str
+        Flip axes among ``"x"``, ``"y"``, ``"z"``; every combination is
+        averaged (empty: no TTA).
+    channels_last, compile : bool
+        Torch models only.
+
+    Raises
+    ------
+    ConfigError
+        ``channels_last``/``compile`` for a model that is not a torch model,
+        or an unknown flip axis.
+    """
+    from .tta import FlipTTAPredictor, check_axes
+
+    axes = check_axes(tta, "model.tta")
+    if not (axes or channels_last or compile):
+        return predictor
+    if hasattr(predictor, "with_options"):  # TorchPredictor
+        return predictor.with_options(tta=axes or None, channels_last=channels_last or None, compile=compile or None)
+    if channels_last or compile:
+        which = "model.channels_last" if channels_last else "model.compile"
+        raise ConfigError(f"{which}: applies to PyTorch models only, not to {type(predictor).__name__}")
+    return FlipTTAPredictor(predictor, axes)
+
+
+def _build(spec: Any, device: str | None, precision: str) -> Predictor:
     if isinstance(spec, Predictor):
         return spec
     if isinstance(spec, (str, os.PathLike)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,11 @@ class CallablePredictor(Predictor):
         ``numpy.asarray`` accepts.
     in_channels, out_channels : int, optional
         Channel counts when known.
+
+    Notes
+    -----
+    A callable that raises ``torch.cuda.OutOfMemoryError`` gets the same
+    adaptive batch size as torch models (:mod:`tileseg.predictors.oom`).
     """
 
     def __init__(self, fn: Callable[[np.ndarray], Any], in_channels: int | None = None,
@@ -52,9 +58,14 @@ class CallablePredictor(Predictor):
         self.fn = fn
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self._key = uuid.uuid4().hex
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self.fn(batch), dtype=np.float32)
+        from .oom import run_adaptive
+
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        return run_adaptive(lambda b: np.asarray(self.fn(b), dtype=np.float32), np.asarray(batch),
+                            key=self._key, device="callable", name=name)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "callable", "name": getattr(self.fn, "__name__", type(self.fn).__name__)}

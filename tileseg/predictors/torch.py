@@ -23,15 +23,32 @@ cores: slower than running them one after another); on a GPU they compete for
 the same device memory. Forward passes are therefore serialised by one
 process-wide lock per device (``serialize=True``, the default). Reading,
 batching and stitching in the other threads still overlap with the forward.
+
+Speed options
+-------------
+``precision`` runs the forward under ``torch.autocast`` (fp16/bf16; bf16
+autocast works on the CPU too). ``channels_last`` converts the model and
+its input to the channels-last memory format. ``compile`` wraps the model
+with ``torch.compile`` once per worker process; when compiling is not
+possible there (no compiler, an unsupported model) the predictor warns once
+and runs the eager model. On CUDA ``cudnn.benchmark`` is switched on (fixed
+patch sizes are its best case), batches travel through pinned host buffers
+on a side stream, overlapped with the forwards of other threads
+(:mod:`tileseg.predictors.cuda_io`). ``tta`` folds flipped copies into the
+batch on the device (:mod:`tileseg.predictors.tta`). On device
+out-of-memory the batch is halved and the size that fits is kept by the
+worker process (:mod:`tileseg.predictors.oom`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import re
 import threading
+import uuid
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,6 +58,8 @@ import numpy as np
 
 from .. import counters
 from ..errors import ConfigError, ModelError, require
+from . import oom
+from . import tta as tta_mod
 from .base import Predictor
 from .conventions import Conventions, select_output
 
@@ -54,6 +73,8 @@ _CACHE: dict[tuple, Any] = {}
 _CACHE_LOCK = threading.Lock()
 _FORWARD_LOCKS: dict[str, threading.Lock] = {}
 _FORWARD_LOCKS_LOCK = threading.Lock()
+#: (predictor key, device) -> the module ``torch.compile`` made, or the eager module after a failed compile
+_COMPILED: dict[tuple[str, str], Any] = {}
 
 _CHANNEL_MSG = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+) channels")
 
@@ -74,6 +95,7 @@ def clear_cache() -> None:
     """Forget every model loaded from a file in this process (mainly for tests)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _COMPILED.clear()
 
 
 def _forward_lock(device: str) -> threading.Lock:
@@ -232,9 +254,12 @@ def _infer_channels(module) -> tuple[int | None, int | None]:
     return cin, cout
 
 
-def _plain(conv: Any) -> bool:
-    """Whether the model's output already is ``(N, K, *patch)`` logits (nothing for the conventions to convert)."""
-    return not conv.channels_last and conv.output_stride == 1 and conv.activation in (None, "softmax")
+def _channels_last_format(module) -> Any:
+    """``channels_last`` for 2D models, ``channels_last_3d`` for 3D ones (by their first convolution)."""
+    torch = _torch()
+    convs = _conv_layers(module)
+    w = getattr(convs[0][1], "weight", None) if convs else None
+    return torch.channels_last_3d if w is not None and w.ndim == 5 else torch.channels_last
 
 
 class TorchPredictor(Predictor):
@@ -259,11 +284,22 @@ class TorchPredictor(Predictor):
     serialize : bool
         Hold a process-wide per-device lock around each forward (see the
         module docstring).
+    tta : sequence of str
+        Flip test-time augmentation over these axes (``"x"``, ``"y"``,
+        ``"z"``; every combination, folded into the batch on the device,
+        averaged as logits). Empty: none.
+    channels_last : bool
+        Run model and input in the channels-last memory format.
+    compile : bool
+        ``torch.compile`` the model (once per worker process; eager with a
+        warning when compiling fails).
+    cudnn_benchmark : bool
+        Set ``torch.backends.cudnn.benchmark`` when the model runs on CUDA.
 
     Raises
     ------
     ConfigError
-        For an unknown precision.
+        For an unknown precision or flip axis.
 
     Examples
     --------
@@ -277,13 +313,19 @@ class TorchPredictor(Predictor):
 
     def __init__(self, module: Any = None, *, device: str | None = None, precision: str = "fp32",
                  in_channels: int | None = None, out_channels: int | None = None,
-                 serialize: bool = True, conventions: Conventions | None = None,
+                 serialize: bool = True, conventions: Conventions | None = None, tta: Any = (),
+                 channels_last: bool = False, compile: bool = False, cudnn_benchmark: bool = True,
                  _source: tuple | None = None) -> None:
         if precision not in PRECISIONS:
             raise ConfigError(f"model.precision: must be one of {PRECISIONS}, got {precision!r}")
         self.device = device
         self.precision = precision
         self.serialize = serialize
+        self.tta = tta_mod.check_axes(tta, "model.tta")
+        self.channels_last = bool(channels_last)
+        self.compile = bool(compile)
+        self.cudnn_benchmark = bool(cudnn_benchmark)
+        self._key = uuid.uuid4().hex  # names this predictor in per-process tables (kept when pickled)
         self._source = _source if _source is not None else ("module",)
         self._module = module
         self._ready: tuple | None = None  # (module, resolved device) once prepared in this process
@@ -352,6 +394,31 @@ class TorchPredictor(Predictor):
         weights = os.fspath(weights) if weights is not None else None
         return cls(None, _source=("arch", name, config, weights), **kwargs)
 
+    def with_options(self, *, tta: Any = None, channels_last: bool | None = None, compile: bool | None = None,
+                     cudnn_benchmark: bool | None = None) -> TorchPredictor:
+        """A copy with other speed options (``None`` keeps the current value); the model is not reloaded.
+
+        Examples
+        --------
+        >>> import torch
+        >>> p = TorchPredictor(torch.nn.Conv2d(1, 2, 3, padding=1), device="cpu").with_options(tta=["x", "y"])
+        >>> p.tta
+        ('y', 'x')
+        """
+        new = copy.copy(self)
+        if tta is not None:
+            new.tta = tta_mod.check_axes(tta, "model.tta")
+        if channels_last is not None:
+            new.channels_last = bool(channels_last)
+        if compile is not None:
+            new.compile = bool(compile)
+        if cudnn_benchmark is not None:
+            new.cudnn_benchmark = bool(cudnn_benchmark)
+        if (new.channels_last, new.cudnn_benchmark) != (self.channels_last, self.cudnn_benchmark):
+            new._ready = None  # prepared again (memory format, cuDNN flag) on first use
+        new._key = uuid.uuid4().hex
+        return new
+
     # -- loading ----------------------------------------------------------------------------
     def _cache_key(self, device: str) -> tuple:
         kind = self._source[0]
@@ -380,6 +447,15 @@ class TorchPredictor(Predictor):
             counters.add("model_loads", type(module).__name__)  # one copy per unpickled predictor
         else:
             module = self._module = self._load(device)
+        torch = _torch()
+        if self.channels_last:
+            try:
+                module = module.to(memory_format=_channels_last_format(module))
+            except Exception as exc:  # e.g. an exported program's module
+                warnings.warn(f"model.channels_last: cannot convert this model ({exc.__class__.__name__}: "
+                              f"{str(exc)[:200]}); running it as it is", RuntimeWarning, stacklevel=3)
+        if torch.device(device).type == "cuda" and self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick its fastest kernels
         self._ready = (module, device)
         return self._ready
 
@@ -423,30 +499,22 @@ class TorchPredictor(Predictor):
             raise ModelError(f"model needs patch sizes divisible by {div}, got {tuple(batch.shape[2:])!r}")
 
     def predict_tensor(self, batch: np.ndarray) -> Any:
-        """Forward a batch; the float32 output stays a tensor on the model's device.
+        """:meth:`__call__` as a float32 torch tensor, for the engine's in-place stitching.
 
-        The engine's stitching uses this to weight and accumulate predictions
-        where they are (see :mod:`tileseg.stitching.accumulate`) instead of
-        copying every batch to a NumPy array first.
-
-        Parameters
-        ----------
-        batch : numpy.ndarray
-            ``(N, C, *patch)``, converted to float32.
+        The stitching weights and accumulates these with fused torch ops
+        (:mod:`tileseg.stitching.accumulate`). On the CPU the tensor shares the
+        output's memory (no copy). On a GPU the output is still brought to the
+        host per batch; keeping it on the device is left to be wired through
+        TTA and the out-of-memory retry.
 
         Returns
         -------
-        torch.Tensor or numpy.ndarray
-            ``(N, K, *patch)`` float32 logits: a tensor on the device the forward
-            ran on, or a NumPy array when the model's conventions (channels-last
-            layout, probabilities out, an output stride) are converted on the host.
-
-        Raises
-        ------
-        ModelError
-            Wrong channel count, patch size, output shape, or a failing forward.
+        torch.Tensor
+            ``(N, K, *patch)`` float32 logits on the CPU.
         """
-        torch = _torch()
+        return _torch().from_numpy(np.ascontiguousarray(self(batch), dtype=np.float32))
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
         self._check_batch(batch)
         conv = self.conventions
@@ -454,37 +522,114 @@ class TorchPredictor(Predictor):
         batch = conv.model_input(batch)
         if not batch.flags.writeable:
             batch = np.array(batch, dtype=np.float32, order="C")
+        flips = self._flips(batch.ndim)
+        device = self._get_module()[1]
+        name = self._source[1] if self._source[0] != "module" else type(self._module).__name__
+        out = oom.run_adaptive(lambda b: self._forward(b, flips), batch, key=self._key, device=device,
+                               name=str(name))
+        return conv.engine_output(out, shape)
+
+    def _flips(self, ndim: int) -> list[tuple[int, ...]]:
+        """TTA flips as dimensions of the batch in the model's layout (channels first or last)."""
+        flips = tta_mod.flip_sets(self.tta, ndim)
+        if self.conventions.channels_last:  # (N, *patch, C): every spatial axis sits one place earlier
+            flips = [tuple(d - 1 for d in f) for f in flips]
+        return flips
+
+    def _runnable(self, module: Any, device: str) -> Any:
+        """``module``, or its ``torch.compile`` wrapper (made once per process and device)."""
+        if not self.compile:
+            return module
+        key = (self._key, device)
+        with _CACHE_LOCK:
+            runnable = _COMPILED.get(key)
+            if runnable is None:
+                torch = _torch()
+                try:
+                    runnable = torch.compile(module)
+                except Exception as exc:  # torch.compile missing or refusing this Python/platform
+                    warnings.warn(f"model.compile: torch.compile is not available here "
+                                  f"({exc.__class__.__name__}: {str(exc).strip()[:200]}); running the eager model",
+                                  RuntimeWarning, stacklevel=3)
+                    runnable = module
+                _COMPILED[key] = runnable
+        return runnable
+
+    def _call_module(self, module: Any, x: Any, device: str) -> Any:
+        """One forward: the compiled model when asked for, falling back to the eager one if compiling fails."""
+        runnable = self._runnable(module, device)
+        if runnable is module:
+            return module(x)
+        try:
+            return runnable(x)
+        except Exception as exc:
+            if oom.is_out_of_memory(exc):
+                raise
+            y = module(x)  # the eager model works: compiling is what failed
+            with _CACHE_LOCK:
+                _COMPILED[(self._key, device)] = module
+            warnings.warn(f"model.compile: torch.compile failed ({exc.__class__.__name__}: "
+                          f"{str(exc).strip()[:300]}); running the eager model in this process", RuntimeWarning,
+                          stacklevel=2)
+            log.warning("torch.compile failed, running eager: %s", exc)
+            return y
+
+    def _forward(self, batch: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
+        """One forward of ``batch`` (flipped copies folded in); errors other than out-of-memory -> ModelError."""
+        torch = _torch()
         module, device = self._get_module()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         device_type = torch.device(device).type
         lock = _forward_lock(device) if self.serialize else nullcontext()
+        fmt = ({4: torch.channels_last, 5: torch.channels_last_3d}.get(batch.ndim)
+               if self.channels_last and not self.conventions.channels_last else None)
         try:
-            with lock, torch.inference_mode():
-                x = torch.from_numpy(batch).to(device)
-                amp = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
-                with amp:
-                    y = module(x)
-                out = select_output(y, conv.output, torch.is_tensor).float()
+            with torch.inference_mode():
+                if device_type == "cuda":
+                    from . import cuda_io
+
+                    x, stream = cuda_io.upload(batch, device)  # outside the lock: overlaps other forwards
+                with lock:
+                    if device_type == "cuda":
+                        x = cuda_io.use(x, stream, device)
+                    else:
+                        x = torch.from_numpy(batch).to(device)
+                    x = tta_mod.fold(x, flips)
+                    if fmt is not None:
+                        x = x.contiguous(memory_format=fmt)
+                    amp = torch.autocast(device_type, dtype=dtype) if dtype is not None else nullcontext()
+                    with amp:
+                        y = self._call_module(module, x, device)
+                    y = select_output(y, self.conventions.output, torch.is_tensor)
+                    if len(flips) > 1 and y.ndim != x.ndim:
+                        raise ModelError(f"model output shape {tuple(y.shape)!r} does not match input batch "
+                                         f"{tuple(x.shape)!r}: TTA needs an output with the input's axes")
+                    if y.ndim < 1 or y.shape[0] != x.shape[0]:
+                        raise ModelError(f"model output shape {tuple(y.shape)!r} does not match input batch "
+                                         f"{tuple(x.shape)!r}: expected (N, K, *patch) with the same N and patch")
+                    y = tta_mod.unfold(y.float(), flips).contiguous()
+                    if device_type == "cuda":
+                        host, done = cuda_io.download(y, stream)
+                    else:
+                        out = y.cpu().numpy()
+                if device_type == "cuda":
+                    out = cuda_io.wait(host, done)  # after the lock: the next forward starts meanwhile
         except ModelError:
             raise
         except (RuntimeError, torch.jit.Error) as exc:  # torch.jit.Error is not a RuntimeError
+            if oom.is_out_of_memory(exc):
+                raise  # oom.run_adaptive halves the batch
             m = _CHANNEL_MSG.search(str(exc))
             if m:
                 raise ModelError(f"model expects {m.group(1)} input channels, image has {m.group(2)}") from exc
             raise ModelError(
                 f"model forward failed on a batch of shape {batch.shape!r}: {str(exc).strip()[-500:]}") from exc
-        if not (_plain(conv) and out.ndim == len(shape) and out.shape[0] == shape[0]
-                and tuple(out.shape[2:]) == tuple(shape[2:])):
-            return conv.engine_output(out.cpu().numpy(), shape)  # converts, or words the shape error
         return out
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.predict_tensor(batch)
-        return out if isinstance(out, np.ndarray) else out.cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         d: dict[str, Any] = {"type": "torch", "source": self._source[0], "precision": self.precision,
-                             "device": self.device or "auto",
+                             "device": self.device or "auto", "tta": list(self.tta),
+                             "channels_last": self.channels_last, "compile": self.compile,
                              "in_channels": self.in_channels, "out_channels": self.out_channels,
                              "conventions": self.conventions.as_dict()}
         if self._source[0] in ("torchscript", "exported"):

@@ -238,6 +238,37 @@ def _override_axes(axes: Any, ndim: int, where: str) -> list[str]:
     return list(names)
 
 
+#: Default read chunks are whole multiples of the stored chunks, grown until an image has at most
+#: this many blocks: a 10^6 x 10^6 mosaic stored in 1024^2 chunks would otherwise be a graph of
+#: 954 529 reads before anything is computed.
+MAX_READ_BLOCKS = 16384
+
+
+def few_blocks(shape: tuple[int, ...], store_chunks: tuple[int, ...]) -> tuple[int, ...]:
+    """Read chunks: ``store_chunks``, or the same times a factor on the largest axes, to at most :data:`MAX_READ_BLOCKS` blocks.
+
+    Channel-like short axes (one stored chunk) are left alone.
+
+    >>> few_blocks((10**6, 10**6), (1024, 1024)), few_blocks((3, 4096, 4096), (1, 512, 512))
+    ((8192, 8192), (1, 512, 512))
+    """
+    def count(ch: tuple[int, ...]) -> int:
+        return math.prod(math.ceil(n / max(1, c)) for n, c in zip(shape, ch))
+
+    chunks = tuple(int(c) for c in store_chunks)
+    if count(chunks) <= MAX_READ_BLOCKS:
+        return chunks
+    grow = [i for i, (n, c) in enumerate(zip(shape, chunks)) if n > c]
+    factor = 1
+    while count(chunks) > MAX_READ_BLOCKS and grow:
+        factor *= 2
+        chunks = tuple(min(n, c * factor) if i in grow else c
+                       for i, (n, c) in enumerate(zip(shape, store_chunks)))
+    log.info("reading %s in chunks of %s (%d x the stored %s) to keep the graph small", shape, chunks, factor,
+             tuple(store_chunks))
+    return chunks
+
+
 def _plain_axis_names(meta: dict[str, Any], ndim: int, where: str, quiet: bool = False) -> list[str]:
     """Axis names of an array without OME metadata."""
     doc, attrs = meta["doc"], meta["attrs"]
@@ -386,7 +417,7 @@ class ZarrReader(Reader):
             names = _override_axes(axes, ndim, where)
 
         store_chunks = tuple(getattr(arr, "shards", None) or arr.chunks)
-        read_chunks = chunks if chunks is not None else store_chunks
+        read_chunks = chunks if chunks is not None else few_blocks(tuple(arr.shape), store_chunks)
         # deterministic key: same store, node, metadata and tileseg run -> same dask keys
         run = (
             group_attrs.get("tileseg", {}).get("run_id")

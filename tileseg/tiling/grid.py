@@ -17,6 +17,7 @@ when the patch crosses block borders.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,10 +28,15 @@ import numpy as np
 
 from ..errors import TilingError
 
+log = logging.getLogger(__name__)
+
 #: Largest patch accepted, in pixels (e.g. 512^3); larger ones are a mistake.
 MAX_PATCH_PIXELS = 2**27
 #: Default output chunk edge per axis (at least the patch size).
 DEFAULT_CHUNK = {2: 1024, 3: 128}
+#: Default chunks grow (by whole strides) until an image has at most this many blocks: with about
+#: ten tasks per block (owner, pieces, final, token, store) an item's graph stays under ~10^5 tasks.
+MAX_BLOCKS = 8192
 
 
 def stride_for(patch: int, *, overlap: float | None = None, overlap_px: int | None = None) -> int:
@@ -434,6 +440,7 @@ def make_grid(
         counts = tuple(math.ceil(max(p, DEFAULT_CHUNK[n]) / s) for p, s in zip(patch, strides))
         if batch_size and batch_size > 1:
             counts = fill_batches(counts, int(batch_size))
+        counts = _few_blocks(shape, strides, counts)
         chunks = tuple(s * m for s, m in zip(strides, counts))
     chunk_per_axis = _per_axis(chunks, n, "chunks") if not _is_nested(chunks) else tuple(chunks)
     if len(chunk_per_axis) != n:
@@ -450,6 +457,30 @@ def make_grid(
             bounds = _bounds(size, c)
         axes.append(AxisGrid(size=max(size, p), patch=p, stride=s, bounds=bounds))
     return PatchGrid(shape=shape, axes=tuple(axes), pad=tuple(pad))
+
+
+def _few_blocks(shape: Sequence[int], strides: Sequence[int], counts: Sequence[int]) -> tuple[int, ...]:
+    """Window counts per block, grown by one common factor until the image has at most :data:`MAX_BLOCKS` blocks.
+
+    >>> _few_blocks((10**6, 10**6), (192, 192), (6, 6))
+    (58, 58)
+    >>> _few_blocks((1000, 1000), (192, 192), (6, 6))
+    (6, 6)
+    """
+    counts = tuple(int(c) for c in counts)
+
+    def n_blocks(cs: tuple[int, ...]) -> int:
+        return math.prod(math.ceil(size / (s * c)) for size, s, c in zip(shape, strides, cs))
+
+    if n_blocks(counts) <= MAX_BLOCKS:
+        return counts
+    factor = (n_blocks(counts) / MAX_BLOCKS) ** (1 / len(counts))
+    grown = tuple(max(c, math.ceil(c * factor)) for c in counts)
+    while n_blocks(grown) > MAX_BLOCKS:
+        grown = tuple(c + 1 for c in grown)
+    log.info("blocks of %s windows per axis (instead of %s) keep the image to at most %d blocks",
+             grown, counts, MAX_BLOCKS)
+    return grown
 
 
 def fill_batches(counts: Sequence[int], batch_size: int, growth: float = 1.5) -> tuple[int, ...]:

@@ -189,17 +189,21 @@ def check_axes(axes: tuple[str, ...], ndim: int, path: str) -> tuple[str, ...]:
     return axes
 
 
-def partial_sibling(path: str) -> tuple[str, str]:
+def partial_sibling(path: str, key: str | None = None) -> tuple[str, str]:
     """``(final, target)`` of a local output: its absolute path and a hidden partial sibling.
 
-    The sibling ``<dir>/.<name>.partial-<uuid>`` is on the same filesystem as
+    The sibling ``<dir>/.<name>.partial-<id>`` is on the same filesystem as
     the final path, so renaming it into place is atomic. The parent folder is
-    created.
+    created. ``id`` is a new uuid, or ``key`` (a run's hash of the item, its
+    output settings and the pipeline fingerprint): the same item and pipeline
+    then find their partial output again and resume it (see
+    :mod:`tileseg.writers.blocks`), and partial siblings of this output made for
+    another key (a changed pipeline, an older tileseg) are removed.
 
     Raises
     ------
     OutputError
-        The parent folder cannot be created.
+        The parent folder cannot be created, or ``key`` is not a short hex string.
     """
     from ..errors import OutputError
 
@@ -209,7 +213,47 @@ def partial_sibling(path: str) -> tuple[str, str]:
         os.makedirs(parent, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{path!r}: cannot create the output folder {parent!r}: {exc}") from exc
-    return final, os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+    if key is None:
+        return final, os.path.join(parent, f".{base}.partial-{uuid.uuid4().hex[:12]}")
+    if not (0 < len(key) <= 64 and all(c in "0123456789abcdef" for c in key)):
+        raise OutputError(f"{path!r}: partial_key must be a lowercase hex string of at most 64 characters, got {key!r}")
+    target = os.path.join(parent, f".{base}.partial-{key}")
+    prefix = f".{base}.partial-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and os.path.join(parent, name) != target:
+            log.info("removing a stale partial output %s (another pipeline or run)", os.path.join(parent, name))
+            _remove(os.path.join(parent, name))
+    return final, target
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def open_partial(target: str, layout: dict[str, Any], resume: bool) -> bool:
+    """Reuse the partial folder ``target`` if it was made for ``layout``, else start it empty.
+
+    Returns
+    -------
+    bool
+        True when an earlier partial output is resumed (its chunk records
+        kept); False when ``target`` was (re)created empty; the caller then
+        creates its store inside and calls :func:`~tileseg.writers.blocks.mark_partial`.
+    """
+    from .blocks import reusable
+
+    if resume and os.path.isdir(target) and reusable(target, layout):
+        log.info("resuming the partial output %s", target)
+        return True
+    if os.path.lexists(target):
+        _remove(target)
+    return False
 
 
 #: A partial sibling named by a fresh uuid (``partial_sibling`` without a key): never resumed.
@@ -339,10 +383,11 @@ class SingleFileWriter(Writer):
             raise OutputError(f"{path!r}: the {self.name} writer writes local files only (write locally, then upload)")
         return local
 
-    def claim(self, path: str, local: str, overwrite: bool, what: str) -> tuple[str, str]:
+    def claim(self, path: str, local: str, overwrite: bool, what: str, key: str | None = None) -> tuple[str, str]:
         """``(final, partial folder)`` for ``local``, refusing an existing output unless ``overwrite``.
 
-        ``what`` names a foreign file of this format in the message (``"a GeoTIFF"``).
+        ``what`` names a foreign file of this format in the message (``"a GeoTIFF"``);
+        ``key`` names the partial folder (see :func:`partial_sibling`).
 
         Raises
         ------
@@ -352,12 +397,40 @@ class SingleFileWriter(Writer):
         """
         from ..errors import OutputError
 
-        final, target = partial_sibling(local)
+        final, target = partial_sibling(local, key)
         existing = self._status(final)
         if existing is not None and not overwrite:
             kind = "a finished tileseg output" if existing == "complete" else what
             raise OutputError(f"{path!r} already exists ({kind}); pass overwrite=True to replace it")
         return final, target
+
+    def partial_store(self, path: str, target: str, layout: dict[str, Any], resume: bool,
+                      create: Any) -> bool:
+        """Resume the partial folder ``target`` made for ``layout``, or make it anew with ``create(target)``.
+
+        Returns
+        -------
+        bool
+            True when resumed (chunks already recorded there are not written again).
+
+        Raises
+        ------
+        OutputError
+            The folder or its store cannot be created.
+        """
+        from ..errors import OutputError
+        from .blocks import mark_partial
+
+        if open_partial(target, layout, resume):
+            return True
+        try:
+            os.makedirs(target)
+            create(target)
+            mark_partial(target, layout)
+        except Exception as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise OutputError(f"{path!r}: cannot create the partial store in {target!r}: {exc}") from exc
+        return False
 
     def is_complete(self, path: str, storage_options: dict[str, Any] | None = None) -> bool:
         """Whether ``path`` is a local file of this writer whose recorded status is ``complete``."""

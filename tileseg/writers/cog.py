@@ -40,7 +40,6 @@ import colorsys
 import json
 import logging
 import os
-import shutil
 import uuid
 import warnings
 from typing import Any
@@ -51,11 +50,11 @@ from ..errors import ConfigError, OutputError, require
 from ..image import Image
 from ..report import now_iso
 from .base import (
-    GuardedTarget,
     SingleFileWriter,
     WriteHandle,
     check_axes,
 )
+from .blocks import records_of, store_blocks
 from .cog_build import STORE
 from .zarr import align
 
@@ -182,6 +181,7 @@ class COGWriter(SingleFileWriter):
         probabilities_as: str = "float32",
         predictor: int | None = None,
         run_id: str | None = None,
+        partial_key: str | None = None,
     ) -> WriteHandle:
         """Check the destination and create the partial block store, marked incomplete.
 
@@ -209,6 +209,9 @@ class COGWriter(SingleFileWriter):
             differencing), 3 (floating point).
         run_id : str, optional
             Recorded in the output (default a new uuid).
+        partial_key : str, optional
+            Names the partial folder; a partial folder of the same key and
+            layout left by a killed run is resumed (see :mod:`tileseg.writers.blocks`).
 
         Returns
         -------
@@ -239,18 +242,15 @@ class COGWriter(SingleFileWriter):
             raise ConfigError("predictor 3 (floating point) cannot be combined with probabilities_as='float16'")
         resampling = overview_resampling or {"classes": "mode", "probabilities": "average"}.get(plan["kind"], "nearest")
 
-        final, target = self.claim(path, local, overwrite, "a GeoTIFF")
+        final, target = self.claim(path, local, overwrite, "a GeoTIFF", partial_key)
 
         shape = tuple(int(s) for s in image.data.shape)
         chunks = ((shape[0],) if image.has_channels else ()) + (min(blocksize, shape[-2]), min(blocksize, shape[-1]))
         fill = plan["nodata"] if plan["nodata"] is not None else 0
-        try:
-            os.makedirs(target)
-            zarr.create_array(store=LocalStore(os.path.join(target, STORE)), shape=shape, chunks=chunks,
-                              dtype=plan["store"], fill_value=fill, attributes={"tileseg": {"status": "incomplete"}})
-        except Exception as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise OutputError(f"{path!r}: cannot create the partial store in {target!r}: {exc}") from exc
+        layout = {"writer": self.name, "key": partial_key, "shape": shape, "chunks": chunks, "plan": plan}
+        self.partial_store(path, target, layout, partial_key is not None, lambda t: zarr.create_array(
+            store=LocalStore(os.path.join(t, STORE)), shape=shape, chunks=chunks, dtype=plan["store"],
+            fill_value=fill, attributes={"tileseg": {"status": "incomplete"}}))
         names = list(image.class_names) if image.class_names is not None else None
         n_bands = shape[0] if image.has_channels else 1
         from .. import __version__
@@ -266,8 +266,7 @@ class COGWriter(SingleFileWriter):
                            dtype=plan["store"], axes=axes, run_id=run_id or uuid.uuid4().hex, details=details)
 
     def write_task(self, handle: WriteHandle, image: Image) -> Any:
-        """A ``Delayed`` storing the converted blocks into the partial store (idempotent)."""
-        import dask.array as da
+        """A ``Delayed`` storing the converted blocks not yet recorded into the partial store (idempotent)."""
         import zarr
         from zarr.storage import LocalStore
 
@@ -280,7 +279,7 @@ class COGWriter(SingleFileWriter):
             arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r+")
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from exc
-        return da.store(align(data, handle.chunks), GuardedTarget(arr, handle.target), lock=False, compute=False)
+        return store_blocks(align(data, handle.chunks), arr, guard=handle.target, records=records_of(handle.target))
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Build the COG from the complete store, tag it complete and rename it into place.

@@ -69,7 +69,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import uuid
 from typing import Any
 
@@ -79,11 +78,11 @@ from ..errors import ConfigError, OutputError, require
 from ..image import Image, label_dtype
 from ..report import now_iso
 from .base import (
-    GuardedTarget,
     SingleFileWriter,
     WriteHandle,
     check_axes,
 )
+from .blocks import records_of, store_blocks
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -219,6 +218,7 @@ class DicomSegWriter(SingleFileWriter):
         series_description: str = "tileseg segmentation",
         slab: int | None = None,
         run_id: str | None = None,
+        partial_key: str | None = None,
     ) -> WriteHandle:
         """Check the image, its DICOM references and the destination; create the partial slab store.
 
@@ -242,6 +242,9 @@ class DicomSegWriter(SingleFileWriter):
             z-slices per store chunk (default about 64 MiB).
         run_id : str, optional
             Recorded in the output (default a new uuid).
+        partial_key : str, optional
+            Names the partial folder; a partial folder of the same key and
+            layout left by a killed run is resumed (see :mod:`tileseg.writers.blocks`).
 
         Returns
         -------
@@ -289,7 +292,7 @@ class DicomSegWriter(SingleFileWriter):
             raise OutputError(f"{path!r}: image slices are {image.spatial_shape[1:]} (y, x) but the source "
                               f"{first!r} has {rows} rows x {cols} columns")
 
-        final, target = self.claim(path, local, overwrite, "a DICOM file")
+        final, target = self.claim(path, local, overwrite, "a DICOM file", partial_key)
         if segmentation_type == "binary":
             dtype = _label_store_dtype(image)
         else:
@@ -298,13 +301,10 @@ class DicomSegWriter(SingleFileWriter):
         n_c = shape[0] if image.has_channels else 1
         thick = slab or max(1, TARGET_SLAB_BYTES // max(1, rows * cols * dtype.itemsize * n_c))
         chunks = ((shape[0],) if image.has_channels else ()) + (min(thick, shape[-3]), rows, cols)
-        try:
-            os.makedirs(target)
-            zarr.create_array(store=LocalStore(os.path.join(target, STORE)), shape=shape, chunks=chunks,
-                              dtype=dtype, fill_value=0, attributes={"tileseg": {"status": "incomplete"}})
-        except Exception as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise OutputError(f"{path!r}: cannot create the partial store in {target!r}: {exc}") from exc
+        layout = {"writer": self.name, "key": partial_key, "shape": shape, "chunks": chunks, "dtype": str(dtype)}
+        self.partial_store(path, target, layout, partial_key is not None, lambda t: zarr.create_array(
+            store=LocalStore(os.path.join(t, STORE)), shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+            attributes={"tileseg": {"status": "incomplete"}}))
         from .. import __version__
 
         nodata = image.nodata.item() if hasattr(image.nodata, "item") else image.nodata
@@ -320,7 +320,6 @@ class DicomSegWriter(SingleFileWriter):
 
     def write_task(self, handle: WriteHandle, image: Image) -> Any:
         """A ``Delayed`` storing the slabs into the partial store (idempotent)."""
-        import dask.array as da
         import zarr
         from zarr.storage import LocalStore
 
@@ -333,7 +332,7 @@ class DicomSegWriter(SingleFileWriter):
             arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r+")
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from exc
-        return da.store(align(data, handle.chunks), GuardedTarget(arr, handle.target), lock=False, compute=False)
+        return store_blocks(align(data, handle.chunks), arr, guard=handle.target, records=records_of(handle.target))
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Build the SEG from the slabs and the source headers, save it, rename it into place.

@@ -53,7 +53,6 @@ import gzip
 import json
 import logging
 import os
-import shutil
 import uuid
 from typing import Any
 
@@ -65,11 +64,11 @@ from ..image import Image, label_dtype
 from ..readers.nifti import ECODE, tileseg_record
 from ..report import now_iso
 from .base import (
-    GuardedTarget,
     SingleFileWriter,
     WriteHandle,
     check_axes,
 )
+from .blocks import records_of, store_blocks
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -161,6 +160,7 @@ class NiftiWriter(SingleFileWriter):
         slab: int | None = None,
         compresslevel: int = 6,
         run_id: str | None = None,
+        partial_key: str | None = None,
     ) -> WriteHandle:
         """Check the destination and create the partial slab store.
 
@@ -180,6 +180,9 @@ class NiftiWriter(SingleFileWriter):
             gzip level 1-9 (``.nii.gz`` only).
         run_id : str, optional
             Recorded in the output (default a new uuid).
+        partial_key : str, optional
+            Names the partial folder; a partial folder of the same key and
+            layout left by a killed run is resumed (see :mod:`tileseg.writers.blocks`).
 
         Returns
         -------
@@ -212,20 +215,17 @@ class NiftiWriter(SingleFileWriter):
         except OutputError as exc:
             raise OutputError(f"{path!r}: {exc}") from None
 
-        final, target = self.claim(path, local, overwrite, "a NIfTI file")
+        final, target = self.claim(path, local, overwrite, "a NIfTI file", partial_key)
 
         shape = tuple(int(s) for s in image.data.shape)
         n_c = shape[0] if image.has_channels else 1
         z, y, x = shape[-3:]
         thick = slab or slab_thickness(max(image.data.chunks[-3]), y * x * dtype.itemsize * n_c)
         chunks = ((shape[0],) if image.has_channels else ()) + (min(thick, z), y, x)
-        try:
-            os.makedirs(target)
-            zarr.create_array(store=LocalStore(os.path.join(target, STORE)), shape=shape, chunks=chunks,
-                              dtype=dtype, fill_value=0, attributes={"tileseg": {"status": "incomplete"}})
-        except Exception as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise OutputError(f"{path!r}: cannot create the partial store in {target!r}: {exc}") from exc
+        layout = {"writer": self.name, "key": partial_key, "shape": shape, "chunks": chunks, "dtype": str(dtype)}
+        self.partial_store(path, target, layout, partial_key is not None, lambda t: zarr.create_array(
+            store=LocalStore(os.path.join(t, STORE)), shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+            attributes={"tileseg": {"status": "incomplete"}}))
         from .. import __version__
 
         affine = ras_from_lps_affine(world_affine(image.spacing, image.origin, image.direction))
@@ -243,7 +243,6 @@ class NiftiWriter(SingleFileWriter):
 
     def write_task(self, handle: WriteHandle, image: Image) -> Any:
         """A ``Delayed`` storing the converted slabs into the partial store (idempotent)."""
-        import dask.array as da
         import zarr
         from zarr.storage import LocalStore
 
@@ -256,7 +255,7 @@ class NiftiWriter(SingleFileWriter):
             arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r+")
         except Exception as exc:
             raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from exc
-        return da.store(align(data, handle.chunks), GuardedTarget(arr, handle.target), lock=False, compute=False)
+        return store_blocks(align(data, handle.chunks), arr, guard=handle.target, records=records_of(handle.target))
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Stream header and slabs into the NIfTI file, then rename it into place.

@@ -50,6 +50,7 @@ from ..errors import OutputError, require
 from ..image import Image
 from ..report import now_iso
 from .base import SingleFileWriter, WriteHandle
+from .blocks import records_of, store_blocks
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class VectorWriter(SingleFileWriter):
         simplify_tolerance: float = 0.0,
         layer: str | None = None,
         run_id: str | None = None,
+        partial_key: str | None = None,
     ) -> WriteHandle:
         """Check the destination and create the partial folder.
 
@@ -146,6 +148,9 @@ class VectorWriter(SingleFileWriter):
             Layer name (default: the file name without extension).
         run_id : str, optional
             Recorded in the output (default a new uuid).
+        partial_key : str, optional
+            Names the partial folder; one of the same key and chunking left by a
+            killed run is resumed (chunks with pieces are not polygonised again).
 
         Raises
         ------
@@ -164,9 +169,11 @@ class VectorWriter(SingleFileWriter):
                               f"got axes {image.axes!r}, dtype {str(image.dtype)!r}")
         if not isinstance(simplify_tolerance, (int, float)) or simplify_tolerance < 0:
             raise ConfigError(f"simplify_tolerance must be a number >= 0 (CRS units), got {simplify_tolerance!r}")
-        final, target = self.claim(path, local, overwrite, f"a {driver} file")
-        os.makedirs(os.path.join(target, "pieces"))
+        final, target = self.claim(path, local, overwrite, f"a {driver} file", partial_key)
         chunks = tuple(tuple(int(c) for c in cs) for cs in image.data.chunks)
+        layout = {"writer": self.name, "key": partial_key, "chunks": [list(c) for c in chunks]}
+        self.partial_store(path, target, layout, partial_key is not None,
+                           lambda t: os.makedirs(os.path.join(t, "pieces")))
         details = {
             "local": final, "driver": driver, "overwrite": bool(overwrite), "chunk_sizes": [list(c) for c in chunks],
             "layer": layer or os.path.splitext(os.path.basename(final))[0], "crs": image.crs,
@@ -179,7 +186,6 @@ class VectorWriter(SingleFileWriter):
 
     def write_task(self, handle: WriteHandle, image: Image) -> Any:
         """A ``Delayed`` polygonising every chunk into its own piece file (idempotent)."""
-        import dask
         import dask.array as da
 
         data = image.data
@@ -189,13 +195,8 @@ class VectorWriter(SingleFileWriter):
         if valid is not None:
             data = da.where(valid, data, 0)
         data = data.rechunk(tuple(tuple(c) for c in handle.details["chunk_sizes"]))
-        offsets = [np.cumsum([0] + c[:-1]) for c in handle.details["chunk_sizes"]]
-        blocks = data.to_delayed()
-        tasks = []
-        for i, j in np.ndindex(*blocks.shape):
-            name = os.path.join(handle.target, "pieces", f"{i}_{j}.npy")
-            tasks.append(dask.delayed(_write_pieces)(blocks[i, j], (int(offsets[0][i]), int(offsets[1][j])), name))
-        return dask.delayed(_all_done, pure=False)(tasks)
+        return store_blocks(data, _Pieces(handle.target, handle.details["chunk_sizes"]), guard=handle.target,
+                            records=records_of(handle.target))
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Merge the pieces, write the file with its completion record, rename it into place.
@@ -251,8 +252,17 @@ def _write_pieces(block: np.ndarray, offset: tuple[int, int], name: str) -> None
     os.replace(tmp, name)
 
 
-def _all_done(results: list[Any]) -> None:
-    return None
+class _Pieces:
+    """Store target of the write task: ``pieces[region] = block`` polygonises the chunk at ``region``."""
+
+    def __init__(self, target: str, chunk_sizes: list[list[int]]) -> None:
+        self.target = target
+        self.starts = [np.cumsum([0] + list(c[:-1])).tolist() for c in chunk_sizes]
+
+    def __setitem__(self, region: tuple[slice, slice], block: np.ndarray) -> None:
+        i, j = (starts.index(r.start) for starts, r in zip(self.starts, region))
+        name = os.path.join(self.target, "pieces", f"{i}_{j}.npy")
+        _write_pieces(block, (int(region[0].start), int(region[1].start)), name)
 
 
 __all__ = ["VectorWriter", "is_complete"]

@@ -42,10 +42,13 @@ Completion is recorded, not inferred
 "incomplete"``; only ``finalize`` (called by the run after the write task
 succeeded) sets ``"complete"`` with a timestamp and run id. For local paths
 the whole output is written into a hidden sibling
-(``<dir>/.<name>.partial-<uuid>``) and renamed onto the final path by
+(``<dir>/.<name>.partial-<id>``) and renamed onto the final path by
 ``finalize``, so a crash never leaves a half-written output at the final
-path (stale ``.partial-`` folders can be deleted). For URLs the output is
-written in place and :func:`is_complete` reads the status.
+path. ``id`` is a uuid, or the ``partial_key`` a pipeline run passes (its
+hash of item, output and pipeline): a rerun then resumes that folder and
+writes only the chunks not recorded there (:mod:`tileseg.writers.blocks`;
+the records are removed before the rename). For URLs the output is written
+in place (every chunk again on a rerun) and :func:`is_complete` reads the status.
 
 An existing output at the final path is replaced only with
 ``overwrite=True``, except an *incomplete* tileseg output (a crashed earlier
@@ -83,7 +86,8 @@ from ..errors import ConfigError, FormatError, OutputError
 from ..image import Image
 from ..report import now_iso
 from ..store import RESERVED_ATTRS, RawStore, local_path, node_metadata, open_store
-from .base import GuardedTarget, WriteHandle, Writer, check_axes, move_into_place, partial_sibling
+from .base import WriteHandle, Writer, check_axes, move_into_place, open_partial, partial_sibling
+from .blocks import drop_records, mark_partial, records_of, store_blocks
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +283,7 @@ class ZarrWriter(Writer):
         image_label: bool | dict[str, Any] | None = None,
         name: str = "tileseg",
         run_id: str | None = None,
+        partial_key: str | None = None,
     ) -> WriteHandle:
         """Create the empty output group and array, marked incomplete.
 
@@ -314,6 +319,10 @@ class ZarrWriter(Writer):
             OME multiscale name.
         run_id : str, optional
             Recorded in the status (default a new uuid).
+        partial_key : str, optional
+            Names the local partial output; one of the same key and layout
+            left by a killed run is resumed: chunks recorded there are not
+            written again (see :mod:`tileseg.writers.blocks`).
 
         Returns
         -------
@@ -380,30 +389,40 @@ class ZarrWriter(Writer):
             what = "a finished tileseg output" if existing == "complete" else "a Zarr store"
             raise OutputError(f"{path!r} already exists ({what}); pass overwrite=True to replace it")
         local = local_path(path)
+        layout = {"writer": self.name, "key": partial_key, "shape": [int(v) for v in data.shape],
+                  "chunks": list(store_chunks), "dtype": str(dtype), "fill_value": repr(fill_value),
+                  "zarr_format": zarr_format, "compressors": repr(compressors)}
+        resumed = False
         if local is not None:
-            local, target = partial_sibling(local)
+            local, target = partial_sibling(local, partial_key)
+            resumed = open_partial(target, layout, partial_key is not None)
         else:
             target = path
 
         try:
-            store = open_store(target, storage_options, read_only=False)
-            group = zarr.create_group(
-                store=store, zarr_format=zarr_format, overwrite=True, attributes=group_attrs
-            )
+            if resumed:
+                group = None
+            else:
+                group = zarr.create_group(
+                    store=open_store(target, storage_options, read_only=False), zarr_format=zarr_format,
+                    overwrite=True, attributes=group_attrs)
             kwargs: dict[str, Any] = {}
             if zarr_format == 3:
                 kwargs["dimension_names"] = list(axes)
             else:
                 kwargs["attributes"] = {"_ARRAY_DIMENSIONS": list(axes)}
-            group.create_array(
-                ARRAY_PATH,
-                shape=tuple(int(s) for s in data.shape),
-                dtype=dtype,
-                chunks=store_chunks,
-                compressors=compressors,
-                fill_value=fill_value,
-                **kwargs,
-            )
+            if group is not None:
+                group.create_array(
+                    ARRAY_PATH,
+                    shape=tuple(int(s) for s in data.shape),
+                    dtype=dtype,
+                    chunks=store_chunks,
+                    compressors=compressors,
+                    fill_value=fill_value,
+                    **kwargs,
+                )
+                if local is not None:
+                    mark_partial(target, layout)
         except OutputError:
             raise
         except Exception as exc:
@@ -441,7 +460,6 @@ class ZarrWriter(Writer):
         OutputError
             ``data`` does not match the prepared shape or dtype.
         """
-        import dask.array as da
         import zarr
 
         data = image.data
@@ -462,8 +480,8 @@ class ZarrWriter(Writer):
         if tuple(arr.chunks) != tuple(handle.chunks):  # pragma: no cover - guards a changed store
             raise OutputError(f"{handle.path!r}: store chunks {arr.chunks!r} != prepared {handle.chunks!r}")
         if handle.details.get("local"):  # an aborted write must not recreate the removed partial folder
-            arr = GuardedTarget(arr, handle.target)
-        return da.store(data, arr, lock=False, compute=False)
+            return store_blocks(data, arr, guard=handle.target, records=records_of(handle.target))
+        return store_blocks(data, arr)
 
     def finalize(self, handle: WriteHandle, info: dict[str, Any] | None = None) -> None:
         """Mark the output complete and (local paths) move it onto the final path.
@@ -507,6 +525,7 @@ class ZarrWriter(Writer):
                     )
         group.attrs["tileseg"] = status
         if handle.details.get("local"):
+            drop_records(handle.target)
             move_into_place(handle.target, final)
         log.info("finished %s", handle.path)
 
