@@ -55,12 +55,19 @@ def make_scenes(dims: int, seeds: list[int], shape: tuple[int, ...]):
     return [normalised(img) for img, _ in pairs], [lab.astype(np.int64) for _, lab in pairs]
 
 
-def sample_batch(rng: np.random.Generator, images, labels, crop: int, batch: int):
+def sample_batch(rng: np.random.Generator, images, labels, crop: int, batch: int, focus: float = 0.0):
+    """Random crops with random flips; a fraction ``focus`` of them is centred on a voxel of a
+    random foreground class (small structures are then seen often enough)."""
     xs, ys = [], []
     for _ in range(batch):
         k = rng.integers(len(images))
         img, lab = images[k], labels[k]
         starts = [rng.integers(0, s - crop + 1) for s in img.shape]
+        if focus > 0 and rng.random() < focus:
+            classes = [c for c in np.unique(lab) if c > 0]
+            where = np.argwhere(lab == classes[rng.integers(len(classes))])
+            centre = where[rng.integers(len(where))]
+            starts = [int(np.clip(c - crop // 2, 0, s - crop)) for c, s in zip(centre, img.shape)]
         sl = tuple(slice(a, a + crop) for a in starts)
         x, y = img[sl], lab[sl]
         for ax in range(x.ndim):
@@ -72,50 +79,79 @@ def sample_batch(rng: np.random.Generator, images, labels, crop: int, batch: int
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus the soft Dice loss averaged over the foreground classes (1, 2, ...)."""
     ce = F.cross_entropy(logits, target)
-    prob = logits.softmax(1)[:, 1]
-    fg = (target == 1).float()
-    soft_dice = 1 - (2 * (prob * fg).sum() + 1) / (prob.sum() + fg.sum() + 1)
-    return ce + soft_dice
+    prob = logits.softmax(1)
+    losses = []
+    for k in range(1, logits.shape[1]):
+        fg = (target == k).float()
+        losses.append(1 - (2 * (prob[:, k] * fg).sum() + 1) / (prob[:, k].sum() + fg.sum() + 1))
+    return ce + torch.stack(losses).mean()
 
 
-def train(dims: int, out: Path, seed: int, iters: int | None) -> dict:
-    cfg = SETTINGS[dims]
-    iters = iters or cfg["iters"]
-    torch.manual_seed(seed)
+def fit(model: torch.nn.Module, images, labels, *, crop: int, batch: int, iters: int, seed: int,
+        tag: str, focus: float = 0.0) -> float:
+    """Train ``model`` on random flipped crops of ``images``/``labels`` (Adam, one-cycle); seconds taken."""
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    images, labels = make_scenes(dims, [seed * 1000 + i for i in range(cfg["scenes"])], cfg["shape"])
-    model = UNet(1, 2, spatial_dims=dims, depth=3, base_features=cfg["base"], norm="batch")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=iters, pct_start=0.2)
     model.train()
     for it in range(iters):
-        x, y = sample_batch(rng, images, labels, cfg["crop"], cfg["batch"])
+        x, y = sample_batch(rng, images, labels, crop, batch, focus)
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if (it + 1) % 50 == 0:
-            print(f"  {dims}D iter {it + 1}/{iters} loss {loss.item():.3f}", flush=True)
-    train_s = time.perf_counter() - t0
+            print(f"  {tag} iter {it + 1}/{iters} loss {loss.item():.3f}", flush=True)
     model.eval()
-    val_img, val_lab = make_scenes(dims, [seed * 1000 + 999], cfg["val"])
-    with torch.inference_mode():
-        pred = model(torch.from_numpy(val_img[0])[None, None]).argmax(1)[0].numpy()
-    score = dice(pred, val_lab[0])
+    return time.perf_counter() - t0
+
+
+def save_torchscript(model: torch.nn.Module, out: Path, probe: np.ndarray) -> None:
+    """Save ``torch.jit.script(model)`` (eval mode) and check it reproduces the eager model on ``probe``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the portable format
         scripted = torch.jit.script(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     scripted.save(str(out))
-    # the saved file must reproduce the eager model
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        probe = torch.from_numpy(val_img[0][tuple(slice(0, 64) for _ in range(dims))].copy())[None, None]
-        diff = (torch.jit.load(str(out))(probe) - model(probe)).abs().max().item()
-    assert diff < 1e-4, f"TorchScript output differs from the eager model by {diff}"
+        x = torch.from_numpy(np.ascontiguousarray(probe))[None, None]
+        diff = (torch.jit.load(str(out))(x) - model(x)).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"TorchScript output differs from the eager model by {diff}")
+
+
+def trainer_args(argv: list[str] | None, doc: str, out: Path, iters: int, seed: int) -> argparse.Namespace:
+    """``--out``, ``--iters``, ``--seed``, ``--threads`` of a one-model trainer; sets torch's threads and seed."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--iters", type=int, default=iters)
+    ap.add_argument("--seed", type=int, default=seed)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return args
+
+
+def train(dims: int, out: Path, seed: int, iters: int | None) -> dict:
+    cfg = SETTINGS[dims]
+    iters = iters or cfg["iters"]
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    images, labels = make_scenes(dims, [seed * 1000 + i for i in range(cfg["scenes"])], cfg["shape"])
+    model = UNet(1, 2, spatial_dims=dims, depth=3, base_features=cfg["base"], norm="batch")
+    fit(model, images, labels, crop=cfg["crop"], batch=cfg["batch"], iters=iters, seed=seed, tag=f"{dims}D")
+    train_s = time.perf_counter() - t0
+    val_img, val_lab = make_scenes(dims, [seed * 1000 + 999], cfg["val"])
+    with torch.inference_mode():
+        pred = model(torch.from_numpy(val_img[0])[None, None]).argmax(1)[0].numpy()
+    score = dice(pred, val_lab[0])
+    save_torchscript(model, out, val_img[0][tuple(slice(0, 64) for _ in range(dims))])
     info = {"dims": dims, "train_s": round(train_s, 1), "iters": iters, "val_dice": round(score, 4),
             "file": str(out), "kb": round(out.stat().st_size / 1024, 1),
             "params": sum(p.numel() for p in model.parameters())}

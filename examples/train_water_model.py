@@ -15,7 +15,6 @@ loss. The saved file is ``torch.jit.script`` of the net in eval mode.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -27,6 +26,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from train_demo_model import trainer_args  # noqa: E402  (examples/ is on sys.path)
 
 from tileseg.predictors.unet import UNet  # noqa: E402
 from tileseg.testing.geoscene import LABEL_NODATA, render_window, scene  # noqa: E402
@@ -68,14 +69,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "examples" / "models" / "water_unet2d.pt")
-    ap.add_argument("--iters", type=int, default=ITERS)
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = trainer_args(argv, __doc__, ROOT / "examples" / "models" / "water_unet2d.pt", ITERS, 7)
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     images, labels = make_scenes([args.seed * 100 + i for i in range(SCENES)], SHAPE)

@@ -174,8 +174,9 @@ def test_info_shows_what_open_sees(project):
 def test_verbose_flag_logs_to_stderr(project):
     root, _ = project
     pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
-    res = CliRunner().invoke(main, ["-v", "run", str(pipe), "--quiet"], catch_exceptions=False)
+    res = CliRunner().invoke(main, ["-v", "run", str(pipe)], catch_exceptions=False)
     assert res.exit_code == 0 and "INFO tileseg.runner: item 0 ok" in res.output
+    assert "INFO tileseg.runner: item 0 (a.zarr): open ..." in res.output  # -v: a line per stage
     res = CliRunner().invoke(main, ["run", str(pipe), "--quiet", "--no-resume"], catch_exceptions=False)
     assert res.exit_code == 0 and "INFO" not in res.output
 

@@ -66,10 +66,15 @@ def _fail(exc: BaseException, options: dict[str, str] | None = None) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("-q", "--quiet", "quiet_log", count=True, help="Less log output.")
+@click.option("-q", "--quiet", "quiet_log", count=True,
+              help="Quiet: no progress display, only warnings and errors (-qq: errors only).")
 @click.version_option(__version__, prog_name="tileseg")
-def main(verbose: int, quiet_log: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet_log: int) -> None:
     """tileseg: memory-bounded tiled segmentation on Dask."""
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet_log
+    ctx.obj["verbose"] = verbose
     _configure_logging(verbose, quiet_log)
 
 
@@ -80,8 +85,13 @@ def main(verbose: int, quiet_log: int) -> None:
 @click.option("--fresh", is_flag=True, help="Ignore earlier runs: recompute items already done or failed.")
 @click.option("--no-resume", "fresh", is_flag=True, hidden=True)
 @click.option("--retry-failed", is_flag=True, help="Run again the items an earlier run recorded as failed.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, quiet: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Same as tileseg -q: no progress display, only warnings and errors.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Replace a pipeline value by dotted key, e.g. --set input.path=/data/day1 (YAML value).")
+@click.option("--report-page", is_flag=True, help="Also write the HTML report page (tileseg report) at the end.")
+@click.pass_context
+def run(ctx: click.Context, pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, quiet: bool,
+        overrides: tuple[str, ...], report_page: bool) -> None:
     """Run PIPELINE over all its inputs; print a summary table and the report path.
 
     Exit codes: 0 every item done (now or earlier); 1 an item failed or the
@@ -89,15 +99,17 @@ def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, q
     128 + signal number when interrupted (Ctrl-C: 130, SIGTERM: 143), with
     the state recorded so a rerun continues.
     """
+    from .config import load_pipeline
     from .runner import run_pipeline
 
-    stages = logging.getLogger("tileseg.runner")
-    level = stages.level
-    if not quiet and logging.getLogger("tileseg").getEffectiveLevel() <= logging.WARNING:
-        stages.setLevel(logging.INFO)  # one line per stage of each item, with its time, before the compute's bar
+    obj = ctx.obj or {}
+    if quiet and not obj.get("quiet"):  # `tileseg run -q` means what `tileseg -q run` means
+        _configure_logging(obj.get("verbose", 0), 1)
+    quiet = quiet or bool(obj.get("quiet"))
     previous = _stop_on_sigterm()
     try:
-        report = run_pipeline(pipeline, scheduler=scheduler, fresh=fresh, retry_failed=retry_failed,
+        source = load_pipeline(pipeline, overrides=_parse_sets(overrides)) if overrides else pipeline
+        report = run_pipeline(source, scheduler=scheduler, fresh=fresh, retry_failed=retry_failed,
                               progress=not quiet, notify=lambda text: click.echo(text, err=True))
     except (TilesegError, OSError) as exc:
         _fail(exc)
@@ -108,7 +120,6 @@ def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, q
                    "run the same command again to continue", err=True)
         sys.exit(128 + int(signum))
     finally:
-        stages.setLevel(level)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     click.echo(report.summary_table())
@@ -128,6 +139,13 @@ def run(pipeline: str, scheduler: str | None, fresh: bool, retry_failed: bool, q
                + (f"; {busy} being processed by another run" if busy else "") + f"), {counts['failed']} failed"
                + f"{extra} in {report.duration_s:.1f} s")
     click.echo(f"report: {report.report_path}")
+    if report_page and report.report_path:
+        from .report_page import write_report_page
+
+        try:
+            click.echo(f"report page: {write_report_page(os.path.dirname(report.report_path))}")
+        except Exception as exc:  # the run's result stands; the page is an extra
+            click.echo(f"warning: report page not written: {exc}", err=True)
     sys.exit(EXIT_OK if report.ok else EXIT_FAILED)
 
 
@@ -146,6 +164,22 @@ def _stop_on_sigterm() -> Any:
         raise exc
 
     return signal.signal(signal.SIGTERM, handler)
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` options as dotted-key overrides; values are parsed as YAML (``safe_load``)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set input.path=/data/day1")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({exc})") from None
+    return out
 
 
 def _summary(cfg: Any) -> list[str]:

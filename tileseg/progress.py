@@ -11,9 +11,13 @@ The same figures go into the run report (:meth:`RunProgress.snapshot`).
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -70,9 +74,12 @@ class RunProgress:
             self.mode = "bar" if isatty() else "log"
         self._last_log = self._t0
         if self.mode == "bar":
-            from tqdm.auto import tqdm
+            import shutil
 
-            self._bar = tqdm(total=self.total, file=self.stream, unit="item", mininterval=0.5, leave=True,
+            from tqdm import tqdm
+
+            width = shutil.get_terminal_size((100, 20)).columns or 100  # a pty without a size reports 0
+            self._bar = tqdm(total=self.total, file=self.stream, unit="item", mininterval=0.5, leave=True, ncols=width,
                              bar_format="{l_bar}{bar}| {n:.2f}/{total} items [{elapsed}<{remaining}] {postfix}")
 
     # -- events -----------------------------------------------------------------------------------
@@ -157,7 +164,11 @@ class RunProgress:
         parts = [f"{s['items_done']} done, {s['items_skipped']} skipped, {s['items_failed']} failed "
                  f"of {s['items_total']} items"]
         if s["items_running"]:
-            parts.append(f"{s['items_running']} running ({s['chunks_done']}/{s['chunks_total']} chunks)")
+            with self._lock:
+                stages = ", ".join(f"{i.name}: {i.stage}" for i in list(self._items.values())[:3])
+            more = "" if s["items_running"] <= 3 else ", ..."
+            parts.append(f"{s['items_running']} running ({s['chunks_done']}/{s['chunks_total']} chunks; "
+                         f"{stages}{more})")
         if s["pixels_per_s"]:
             parts.append(f"{s['pixels_per_s'] / 1e6:.2f} Mpx/s")
         if s["eta_s"] is not None and s["items_done"] + s["items_failed"] + s["items_skipped"] < s["items_total"]:
@@ -186,6 +197,68 @@ class RunProgress:
             self._last_log = time.perf_counter()
             self.lines_written += 1
         print(f"tileseg: {text}", file=self.stream, flush=True)
+
+
+@contextmanager
+def watch_chunks(display: RunProgress, index: int, handles: Sequence[Any], pixels: int,
+                 every_s: float = 0.5) -> Iterator[None]:
+    """Feed ``display`` with the chunks of item ``index`` written so far, while the block runs.
+
+    Counts the finished-chunk records that local outputs keep
+    (:mod:`tileseg.writers.blocks`), so it works with every scheduler, a
+    remote cluster included (the records are files next to the output).
+    Outputs without records (URLs) count only when the item ends.
+
+    Parameters
+    ----------
+    display : RunProgress
+    index : int
+        The item.
+    handles : sequence of WriteHandle
+        The item's prepared outputs (``target``, ``shape``, ``chunks``).
+    pixels : int
+        Spatial pixels of the item (spread over its chunks for the throughput).
+    every_s : float
+        Seconds between counts.
+    """
+    from .store import is_url
+    from .writers.blocks import records_of
+
+    local = [h for h in handles if not is_url(h.target) and h.shape and h.chunks]
+    totals = [math.prod(math.ceil(s / max(1, c)) for s, c in zip(h.shape, h.chunks)) for h in local]
+    total = sum(totals)
+    display.stage(index, "compute", chunks_total=total)
+    seen = 0
+    stop = threading.Event()
+
+    def count() -> None:
+        nonlocal seen
+        n = 0
+        for h in local:
+            try:
+                n += len(os.listdir(records_of(h.target).folder))
+            except OSError:
+                pass
+        n = min(n, total)
+        if n > seen:
+            display.chunk_done(index, n - seen, pixels=int(pixels * (n - seen) / total) if total else 0)
+            seen = n
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            count()
+
+    thread = threading.Thread(target=loop, name=f"tileseg-progress-{index}", daemon=True)
+    if total and display.mode != "off":
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        if total and display.mode != "off":
+            count()
 
 
 def _duration(s: float) -> str:

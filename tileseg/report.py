@@ -134,6 +134,7 @@ class RunReport:
     interrupted: bool = False
     model_loads: dict[str, int] | None = None
     batch_sizes: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None
     _run_file: str | None = field(default=None, repr=False, compare=False)
 
     @property

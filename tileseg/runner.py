@@ -49,7 +49,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,7 @@ from .outputs import (
     render_output,
 )
 from .outputs import join as _join
+from .progress import RunProgress, watch_chunks
 from .report import (
     FAILED,
     INTERRUPTED,
@@ -136,14 +137,17 @@ def expand_items(cfg: PipelineConfig) -> list[tuple[str, Exception | None]]:
 class _Timer:
     """Times the stages of one item and logs a line when each starts and ends (progress from the first stage)."""
 
-    def __init__(self, label: str = "") -> None:
+    def __init__(self, label: str = "", on_stage: Callable[[str], None] | None = None) -> None:
         self.timings: dict[str, float] = {}
         self.label = label
         self.t0 = time.perf_counter()
+        self.on_stage = on_stage
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        if self.on_stage is not None:
+            self.on_stage(name)
         log.info("%s: %s ... (%.1f s into the item)", self.label, name, t0 - self.t0)
         try:
             yield
@@ -319,7 +323,8 @@ def _writer(name: str):
 
 
 def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: list[bool], sched: SchedulerInfo | None,
-                  progress: bool, timer: _Timer, info: dict[str, Any]) -> list[Any]:
+                  progress: bool, timer: _Timer, info: dict[str, Any],
+                  on_chunks: Callable[[list[Any]], Any] | None = None) -> list[Any]:
     """Prepare every output, compute all write tasks together (streaming chunk by chunk), then finalize each.
 
     Returns the writers' handles. On failure every prepared output is aborted
@@ -336,7 +341,7 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
                     options["partial_key"] = out.partial_key or out.config_hash
                 handles.append(out.writer.prepare(image, out.path, overwrite=ow, **options))
             tasks = [out.writer.write_task(h, image) for out, h, image in zip(outputs, handles, images)]
-        with timer.stage("compute_write"):
+        with timer.stage("compute_write"), (on_chunks(handles) if on_chunks else nullcontext()):
             compute(sched, *tasks, progress=progress)
         with timer.stage("finalize"):
             for out, h in zip(outputs, handles):
@@ -480,7 +485,9 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
         Run again the items an earlier run recorded failed (items whose input
         changed run again anyway).
     progress : bool
-        Show a progress bar per item (one item in flight) on the terminal.
+        Show one progress display for the run (:mod:`tileseg.progress`): a bar
+        on a terminal, a few log lines per item otherwise. Its figures also go
+        into the report (``report.progress``).
     notify : callable, optional
         Receives one-line messages for the user: the dashboard link, and one
         line per finished item when several are in flight.
@@ -517,7 +524,8 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
     manifest = Manifest(manifest_path(cfg, directory), lease_s=cfg.execution.lease_s)
     report = RunReport(pipeline=cfg.model_dump(mode="json"), versions={}, started=now_iso(),
                        manifest_path=manifest.path, run_id=manifest.run_id)
-    state = _RunState(cfg=cfg, items=items, paths=paths, manifest=manifest, report=report,
+    display = RunProgress(len(items), mode="auto" if progress else "off")
+    state = _RunState(cfg=cfg, items=items, paths=paths, manifest=manifest, report=report, display=display,
                       report_path=_join(directory, REPORT_NAME), fingerprint=config_fingerprint(cfg),
                       settings=settings_fingerprint(cfg),
                       writers=[_writer(o.writer) for o in cfg.all_outputs()], fresh=fresh,
@@ -549,6 +557,7 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
         report.versions = package_versions()
         report.finished = now_iso()
         report.duration_s = round(time.perf_counter() - t_start, 3)
+        display.close()
         state.write_report()
         manifest.close()
     return report
@@ -587,6 +596,7 @@ class _RunState:
     progress: bool
     notify: Callable[[str], None] | None
     sched: SchedulerInfo | None = None
+    display: RunProgress | None = None
     _lock: Any = dataclasses.field(default_factory=threading.Lock)
     _model_lock: Any = dataclasses.field(default_factory=threading.Lock)
     _predictor: Any = None
@@ -599,6 +609,8 @@ class _RunState:
         with self._lock:
             now = time.monotonic()
             if force or now - self._written >= REPORT_EVERY_S:
+                if self.display is not None:
+                    self.report.progress = self.display.snapshot()
                 self.report.write(self.report_path)
                 self._written = now
 
@@ -619,11 +631,9 @@ class _RunState:
     def done(self, result: ItemResult) -> None:
         with self._lock:
             self._finished += 1
-            n = self._finished
+        if self.display is not None:
+            self.display.finish_item(result.index, result.status, result.error or result.skipped_reason or "")
         self.write_report(force=False)
-        if self.notify is not None and self.cfg.execution.max_items_in_flight > 1:
-            self.notify(f"[{n}/{len(self.items)}] {result.status} {result.input}"
-                        + (f": {result.error}" if result.error else ""))
 
     def process(self, index: int, stop: threading.Event) -> None:
         """Claim, run and record one item (never raises for the item's own failure)."""
@@ -684,8 +694,10 @@ class _RunState:
             for o in outputs:
                 remove_stale(o.path)
             overwrite = [o.cfg.overwrite or decision.previous is not None for o in outputs]
+            if self.display is not None:
+                self.display.start_item(index, _item_name(item))
             _run_item(self.cfg, item, index, outputs, result, predictor=predictor, sched=self.sched,
-                      overwrite=overwrite, progress=self.progress and self.cfg.execution.max_items_in_flight == 1)
+                      overwrite=overwrite, display=self.display)
         except _ModelLoadFailed as exc:
             result.status, result.error = FAILED, f"not run: {exc}"
             self.manifest.finish(key, PENDING, error=result.error)
@@ -740,14 +752,21 @@ def _scored(outputs: list[_Output]) -> _Output:
     return next((o for o in outputs if o.cfg.content == "result"), outputs[0])
 
 
+def _item_name(item: str) -> str:
+    """Short display name of an input item (its last path part)."""
+    return os.path.basename(str(item).rstrip("/")) or str(item)
+
+
 def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output], result: ItemResult, *,
-              predictor: Any, sched: SchedulerInfo | None, overwrite: list[bool], progress: bool) -> None:
+              predictor: Any, sched: SchedulerInfo | None, overwrite: list[bool],
+              display: RunProgress | None = None) -> None:
     """Open, build, check space, write and evaluate one claimed item; an item's error is recorded in ``result``.
 
     Interruptions (``KeyboardInterrupt``, :class:`~tileseg.errors.RunInterrupted`) propagate; keyed partial
     outputs stay for the next run to resume (see :mod:`tileseg.writers.blocks`).
     """
-    timer = _Timer(f"item {index} ({os.path.basename(item.rstrip('/')) or item})")
+    timer = _Timer(f"item {index} ({_item_name(item)})",
+                   on_stage=(lambda name: display.stage(index, name)) if display is not None else None)
     try:
         with PeakRSS() as mem:
             try:
@@ -765,8 +784,10 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                     check_free_space([(o.path, int(im.data.nbytes)) for o, im in zip(outputs, images)])
                 count_bad = cfg.model is not None and cfg.model.bad_output == "nodata"
                 bad_before = _bad_output_px(sched, image.source or "image") if count_bad else 0
-                write_outputs(outputs, images, overwrite=overwrite, sched=sched, progress=progress, timer=timer,
-                              info={"input": item})
+                px = int(np.prod(result.shape))
+                write_outputs(outputs, images, overwrite=overwrite, sched=sched, progress=False, timer=timer,
+                              info={"input": item},
+                              on_chunks=(lambda hs: watch_chunks(display, index, hs, px)) if display else None)
                 if count_bad:
                     result.bad_output_px = _bad_output_px(sched, image.source or "image") - bad_before
                 if cfg.evaluate is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +347,80 @@ def test_selection_options_filter_the_items_of_a_study(tmp_path):
     report = run_pipeline(tmp_path / "p.yaml", scheduler="synchronous")
     assert report.ok and len(report.items) == 3, [i.error for i in report.items]
     assert f"{mr.series_uid}.zarr" not in os.listdir(tmp_path / "out")
+
+
+def fileset_series(path: str) -> dict[str, list[str]]:
+    """Oracle: the image files of a DICOMDIR by SeriesInstanceUID, from pydicom's FileSet alone."""
+    from pydicom.fileset import FileSet
+
+    out: dict[str, list[str]] = {}
+    for instance in FileSet(path):
+        ds = instance.load()
+        if "Rows" in ds and "PixelData" in ds:
+            out.setdefault(str(ds.SeriesInstanceUID), []).append(str(instance.path))
+    return out
+
+
+def test_dicomdir_of_pydicoms_file_set_expands_to_its_series():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("DICOMDIR")
+    if path is None:
+        pytest.skip("pydicom's DICOMDIR test file-set is not installed")
+    expected = fileset_series(path)
+    items = expand_inputs(path)
+    assert len(items) == len(expected) > 3
+    assert sorted(item_stem(i) for i in items) == sorted(expected)
+    assert all(i.startswith(path + "#") for i in items)
+    # a real five-slice CT series of the file-set, read through its DICOMDIR item, equals pydicom's decoding
+    uid, files = max(((u, f) for u, f in expected.items() if len(f) == 5), key=lambda t: t[0])
+    img = open_image(f"{path}#{uid}")
+    np.testing.assert_array_equal(img.data.compute(), pydicom_volume(sorted_by_normal_files(files)))
+    assert "Doe" not in repr(img.attrs) and "Doe" not in " ".join(items)  # the file-set's patient names
+
+
+def sorted_by_normal_files(files: list[str]) -> list[str]:
+    hdrs = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    iop = np.asarray(hdrs[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    return [f for _, f in sorted(zip([np.dot(np.asarray(h.ImagePositionPatient, float), normal) for h in hdrs], files))]
+
+
+def test_dicomdir_written_by_pydicom_lists_its_series_and_refuses_missing_files(tmp_path):
+    from pydicom.fileset import FileSet
+
+    series = make_study(tmp_path / "src")
+    fileset = FileSet()
+    for s in series:
+        for f in s.files:
+            fileset.add(f)
+    fileset.write(str(tmp_path / "media"))  # PS3.10 names (PT000000/ST000000/...), no .dcm suffix
+    dicomdir = str(tmp_path / "media" / "DICOMDIR")
+    items = expand_inputs(dicomdir)
+    assert sorted(item_stem(i) for i in items) == sorted(s.series_uid for s in series)
+    for item in items:
+        match = [s for s in series if s.series_uid == item_stem(item)][0]
+        np.testing.assert_array_equal(open_image(item).data.compute(), match.hu)
+    assert len(expand_inputs(str(tmp_path / "media"))) == 3  # the folder holding it: the same series
+    victim = fileset_series(dicomdir)[series[1].series_uid][0]
+    os.remove(victim)
+    with pytest.raises(InputError, match=r"DICOMDIR.*1 referenced file\(s\) missing .*" + os.path.basename(victim)):
+        expand_inputs(dicomdir)
+    # a Referenced File ID climbing out of the file-set's folder is refused, not followed
+    ds = pydicom.dcmread(dicomdir)
+    record = next(r for r in ds.DirectoryRecordSequence if "ReferencedFileID" in r)
+    with warnings.catch_warnings():  # pydicom warns that these are not valid CS values
+        warnings.simplefilter("ignore", UserWarning)
+        record.ReferencedFileID = ["..", "src", "series0", os.path.basename(series[0].files[0])]
+    ds.save_as(dicomdir)
+    with pytest.raises(InputError, match="outside its folder"):
+        expand_inputs(dicomdir)
+
+
+def test_siemens_mosaic_is_refused_not_read_as_one_slice():
+    nibabel = pytest.importorskip("nibabel")
+
+    path = os.path.join(os.path.dirname(nibabel.__file__), "nicom", "tests", "data", "0.dcm")
+    assert "MOSAIC" in pydicom.dcmread(path, stop_before_pixels=True).ImageType  # nibabel's real Siemens mosaic
+    with pytest.raises(InputError, match=r"'0.dcm' are Siemens mosaics"):
+        open_image(path)

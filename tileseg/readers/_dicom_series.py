@@ -56,6 +56,7 @@ class SliceHeader:
     compressed: bool
     pixel_bytes: int | None  # bytes available for PixelData (uncompressed only), None if unknown
     frame: int | None = None  # 0-based frame of an enhanced multi-frame file; None for a single-frame file
+    mosaic: bool = False  # a Siemens mosaic: several slices tiled in one image (ImageType holds MOSAIC)
 
 
 def is_dicom_file(path: str) -> bool:
@@ -68,18 +69,71 @@ def is_dicom_file(path: str) -> bool:
     return len(head) == _PREAMBLE + 4 and head[_PREAMBLE:] == b"DICM"
 
 
+def is_dicomdir(path: str) -> bool:
+    """Whether ``path`` is a file named ``DICOMDIR`` (a DICOM file-set's directory, PS3.10)."""
+    return os.path.basename(path).upper() == "DICOMDIR" and os.path.isfile(path)
+
+
+def dicomdir_files(path: str) -> list[str]:
+    """The files a DICOMDIR references (pydicom's :class:`~pydicom.fileset.FileSet`), sorted.
+
+    Referenced files need no ``.dcm`` name. A file referenced outside the
+    DICOMDIR's folder (a ``..`` in a Referenced File ID) or missing is an error.
+
+    Raises
+    ------
+    InputError
+        Unreadable DICOMDIR, or a referenced file missing or outside its folder
+        (named relative to the folder; patient data never appears in messages).
+    """
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    root = os.path.realpath(os.path.dirname(path))
+    try:
+        ds = pydicom.dcmread(path)
+        ids = [rec.ReferencedFileID for rec in ds.get("DirectoryRecordSequence", []) if "ReferencedFileID" in rec]
+        referenced = [os.path.join(root, *([i] if isinstance(i, str) else [str(v) for v in i])) for i in ids]
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt input
+        raise InputError(f"{path!r}: not a readable DICOMDIR: {type(exc).__name__}") from None
+    outside = [p for p in referenced if os.path.commonpath([root, os.path.realpath(p)]) != root]
+    if outside:
+        raise InputError(f"{path!r}: {len(outside)} referenced file(s) lie outside its folder; refused")
+    missing = [p for p in referenced if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"{path!r}: {len(missing)} referenced file(s) missing "
+                         f"(first: {os.path.relpath(missing[0], root)!r})")
+    try:
+        paths = [str(instance.path) for instance in FileSet(ds)]
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{path!r}: not a readable DICOMDIR: {type(exc).__name__}") from None
+    return sorted(set(paths))
+
+
 def dicom_files(path: str) -> list[str]:
-    """DICOM files under ``path`` (a file or a tree; hidden entries and DICOMDIR skipped), sorted."""
+    """DICOM files under ``path`` (a file, a DICOMDIR, or a tree; hidden entries skipped), sorted.
+
+    A DICOMDIR gives the files it references; in a tree, the files of each
+    readable DICOMDIR are added to those found by their DICM preamble (an
+    unreadable DICOMDIR inside a tree is skipped with a warning).
+    """
     if os.path.isfile(path):
-        return [path]
-    out = []
+        return dicomdir_files(path) if is_dicomdir(path) else [path]
+    out = set()
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             full = os.path.join(root, name)
-            if not name.startswith(".") and name.upper() != "DICOMDIR" and is_dicom_file(full):
-                out.append(full)
-    return out
+            if name.startswith("."):
+                continue
+            if name.upper() == "DICOMDIR":
+                try:
+                    out.update(dicomdir_files(full))
+                except InputError as exc:
+                    log.warning("skipping %s", exc)
+            elif is_dicom_file(full):
+                out.add(full)
+    return sorted(out)
 
 
 def _floats(value: Any, n: int) -> tuple[float, ...] | None:
@@ -139,6 +193,7 @@ def _headers(ds: Any, path: str, ts: str, compressed: bool, pixel_bytes: int | N
         bits_allocated=int(ds.get("BitsAllocated", 16)), bits_stored=int(ds.get("BitsStored", ds.get("BitsAllocated", 16))),
         signed=int(ds.get("PixelRepresentation", 0)) == 1, samples=int(ds.get("SamplesPerPixel", 1)),
         transfer_syntax=str(ts), compressed=compressed, pixel_bytes=pixel_bytes,
+        mosaic="MOSAIC" in [str(v).upper() for v in (ds.get("ImageType") or [])],
     )
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if base.frames == 1 or not per_frame:
@@ -248,14 +303,19 @@ def assemble(headers: list[SliceHeader], *, tolerance: float = 0.01, repair: Any
     ------
     InputError
         Mixed orientations or sizes, duplicate positions, missing slices,
-        non-uniform spacing, a tilted stack, a multi-frame file, missing
-        position tags; the message names the series and the files.
+        non-uniform spacing, a tilted stack, a multi-frame file, a Siemens
+        mosaic, missing position tags; the message names the series and the files.
     """
     fixes = set(REPAIRS) if repair is True else set(repair or ())
     unknown = fixes - set(REPAIRS)
     if unknown:
         raise InputError(f"unknown repair(s) {sorted(unknown)!r}; choose from {list(REPAIRS)!r}")
     series = headers[0].series_uid
+    mosaic = [h for h in headers if h.mosaic]
+    if mosaic:
+        raise InputError(f"DICOM series {series!r}: {_names(mosaic)} are Siemens mosaics (ImageType MOSAIC: "
+                         "several slices tiled in one image, whose position is not a slice's); not supported, "
+                         "convert the series first (e.g. dcm2niix, or nibabel.nicom's MosaicWrapper)")
     multi = [h for h in headers if h.frames > 1 and h.frame is None]
     if multi:
         raise InputError(f"DICOM series {series!r}: multi-frame file(s) {_names(multi)} are not supported yet "

@@ -3,8 +3,11 @@
 What it opens
 -------------
 A DICOM file (``.dcm`` name, or the 128-byte preamble + ``DICM``), a series
-folder, or a study/archive tree (DICOMDIR is not needed and not read). Local
-paths only. Headers are scanned once with ``stop_before_pixels=True``.
+folder, a study/archive tree, or a DICOMDIR (a file-set's directory: the files
+it references, read with :class:`pydicom.fileset.FileSet`; a referenced file
+that is missing or outside the DICOMDIR's folder is an error). In a tree, the
+files referenced by any DICOMDIR are added to those found by their preamble.
+Local paths only. Headers are scanned once with ``stop_before_pixels=True``.
 
 Items
 -----
@@ -55,8 +58,9 @@ Rows x Columns x SamplesPerPixel x frames x BitsAllocated/8 (uncompressed
 syntaxes; checked on the header and again when decoding single-frame files).
 Enhanced CT/MR files (PerFrameFunctionalGroupsSequence) are read frame by
 frame (position, orientation, spacing and rescale per frame or shared) and
-sorted and checked like single-frame files. Colour images (SamplesPerPixel > 1)
-and multi-frame files without functional groups (RT dose, NM, US) are refused.
+sorted and checked like single-frame files. Colour images (SamplesPerPixel > 1),
+multi-frame files without functional groups (RT dose, NM, US) and Siemens
+mosaics (ImageType MOSAIC: slices tiled in one image) are refused.
 ``repair=["duplicates" | "orientation" | "size" | "spacing"]`` (or ``True``)
 opts into dropping duplicates / minority files or accepting uneven steps,
 with a logged warning. A compressed transfer syntax without a working decoder
@@ -129,33 +133,54 @@ class SliceSource:
         self.dtype = np.dtype(dtype)
         self.ndim = 3
 
-    def _plane(self, k: int) -> np.ndarray:
-        import pydicom
-        from pydicom.pixels import pixel_array
-
+    def _name(self, k: int) -> str:
         name = os.path.basename(self.files[k])
-        frame = self.frames[k]
-        if frame is not None:
-            name += f" frame {frame + 1}"
+        return name if self.frames[k] is None else f"{name} frame {self.frames[k] + 1}"
+
+    def _decode_error(self, k: int, ts: Any, exc: Exception) -> Exception:
+        if ts.is_compressed:
+            return FormatError(f"DICOM series {self.series!r}: cannot decode {self._name(k)!r}: transfer syntax "
+                               f"{ts.name!r} ({ts}) needs a decoder that is missing or failed "
+                               f"({' '.join(str(exc).split())}); {_CODECS_HINT}")
+        return InputError(f"DICOM series {self.series!r}: cannot decode {self._name(k)!r}: {exc}")
+
+    def _read(self, k: int, **kwargs: Any) -> Any:
+        import pydicom
+
         try:
-            ds = pydicom.dcmread(self.files[k], stop_before_pixels=frame is not None)
+            return pydicom.dcmread(self.files[k], **kwargs)
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"DICOM series {self.series!r}: cannot read {name!r}: {exc}") from exc
+            raise InputError(f"DICOM series {self.series!r}: cannot read {self._name(k)!r}: {exc}") from exc
+
+    def _single(self, k: int) -> np.ndarray:
+        """The stored values of the single-frame file of slice ``k`` (its length checked first)."""
+        ds = self._read(k)
         ts = ds.file_meta.TransferSyntaxUID
-        if frame is None and not ts.is_compressed and len(ds.get("PixelData", b"") or b"") < self.expected[k]:
-            raise InputError(f"DICOM series {self.series!r}: {name!r} is truncated: "
-                             f"{len(ds.get('PixelData', b'') or b'')} bytes of pixel data, {self.expected[k]} expected")
-        try:  # one frame of a multi-frame file is decoded alone (pydicom reads only its bytes)
-            raw = ds.pixel_array if frame is None else pixel_array(self.files[k], index=frame)
+        have = len(ds.get("PixelData", b"") or b"")
+        if not ts.is_compressed and have < self.expected[k]:
+            raise InputError(f"DICOM series {self.series!r}: {self._name(k)!r} is truncated: "
+                             f"{have} bytes of pixel data, {self.expected[k]} expected")
+        try:
+            return ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything
-            if ts.is_compressed:
-                raise FormatError(f"DICOM series {self.series!r}: cannot decode {name!r}: transfer syntax "
-                                  f"{ts.name!r} ({ts}) needs a decoder that is missing or failed "
-                                  f"({' '.join(str(exc).split())}); "
-                                  f"{_CODECS_HINT}") from exc
-            raise InputError(f"DICOM series {self.series!r}: cannot decode {name!r}: {exc}") from exc
+            raise self._decode_error(k, ts, exc) from exc
+
+    def _frames(self, ks: list[int]) -> list[np.ndarray]:
+        """The stored values of slices ``ks``, frames of one multi-frame file, parsed and decoded in one pass."""
+        from pydicom.pixels import iter_pixels
+
+        ts = self._read(ks[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
+        wanted = sorted({self.frames[k] for k in ks})
+        try:  # pydicom reads only the bytes of the wanted frames
+            decoded = dict(zip(wanted, iter_pixels(self.files[ks[0]], indices=wanted)))
+        except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything
+            raise self._decode_error(ks[0], ts, exc) from exc
+        return [decoded[self.frames[k]] for k in ks]
+
+    def _finish(self, k: int, raw: np.ndarray) -> np.ndarray:
+        """Shape check and rescale of slice ``k``'s stored values."""
         if raw.shape != self.shape[1:]:
-            raise InputError(f"DICOM series {self.series!r}: {name!r} decodes to shape {raw.shape!r}, "
+            raise InputError(f"DICOM series {self.series!r}: {self._name(k)!r} decodes to shape {raw.shape!r}, "
                              f"expected {self.shape[1:]!r}")
         slope, intercept = self.rescale[k]
         if (slope, intercept) == (1.0, 0.0):
@@ -166,10 +191,20 @@ class SliceSource:
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         zs, ys, xs = (tuple(key) + (slice(None),) * 3)[:3]
-        planes = [self._plane(k)[ys, xs] for k in range(*zs.indices(self.shape[0]))]
-        if not planes:
+        ks = list(range(*zs.indices(self.shape[0])))
+        if not ks:
             return np.empty((0,) + np.empty(self.shape[1:])[ys, xs].shape, dtype=self.dtype)
-        return np.stack(planes)
+        planes: dict[int, np.ndarray] = {}
+        multi: dict[str, list[int]] = {}  # enhanced multi-frame file -> its slices in this slab
+        for k in ks:
+            if self.frames[k] is None:
+                planes[k] = self._finish(k, self._single(k))[ys, xs]
+            else:
+                multi.setdefault(self.files[k], []).append(k)
+        for group in multi.values():
+            for k, raw in zip(group, self._frames(group)):
+                planes[k] = self._finish(k, raw)[ys, xs]
+        return np.stack([planes[k] for k in ks])
 
 
 def output_dtype(headers: list[SliceHeader]) -> np.dtype:

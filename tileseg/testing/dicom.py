@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CTSeries", "phantom_hu", "write_ct_series"]
+__all__ = ["PHANTOM_TISSUES", "CTSeries", "phantom_hu", "phantom_labels", "write_ct_series"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -59,17 +59,40 @@ class CTSeries:
     sop_uids: list[str] = field(default_factory=list)
 
 
-def phantom_hu(shape: Sequence[int]) -> np.ndarray:
-    """Integer HU phantom of ``shape`` ``(z, y, x)`` (float64 values that are whole numbers)."""
+#: The phantom's anatomy: label value -> (name, HU) of :func:`phantom_labels`.
+PHANTOM_TISSUES = (("air", -1000.0), ("water", 0.0), ("bone", 700.0), ("soft_tissue", 60.0))
+
+
+def phantom_labels(shape: Sequence[int]) -> np.ndarray:
+    """The phantom's anatomy as uint8 labels of ``shape`` ``(z, y, x)`` (see :data:`PHANTOM_TISSUES`).
+
+    A water cylinder along z (radius 0.8 of the half-width) in air, holding a
+    bone sphere (radius 0.3) and a soft-tissue sphere (radius 0.2), in
+    coordinates running from -1 to 1 along each axis (so the anatomy scales
+    with ``shape``).
+
+    >>> np.bincount(phantom_labels((8, 16, 16)).ravel()).tolist()
+    [1152, 872, 18, 6]
+    """
     nz, ny, nx = (int(s) for s in shape)
     z, y, x = np.meshgrid(np.linspace(-1, 1, nz), np.linspace(-1, 1, ny), np.linspace(-1, 1, nx), indexing="ij",
                           sparse=True)
-    hu = np.full((nz, ny, nx), -1000.0)
-    for inside, value in ((y**2 + x**2 < 0.8**2, 0.0),
-                          ((z - 0.1) ** 2 + (y - 0.2) ** 2 + (x + 0.2) ** 2 < 0.3**2, 700.0),
-                          ((z + 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.3) ** 2 < 0.2**2, 60.0)):
-        hu[np.broadcast_to(inside, hu.shape)] = value
-    hu += np.round(np.sin(np.arange(nz))[:, None, None] * 3)  # slice-dependent, so order errors show
+    labels = np.zeros((nz, ny, nx), dtype=np.uint8)
+    for inside, value in ((y**2 + x**2 < 0.8**2, 1),
+                          ((z - 0.1) ** 2 + (y - 0.2) ** 2 + (x + 0.2) ** 2 < 0.3**2, 2),
+                          ((z + 0.2) ** 2 + (y + 0.3) ** 2 + (x - 0.3) ** 2 < 0.2**2, 3)):
+        labels[np.broadcast_to(inside, labels.shape)] = value
+    return labels
+
+
+def phantom_hu(shape: Sequence[int]) -> np.ndarray:
+    """Integer HU phantom of ``shape`` ``(z, y, x)`` (float64 values that are whole numbers).
+
+    :func:`phantom_labels` mapped to the HU of :data:`PHANTOM_TISSUES`, plus a
+    slice-dependent offset of up to 3 HU (so slice order errors show).
+    """
+    hu = np.array([value for _, value in PHANTOM_TISSUES])[phantom_labels(shape)]
+    hu += np.round(np.sin(np.arange(hu.shape[0]))[:, None, None] * 3)
     return hu
 
 

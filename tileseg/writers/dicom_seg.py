@@ -39,14 +39,19 @@ Size and memory
 ---------------
 One SEG per series, built whole by highdicom: the label volume is in memory
 at ``finalize`` (``z*y*x`` bytes as uint8: 150 MiB for 512x512x600) and
-highdicom's work on it dominates: measured peak (tracemalloc, highdicom
-0.28.2, 3 segments, 120x256x256) about 14x the uint8 volume, so about
-2 GiB for a 512x512x600 CT. The SEG's frames themselves are small: one per
+highdicom's work on it dominates. Measured: tracemalloc (highdicom 0.28.2,
+120x512x512, three segments on every slice) counts 7.2x the uint8 volume of
+live allocations for the whole write (4.5x in highdicom's ``Segmentation``
+alone), but the process's peak RSS grows far more: ``benchmarks/bench_medical.py
+--slices 1500`` (one segment on all 1500 slices of 512x512, 375 MiB as uint8)
+peaked at 9054 MiB (most likely here, in ``finalize``: the engine stayed under
+2.1 GiB), about 21x the uint8 volume over the process's 1 GiB, so count about
+3 GiB for a dense 512x512x600 CT. The SEG's frames themselves are small: one per
 non-empty slice per segment, bit-packed when binary (at most
 ``512*512*600*n_segments/8`` bytes, 19 MiB per segment), one byte per
 pixel when fractional. The source headers are read without pixels. This
-bounds the series handled to CT/MR sizes (about 1000 512x512 slices per
-4 GiB free); slide-sized images need a tiled SEG, not written here.
+bounds the series handled to CT/MR sizes (about 750 densely segmented
+512x512 slices per 4 GiB free); slide-sized images need a tiled SEG, not written here.
 
 Completion
 ----------
