@@ -491,7 +491,7 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
         )
         for t in grid.targets(owner):
             key = (names.piece,) + owner + t
-            dsk[key] = (oa.take_piece, (names.predict,) + owner, grid.block_box(t))
+            dsk[key] = (oa.take_piece, (names.predict,) + owner, grid.block_box(t), t == owner)
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut

@@ -228,6 +228,18 @@ def test_forwards_are_serialised_per_device(batch):
     assert state["max"] > 1
 
 
+def test_predict_tensor_keeps_the_output_on_the_device(net, batch):
+    """The tensor path the stitching uses gives what ``__call__`` gives, as a float32 tensor."""
+    p = load_predictor(net, device="cpu", precision="bf16")
+    t = p.predict_tensor(batch)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.device.type == "cpu"
+    np.testing.assert_array_equal(t.numpy(), p(batch))
+    q = load_predictor(net, device="cpu")
+    np.testing.assert_allclose(q.predict_tensor(batch).numpy(), _reference(net, batch), atol=1e-5)
+    with pytest.raises(ModelError, match="input channels"):
+        q.predict_tensor(np.zeros((1, 3, 32, 48), np.float32))
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_autocast_precision(net, batch, precision):
     p = load_predictor(net, precision=precision, device="cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -36,3 +37,16 @@ def test_copy_is_equal_independent_and_picklable():
     assert src[0, 0, 0] != -1
     back = pickle.loads(pickle.dumps(out))
     np.testing.assert_array_equal(back, out)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_mappings_are_private_not_shared_memory():
+    big = buffers.empty((8, 1024, 1024), np.float32)  # 32 MiB
+    address = big.__array_interface__["data"][0]
+    for line in open("/proc/self/maps"):
+        span, perms = line.split()[:2]
+        lo, hi = (int(v, 16) for v in span.split("-"))
+        if lo <= address < hi:
+            assert perms.endswith("p"), line  # a shared mapping ("s") is shmem: slow to fault in
+            return
+    pytest.fail("mapping not found")

@@ -498,6 +498,22 @@ class TorchPredictor(Predictor):
         if div and any(s % div for s in batch.shape[2:]):
             raise ModelError(f"model needs patch sizes divisible by {div}, got {tuple(batch.shape[2:])!r}")
 
+    def predict_tensor(self, batch: np.ndarray) -> Any:
+        """:meth:`__call__` as a float32 torch tensor, for the engine's in-place stitching.
+
+        The stitching weights and accumulates these with fused torch ops
+        (:mod:`tileseg.stitching.accumulate`). On the CPU the tensor shares the
+        output's memory (no copy). On a GPU the output is still brought to the
+        host per batch; keeping it on the device is left to be wired through
+        TTA and the out-of-memory retry.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(N, K, *patch)`` float32 logits on the CPU.
+        """
+        return _torch().from_numpy(np.ascontiguousarray(self(batch), dtype=np.float32))
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.asarray(batch, dtype=np.float32)
         self._check_batch(batch)

@@ -13,6 +13,12 @@ freeing one returns its pages to the operating system at once and the heap
 only ever holds short-lived data. Small arrays (under :data:`MIN_BYTES`) use
 ordinary numpy memory.
 
+The mappings are private and ask for transparent huge pages (as NumPy does
+for its own large arrays): first touching a fresh mapping then costs about
+what zeroing it costs. A shared mapping (Python's ``mmap`` default) is
+backed by shared memory and took 4.5x as long to fault in (63 vs 14 ms for
+110 MiB, measured here), which showed in every accumulator and spill piece.
+
 Measured on the engine benchmark (512^3 volume, threads scheduler), this alone
 lowered peak RSS only a little (1880 -> 1808 MiB); most of the growth came
 from glibc's per-thread arenas, see :mod:`tileseg.allocator`. It is kept
@@ -26,6 +32,8 @@ import mmap
 import numpy as np
 
 MIN_BYTES = 256 * 1024
+#: Mappings from this size on ask for transparent huge pages.
+HUGE_BYTES = 4 * 1024 * 1024
 
 
 def empty(shape: tuple[int, ...], dtype: np.dtype | str = np.float32) -> np.ndarray:
@@ -48,7 +56,20 @@ def empty(shape: tuple[int, ...], dtype: np.dtype | str = np.float32) -> np.ndar
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if nbytes < MIN_BYTES:
         return np.empty(shape, dtype=dt)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
+    return np.frombuffer(_mapping(nbytes), dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
+
+
+def _mapping(nbytes: int) -> mmap.mmap:
+    """A private anonymous mapping of ``nbytes``, with huge pages where the kernel offers them."""
+    flags = getattr(mmap, "MAP_PRIVATE", None)
+    m = mmap.mmap(-1, nbytes) if flags is None else mmap.mmap(-1, nbytes, flags=flags)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and nbytes >= HUGE_BYTES:
+        try:
+            m.madvise(advice)
+        except OSError:  # kernels without transparent huge pages
+            pass
+    return m
 
 
 def zeros(shape: tuple[int, ...], dtype: np.dtype | str = np.float32) -> np.ndarray:

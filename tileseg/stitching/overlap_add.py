@@ -5,9 +5,12 @@ geometry tuples; :mod:`tileseg.graph` wires them together. A *box* is a tuple
 of ``(start, stop)`` pairs in padded-image pixel coordinates.
 
 Memory per task: an owner task holds its input region, one batch of patches
-and a ``K x region`` float32 accumulator; a finalise task holds ``K x block``
-plus the summed blending weight of its block, which it recomputes from the
-geometry (so the weight never travels between tasks).
+(one buffer refilled for every batch) and a ``K x region`` float32
+accumulator, filled in place (:mod:`.accumulate`: torch on the model's device
+for torch predictors, NumPy otherwise). A final task reads its pieces and
+holds one cache-sized slab of scores for labels, or ``K x block`` plus the
+summed blending weight of its block for scores, which it recomputes from the
+geometry (so the weight never travels between tasks); see :mod:`.reduce`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, ModelError
-from . import buffers
+from . import buffers, reduce
+from .accumulate import accumulator
 
 Box = tuple[tuple[int, int], ...]
 
@@ -38,7 +42,7 @@ def assemble(region: Box, boxes: Sequence[Box], blocks: Sequence[np.ndarray]) ->
     if len(blocks) == 1 and boxes[0] == region:
         return np.asarray(blocks[0])
     n_ch = blocks[0].shape[0]
-    out = np.empty((n_ch,) + tuple(b - a for a, b in region), dtype=blocks[0].dtype)
+    out = buffers.empty((n_ch,) + tuple(b - a for a, b in region), blocks[0].dtype)
     for box, blk in zip(boxes, blocks):
         part = intersect(box, region)
         if part is not None:
@@ -110,34 +114,43 @@ def predict_owner(
     del inputs
     if x.dtype != np.float32:
         x = x.astype(np.float32)
-    if nan_policy == "error" and np.isnan(x).any():
+    if nan_policy == "error" and np.isnan(x.min()):  # min propagates NaN: one pass, no mask array
         raise InputError(
             f"{source}: input contains NaN in pixel box {region!r}; "
             "fix the input, mask it as nodata, or set nan_policy='fill'"
         )
     shape = tuple(b - a for a, b in region)
-    acc = buffers.zeros((n_classes,) + shape, np.float32)  # handed to the piece tasks
     origin = np.array([a for a, _ in region])
     local = starts - origin
+    forward = getattr(predictor, "predict_tensor", None)  # tensors on the model's device: stitch there
+    batch = None  # one input batch buffer, refilled for every batch of the task
+    acc = None
     for i in range(0, len(local), batch_size):
         idx = local[i : i + batch_size]
-        batch = np.stack([x[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(c, patch))] for c in idx])
-        pred = predictor(batch)
-        pred = np.asarray(pred, dtype=np.float32)
+        if batch is None:
+            batch = buffers.empty((min(batch_size, len(local)), x.shape[0]) + tuple(patch), np.float32)
+        part = batch[: len(idx)]
+        for j, c in enumerate(idx):
+            np.copyto(part[j], x[(slice(None),) + tuple(slice(s, s + p) for s, p in zip(c, patch))])
+        pred = forward(part) if forward is not None else np.asarray(predictor(part), dtype=np.float32)
         expected = (len(idx), n_classes) + tuple(patch)
-        if pred.shape != expected:
-            raise ModelError(f"model returned shape {pred.shape!r} for a batch of {batch.shape!r}; expected {expected!r}")
+        if tuple(pred.shape) != expected:
+            raise ModelError(f"model returned shape {tuple(pred.shape)!r} for a batch of {part.shape!r}; "
+                             f"expected {expected!r}")
         pred = check_output(pred, idx + origin, patch, bad_output, source, region)
+        if acc is None:
+            acc = accumulator(pred, n_classes, shape, window)
         for j, c in enumerate(idx):
             if crop_boxes is None:
-                sl = tuple(slice(s, s + p) for s, p in zip(c, patch))
-                acc[(slice(None),) + sl] += pred[j] * window
+                acc.add(pred[j], tuple(slice(s, s + p) for s, p in zip(c, patch)))
             else:
                 keep = crop_boxes[i + j] - origin[:, None]
-                sl = tuple(slice(a, b) for a, b in keep)
-                inner = tuple(slice(a - s, b - s) for (a, b), s in zip(keep, c))
-                acc[(slice(None),) + sl] += pred[j][(slice(None),) + inner]
-    return region, acc
+                acc.add_crop(pred[j], tuple(slice(a, b) for a, b in keep),
+                             tuple(slice(a - s, b - s) for (a, b), s in zip(keep, c)))
+        del pred
+    if acc is None:  # an owner always has patches; kept for safety
+        return region, buffers.zeros((n_classes,) + shape, np.float32)
+    return region, acc.result()
 
 
 def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], bad_output: str, source: str,
@@ -146,8 +159,8 @@ def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], b
 
     Parameters
     ----------
-    pred : numpy.ndarray
-        ``(N, K, *patch)`` model output.
+    pred : numpy.ndarray or torch.Tensor
+        ``(N, K, *patch)`` model output (a tensor stays on its device unless it is bad).
     starts : numpy.ndarray
         ``(N, ndim)`` absolute start corners of the patches (padded image pixels).
     bad_output : {"error", "nodata"}
@@ -161,6 +174,15 @@ def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], b
         With ``bad_output="error"``: names the image, the first bad patch's
         pixel box and the owner block's region.
     """
+    if not isinstance(pred, np.ndarray):  # a tensor on the model's device (see .accumulate)
+        if bool(pred.sum().isfinite()):  # one reduction, no mask tensor; an overflow goes on to the exact check
+            return pred
+        import torch
+
+        return torch.from_numpy(check_output(pred.cpu().numpy(), starts, patch, bad_output, source, region)).to(
+            pred.device)
+    if np.isfinite(pred.sum()):  # one pass, no mask array; an overflowing sum goes on to the exact check
+        return pred
     finite = np.isfinite(pred)
     if finite.all():
         return pred
@@ -184,12 +206,21 @@ def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], b
     return np.where(good_px[:, None], pred, np.float32(np.nan))
 
 
-def take_piece(owner: tuple[Box, np.ndarray], target: Box) -> tuple[Box, np.ndarray]:
-    """Copy out the part of an owner's accumulator that falls in block ``target``."""
+def take_piece(owner: tuple[Box, np.ndarray], target: Box, own: bool = False) -> tuple[Box, np.ndarray]:
+    """The part of an owner's accumulator that falls in block ``target``.
+
+    The owner's own block is handed over as a view (no copy): its final task
+    runs right after the owner, and keeps the accumulator alive only until
+    then. Spill-over into following blocks is copied out (into its own
+    mapping), so the accumulator is not pinned while those blocks wait for
+    their other owners.
+    """
     region, acc = owner
     part = intersect(region, target)
-    assert part is not None, (region, target)
-    return part, buffers.copy(acc[(slice(None),) + _rel(part, region)])  # may wait for a whole slab
+    if part is None:
+        raise ValueError(f"block {target!r} does not meet the owner region {region!r}")
+    view = acc[(slice(None),) + _rel(part, region)]
+    return part, (view if own else buffers.copy(view))
 
 
 def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray:
@@ -221,25 +252,20 @@ def finalize_block(
         Blending window; None for ``crop``, where every pixel has exactly one
         contribution and needs no normalisation.
     pieces
-        ``(box, K x box)`` weighted predictions from the owner tasks.
+        ``(box, K x box)`` weighted predictions from the owner tasks (read, never modified).
 
     Returns
     -------
     numpy.ndarray
         ``K x block`` float32 for ``logits``/``probabilities``, or a
-        ``block``-shaped label array of ``dtype`` for ``labels``.
+        ``block``-shaped label array of ``dtype`` for ``labels`` (argmax of
+        the weighted sums: the per-pixel weight cannot change it, so it is
+        not computed; see :mod:`.reduce`).
     """
-    shape = tuple(b - a for a, b in block)
-    if len(pieces) == 1 and pieces[0][0] == block:
-        # never modify an input in place: Dask may hand it to a rerun of this task
-        logits = pieces[0][1] if window is None else _normalised(pieces[0][1], weight_sum(block, starts, window))
-    else:
-        logits = np.zeros((n_classes,) + shape, dtype=np.float32)
-        for box, arr in pieces:
-            logits[(slice(None),) + _rel(box, block)] += arr
-        if window is not None:
-            logits = _normalised(logits, weight_sum(block, starts, window), out=logits)
-    return reduce_logits(logits, output, dtype)
+    if output == "labels":
+        return reduce.labels_from_pieces(block, n_classes, dtype, pieces)
+    weight = None if window is None else weight_sum(block, starts, window)
+    return reduce.scores_from_pieces(block, n_classes, output, pieces, weight)
 
 
 def finalize_valid(valid: Any, nodata: Any, block: Box, n_classes: int, output: str, dtype: str,
@@ -254,35 +280,10 @@ def finalize_valid(valid: Any, nodata: Any, block: Box, n_classes: int, output: 
     v = np.asarray(valid()[0] if callable(valid) else valid, dtype=bool)
     if v.all():
         return out
-    if out.ndim == v.ndim:
-        return np.where(v, out, out.dtype.type(nodata))
-    return np.where(v[None], out, out.dtype.type(nodata))
+    invalid = ~v
+    np.copyto(out, out.dtype.type(nodata), where=invalid if out.ndim == v.ndim else invalid[None])
+    return out  # a fresh array of this task, never one of its inputs
 
 
-def _normalised(acc: np.ndarray, weight: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``acc / weight``; pixels no predicted patch covers (weight 0, skipped nodata) stay 0."""
-    if weight.size and weight.min() > 0:
-        return np.divide(acc, weight, out=out)
-    if out is None:
-        out = np.zeros_like(acc)
-    return np.divide(acc, weight, out=out, where=np.broadcast_to(weight > 0, acc.shape))
-
-
-def reduce_logits(logits: np.ndarray, output: str, dtype: str) -> np.ndarray:
-    """Turn blended logits ``(K, ...)`` into the requested output."""
-    if output == "logits":
-        return logits
-    n_classes = logits.shape[0]
-    if output == "probabilities":
-        if n_classes == 1:
-            return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
-        e = np.exp(logits - logits.max(axis=0, keepdims=True))
-        return (e / e.sum(axis=0, keepdims=True)).astype(np.float32)
-    bad = np.isnan(logits).any(axis=0)  # bad model output kept as NaN (bad_output="nodata")
-    if n_classes == 1:
-        labels = (logits[0] > 0).astype(dtype)
-    else:
-        labels = np.argmax(np.where(bad, np.float32(0), logits) if bad.any() else logits, axis=0).astype(dtype)
-    if bad.any():  # the label nodata: the dtype's largest value (see tileseg.graph)
-        labels[bad] = np.iinfo(labels.dtype).max
-    return labels
+# kept here for callers that import it from the engine module
+reduce_logits = reduce.reduce_logits

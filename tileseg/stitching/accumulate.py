@@ -1,0 +1,118 @@
+"""Overlap-add of predicted batches into an owner task's accumulator, in place.
+
+An owner task adds ``prediction x window`` of each of its patches into one
+``K x region`` accumulator. Two interchangeable paths do that with no
+per-patch temporaries:
+
+:class:`TorchAccumulator`
+    when the predictor hands back torch tensors (a predictor with
+    ``predict_tensor``, e.g. :class:`~tileseg.predictors.torch.TorchPredictor`):
+    the accumulator lives on the tensor's device and each patch is one fused
+    ``addcmul_`` (multiply by the window and add, one pass, on torch's
+    intra-op threads or the GPU). A GPU accumulator is copied to the host once,
+    at the end of the task, instead of every batch.
+:class:`NumpyAccumulator`
+    for any other predictor: the window product goes into one scratch patch
+    reused for every batch of the task, then is added in place.
+
+Dtypes: the window and the accumulator are float32. A pixel receives at most
+``prod(patch / stride)`` contributions (8 in 3D at overlap 0.5), each a
+logit times a weight in ``(0, 1]``, so float32 keeps about seven significant
+digits of the sum, as MONAI's float32 output does; float16/bfloat16 would
+turn near-ties between classes (and so the label map) into rounding noise
+against a whole-image reference, for half the traffic. The weight sum is not
+accumulated at all: the final tasks recompute it from the geometry, and only
+for scores (an argmax does not depend on a positive per-pixel factor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import buffers
+
+
+class NumpyAccumulator:
+    """``K x shape`` float32 accumulator filled with NumPy in-place operations.
+
+    Parameters
+    ----------
+    n_classes : int
+        K.
+    shape : tuple of int
+        Region shape (pixels).
+    window : numpy.ndarray or None
+        Blending window (patch shape, float32); None for crop blending.
+    """
+
+    def __init__(self, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None) -> None:
+        self.acc = buffers.zeros((n_classes,) + tuple(shape), np.float32)
+        self.window = window
+        self._scratch: np.ndarray | None = None  # one patch, reused by every batch
+
+    def add(self, pred: np.ndarray, box: tuple[slice, ...]) -> None:
+        """Add ``pred`` (``K x patch``) times the window at ``box`` (region-relative slices)."""
+        if self._scratch is None:
+            self._scratch = buffers.empty(pred.shape, np.float32)
+        np.multiply(pred, self.window, out=self._scratch)
+        view = self.acc[(slice(None),) + box]
+        np.add(view, self._scratch, out=view)
+
+    def add_crop(self, pred: np.ndarray, box: tuple[slice, ...], inner: tuple[slice, ...]) -> None:
+        """Add the ``inner`` part of ``pred`` at ``box`` (crop blending: no window)."""
+        view = self.acc[(slice(None),) + box]
+        np.add(view, pred[(slice(None),) + inner], out=view)
+
+    def result(self) -> np.ndarray:
+        """The accumulator (a host array, off the heap when large)."""
+        return self.acc
+
+
+class TorchAccumulator:
+    """``K x shape`` float32 accumulator on a torch device, filled with fused in-place ops.
+
+    On the CPU it wraps a host buffer (:mod:`.buffers`), so :meth:`result`
+    hands it over without a copy; on a GPU it is copied to the host once.
+    """
+
+    def __init__(self, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None, device: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        full = (n_classes,) + tuple(shape)
+        if self.device.type == "cpu":
+            self.host: np.ndarray | None = buffers.zeros(full, np.float32)
+            self.acc = torch.from_numpy(self.host)
+        else:
+            self.host = None
+            self.acc = torch.zeros(full, dtype=torch.float32, device=self.device)
+        # the cached window is read-only: hand torch a writable copy of it
+        self.window = None if window is None else torch.from_numpy(np.array(window, np.float32)).to(self.device)
+
+    def add(self, pred: Any, box: tuple[slice, ...]) -> None:
+        """Add ``pred`` (``K x patch`` tensor) times the window at ``box``, in one pass."""
+        with self.torch.inference_mode():
+            self.acc[(slice(None),) + box].addcmul_(pred, self.window)
+
+    def add_crop(self, pred: Any, box: tuple[slice, ...], inner: tuple[slice, ...]) -> None:
+        """Add the ``inner`` part of ``pred`` at ``box`` (crop blending: no window)."""
+        with self.torch.inference_mode():
+            self.acc[(slice(None),) + box].add_(pred[(slice(None),) + inner])
+
+    def result(self) -> np.ndarray:
+        """The accumulator as a host array (one device-to-host copy on a GPU)."""
+        if self.host is not None:
+            return self.host
+        host = buffers.empty(tuple(self.acc.shape), np.float32)
+        self.torch.from_numpy(host).copy_(self.acc)
+        return host
+
+
+def accumulator(pred: Any, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None):
+    """The accumulator that suits a first predicted batch: torch for tensors, else NumPy."""
+    if isinstance(pred, np.ndarray):
+        return NumpyAccumulator(n_classes, shape, window)
+    return TorchAccumulator(n_classes, shape, window, pred.device)
