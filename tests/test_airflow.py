@@ -148,3 +148,23 @@ def test_failed_item_fails_the_task_and_a_retry_resumes(airflow_home, tmp_path):
     final = _xcom("tileseg_retry", "segment")[-1]
     assert final["counts"] == {"ok": 1, "skipped": 2, "failed": 0}, final  # the retry resumed
     assert all((tmp_path / "out" / f"scene{i}.zarr").exists() for i in range(3))
+
+
+def test_a_day_without_new_files_succeeds_with_nothing_to_do(airflow_home, tmp_path):
+    """A glob matching nothing (no new files today) is an empty run; a missing plain path stays an error."""
+    from tileseg.airflow import TilesegOperator
+    from tileseg.errors import TilesegError
+
+    pipeline = str(ROOT / "pipelines" / "otsu_cleanup.yaml")
+    op = TilesegOperator(task_id="empty", pipeline=pipeline, input_path=str(tmp_path / "none" / "*.zarr"),
+                         output_path=str(tmp_path / "out" / "{stem}.zarr"))
+    summary = op.execute({})
+    assert summary["ok"] and summary["counts"] == {"ok": 0, "skipped": 0, "failed": 0}
+    strict = TilesegOperator(task_id="strict", pipeline=pipeline, input_path=str(tmp_path / "none" / "*.zarr"),
+                             output_path=str(tmp_path / "out" / "{stem}.zarr"), allow_no_inputs=False)
+    with pytest.raises(TilesegError, match="matches nothing"):
+        strict.execute({})
+    missing = TilesegOperator(task_id="missing", pipeline=pipeline, input_path=str(tmp_path / "nope.zarr"),
+                              output_path=str(tmp_path / "out" / "{stem}.zarr"))
+    with pytest.raises(TilesegError):
+        missing.execute({})

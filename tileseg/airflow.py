@@ -100,6 +100,10 @@ class TilesegOperator(BaseOperator):
     fail_on_item_error : bool
         Fail the task when any item failed (after pushing the summary), with
         each failed item's error in the log and the exception. Default True.
+    allow_no_inputs : bool
+        When the input is a glob (``*.tif``) that matches nothing (a day
+        without new files), succeed with an empty summary instead of failing.
+        Default True; a missing plain path is always an error.
     **kwargs
         Passed to Airflow's ``BaseOperator`` (``task_id``, ``retries`` ...).
 
@@ -123,6 +127,7 @@ class TilesegOperator(BaseOperator):
         overrides: Mapping[str, Any] | None = None,
         scheduler: str | None = None,
         fail_on_item_error: bool = True,
+        allow_no_inputs: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -132,6 +137,7 @@ class TilesegOperator(BaseOperator):
         self.overrides = dict(overrides or {})
         self.scheduler = scheduler
         self.fail_on_item_error = fail_on_item_error
+        self.allow_no_inputs = allow_no_inputs
 
     def pipeline_overrides(self) -> dict[str, Any]:
         """The dotted-key overrides this task applies to the pipeline file."""
@@ -150,7 +156,14 @@ class TilesegOperator(BaseOperator):
 
         cfg = load_pipeline(self.pipeline, overrides=self.pipeline_overrides())
         self.log.info("tileseg: running %s over %s", self.pipeline, ", ".join(cfg.input.path))
-        report = run(cfg, scheduler=self.scheduler, retry_failed=True)  # an attempt retries what failed before
+        try:
+            report = run(cfg, scheduler=self.scheduler, retry_failed=True)
+        except TilesegError as exc:  # ImageNotFoundError, reported as a ConfigError naming input.path
+            if not (self.allow_no_inputs and str(exc).endswith("matches nothing")):
+                raise
+            self.log.info("tileseg: nothing to do: %s", exc)
+            return {"ok": True, "counts": {"ok": 0, "skipped": 0, "failed": 0}, "outputs": [], "failures": [],
+                    "report_path": None, "manifest_path": None, "duration_s": 0.0}  # an attempt retries what failed before
         summary = run_summary(report)
         self.log.info("tileseg: %s", ", ".join(f"{n} {s}" for s, n in summary["counts"].items()))
         self.log.info("tileseg: report %s", summary["report_path"])
