@@ -147,10 +147,10 @@ class _Handler(BaseHTTPRequestHandler):
             body = fh.read(length)
         if drop:
             body = body[: len(body) // 2]
-        self.wfile.write(body)
-        with stats.lock:
+        with stats.lock:  # counted before the body leaves: a client that has read it sees the count
             stats.bytes += len(body)
             stats.ranges.append((urllib.parse.urlsplit(self.path).path, start, start + len(body)))
+        self.wfile.write(body)
         if drop:
             self.wfile.flush()
             self.close_connection = True
