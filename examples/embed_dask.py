@@ -39,7 +39,7 @@ def build(image_path: str, model_path: str, out_path: str, *, array: str | None 
     seg = tileseg.segment(img, {"torchscript": {"path": model_path}}, patch_size=(patch, patch), overlap=0.25,
                           batch_size=8, preprocess=["zscore"], class_names=["background", "blob"])
     edges = seg.data.map_overlap(outlines, depth=1, boundary="none", dtype=np.uint8)
-    result = seg.with_data(edges)                                         # same spacing/origin/CRS, new pixels
+    result = seg.with_data(edges, class_names=("other", "outline"))       # same spacing/origin/CRS, new pixels
     job = tileseg.write(result, out_path, overwrite=True, compute=False)  # a Dask task, not run yet
     return result, job
 

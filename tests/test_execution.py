@@ -141,3 +141,24 @@ def test_cancel_stops_local_work_and_says_interrupted():
         info.cancel("SIGTERM")
         with pytest.raises(RunInterrupted, match="SIGTERM"):
             compute(info, da.ones(4, chunks=2).sum())
+
+
+def test_scheduler_client_means_the_active_client(caplog):
+    """``execution.scheduler: client`` runs on the caller's active client; a named scheduler that bypasses
+    an active client says so; without any client, ``client`` falls back to threads with a warning."""
+    distributed = pytest.importorskip("distributed")
+    from tileseg.execution import scheduler_context
+
+    with caplog.at_level("WARNING", logger="tileseg"):
+        with scheduler_context({"scheduler": "client"}) as info:
+            assert info.name == "threads" and info.client is None
+    assert "no distributed client is active" in caplog.text
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as client:
+        with scheduler_context({"scheduler": "client"}) as info:
+            assert info.client is client
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tileseg"):
+            with scheduler_context({"scheduler": "threads"}) as info:
+                assert info.client is None
+        assert "a Dask client is active" in caplog.text

@@ -107,3 +107,16 @@ def test_export_dict_output_model_returns_the_selected_tensor(tmp_path, monkeypa
     p = load_predictor({"onnx": str(tmp_path / "d.onnx")})
     assert p.out_channels == 2
     np.testing.assert_allclose(p(b), want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_models_are_refused_with_what_to_do(tmp_path):
+    """A TorchScript (or .pt2) model cannot be exported again: said up front, not as torch internals."""
+    from pathlib import Path
+
+    from tileseg.errors import ConfigError
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ConfigError, match="already compiled .* state_dict with its architecture"):
+        export_model({"torchscript": {"path": str(root / "examples" / "models" / "unet2d.pt")}},
+                     patch_size=(64, 64), pt2=str(tmp_path / "m.pt2"))
+    assert not (tmp_path / "m.pt2").exists()

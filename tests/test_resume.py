@@ -124,3 +124,27 @@ def test_killed_run_resumes_only_the_missing_chunks(project):
     np.testing.assert_array_equal(got, want)  # bit-identical to the uninterrupted run
     assert not list(out.parent.glob(".a_prob.zarr.partial-*"))  # nothing left behind
     assert not (out / RECORDS).exists()
+
+
+def test_fresh_ignores_the_chunks_a_killed_run_left(tmp_path, monkeypatch):
+    """``--fresh`` recomputes every chunk: each fresh run writes its own partial output, never an earlier one's."""
+    import tileseg.runner as runner_mod
+    from tileseg.config import load_pipeline
+    from tileseg.runner import run_pipeline
+    from tileseg.testing.synthetic import write_blobs_zarr
+
+    write_blobs_zarr(tmp_path / "s.zarr", (128, 128), (32, 32), seed=1)
+    cfg = {"version": 1, "input": {"path": str(tmp_path / "s.zarr"), "array": "image"}, "method": {"otsu": {}},
+           "tiling": {"chunks": [32, 32]}, "output": {"path": str(tmp_path / "out" / "{stem}.zarr")}}
+    assert run_pipeline(load_pipeline(cfg)).ok
+    keys, write = [], runner_mod.write_outputs
+
+    def recording(outputs, *args, **kwargs):
+        keys.append([o.partial_key for o in outputs])
+        return write(outputs, *args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "write_outputs", recording)
+    assert run_pipeline(load_pipeline(cfg)).items[0].status == "skipped"
+    assert run_pipeline(load_pipeline(cfg), fresh=True).ok
+    assert run_pipeline(load_pipeline(cfg), fresh=True).ok
+    assert len(keys) == 2 and keys[0] != keys[1]

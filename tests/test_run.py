@@ -296,12 +296,13 @@ def test_local_cluster_scheduler(scenes):
     pytest.importorskip("distributed")
     root, data = scenes
     pipe = write_pipeline(root / "p.yaml", ["a.zarr"])
-    # one worker process (faster start) declaring a GPU resource that the model tasks ask for
-    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}, memory_limit: 900MiB"))
+    # one worker process (faster start) declaring a GPU resource that the model tasks ask for; the memory
+    # limit leaves room for torch (a worker over 80% of it is paused by distributed and the run would wait)
+    pipe.write_text(pipe.read_text().replace("workers: 2", "workers: 1, resources: {GPU: 1}, memory_limit: 2GiB"))
     report = run_pipeline(pipe, scheduler="local")
     assert report.ok, report.items[0].error
     assert report.scheduler["scheduler"] == "local" and report.scheduler["resources"] == {"GPU": 1}
-    assert report.scheduler["n_workers"] == 1 and report.scheduler["memory_limit"] == 900 * 2**20
+    assert report.scheduler["n_workers"] == 1 and report.scheduler["memory_limit"] == 2 * 2**30
     assert_matches_monai(read_output(report.items[0].output), data["a"][0])
 
 

@@ -215,9 +215,16 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
     resources = dict(_get(execution_cfg, "resources", None) or {})
     arenas = _get(execution_cfg, "malloc_arenas", None)
     retries = int(_get(execution_cfg, "retries", 0) or 0)
-    if override is None and client is None and not _explicit(execution_cfg, "scheduler"):
-        client = active_client()
-    if override is None and client is not None:
+    named = override or (_get(execution_cfg, "scheduler", None) if _explicit(execution_cfg, "scheduler") else None)
+    if client is None and (named is None or named == "client"):
+        client = active_client()  # "client": the caller's active distributed client, else threads
+        if client is None and named == "client":
+            log.warning("execution.scheduler: client, but no distributed client is active: using threads")
+            override = "threads"
+    elif client is None and override is None and named is not None and active_client() is not None:
+        log.warning("a Dask client is active but the pipeline names execution.scheduler: %s, which wins; "
+                    "use --scheduler client or execution.scheduler: client to run on the active client", named)
+    if override in (None, "client") and client is not None:
         log.info("running on the caller's Dask client %s", getattr(client, "dashboard_link", client))
         info = SchedulerInfo(name="client", workers=workers, resources=resources, client=client, retries=retries,
                              owned=False)

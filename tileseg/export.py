@@ -1,4 +1,4 @@
-"""``tileseg export``: a PyTorch model (architecture + state_dict, or any torch model kind) to a
+"""``tileseg export``: a PyTorch model (architecture + state_dict, or a ``python:`` callable) to a
 ``torch.export`` program (``.pt2``) and/or ONNX, each with a dynamic batch axis and each verified
 against the PyTorch model on random input before it is written; optional ONNX Runtime INT8
 quantisation with its accuracy change measured on sample patches.
@@ -117,6 +117,11 @@ def export_model(spec: dict[str, Any], *, patch_size: tuple[int, ...], in_channe
         raise ConfigError("export: give at least one of pt2 / onnx to write")
     if int8 is not None and onnx is None:
         raise ConfigError("export: int8 quantisation needs an onnx path")
+    kind = next(iter(spec)) if isinstance(spec, dict) and spec else None
+    if kind in ("torchscript", "exported"):
+        raise ConfigError(f"export: a {kind!r} model is already compiled and cannot be exported again (its "
+                          "parameters are not nn.Parameters and its batch size may be fixed); export from the "
+                          "source: a state_dict with its architecture, or a python: callable")
     predictor = load_predictor(spec, device="cpu")
     if not isinstance(predictor, TorchPredictor):
         raise ConfigError(f"export: {next(iter(spec))!r} is not a PyTorch model kind")

@@ -57,7 +57,9 @@ class RunProgress:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    interrupted: int = 0
     pixels: int = 0
+    chunks_written: int = 0
     _items: dict[int, _Item] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bar: Any = field(default=None, repr=False)
@@ -107,20 +109,26 @@ class RunProgress:
                 item.chunks_done += n
                 item.pixels_done += pixels
             self.pixels += pixels
+            self.chunks_written += n
         self._update()
 
-    def finish_item(self, index: int, status: str, message: str = "") -> None:
-        """Item ``index`` ended with ``status`` (``ok``, ``failed`` or ``skipped``)."""
+    def finish_item(self, index: int, status: str, message: str = "", name: str | None = None) -> None:
+        """Item ``index`` ended with ``status`` (``ok``, ``failed``, ``skipped``, or ``interrupted``/``pending``).
+
+        ``name`` names an item that never started (skipped, or failed before it started).
+        """
         with self._lock:
             item = self._items.pop(index, None)
             if status == "failed":
                 self.failed += 1
             elif status == "skipped":
                 self.skipped += 1
-            else:
+            elif status == "ok":
                 self.done += 1
+            else:  # interrupted: back to pending, not done
+                self.interrupted += 1
         if self.mode == "log":
-            name = item.name if item else f"item {index}"
+            name = item.name if item else (name or f"item {index}")
             self._line(f"[{self.finished}/{self.total}] {name}: {status}" + (f" ({message})" if message else ""))
         self._update()
 
@@ -137,7 +145,7 @@ class RunProgress:
     @property
     def finished(self) -> int:
         """Items that ended (ok, skipped or failed)."""
-        return self.done + self.failed + self.skipped
+        return self.done + self.failed + self.skipped + self.interrupted
 
     def snapshot(self) -> dict[str, Any]:
         """The figures shown: items, chunks of the items in flight, throughput and ETA."""
@@ -151,8 +159,9 @@ class RunProgress:
             eta = elapsed * (self.total - work) / work if work > 0 and self.total > work else (0.0 if work else None)
             return {
                 "items_total": self.total, "items_done": self.done, "items_failed": self.failed,
-                "items_skipped": self.skipped, "items_running": len(running),
-                "chunks_done": chunks_done, "chunks_total": chunks_total,
+                "items_skipped": self.skipped, "items_interrupted": self.interrupted,
+                "items_running": len(running), "chunks_done": chunks_done, "chunks_total": chunks_total,
+                "chunks_written": self.chunks_written,
                 "pixels_per_s": self.pixels / elapsed if elapsed > 0 else None,
                 "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1),
                 "work_done": round(work, 4),
@@ -162,7 +171,8 @@ class RunProgress:
         """One line with the current figures."""
         s = self.snapshot()
         parts = [f"{s['items_done']} done, {s['items_skipped']} skipped, {s['items_failed']} failed "
-                 f"of {s['items_total']} items"]
+                 + (f"{s['items_interrupted']} interrupted " if s["items_interrupted"] else "")
+                 + f"of {s['items_total']} items"]
         if s["items_running"]:
             with self._lock:
                 stages = ", ".join(f"{i.name}: {i.stage}" for i in list(self._items.values())[:3])
@@ -171,7 +181,7 @@ class RunProgress:
                          f"{stages}{more})")
         if s["pixels_per_s"]:
             parts.append(f"{s['pixels_per_s'] / 1e6:.2f} Mpx/s")
-        if s["eta_s"] is not None and s["items_done"] + s["items_failed"] + s["items_skipped"] < s["items_total"]:
+        if s["eta_s"] is not None and self.finished < s["items_total"]:
             parts.append(f"ETA {_duration(s['eta_s'])}")
         return "; ".join(parts)
 
@@ -257,7 +267,7 @@ def watch_chunks(display: RunProgress, index: int, handles: Sequence[Any], pixel
         stop.set()
         if thread.is_alive():
             thread.join()
-        if total and display.mode != "off":
+        if total:  # the report's figures, display on or off
             count()
 
 

@@ -632,7 +632,8 @@ class _RunState:
         with self._lock:
             self._finished += 1
         if self.display is not None:
-            self.display.finish_item(result.index, result.status, result.error or result.skipped_reason or "")
+            self.display.finish_item(result.index, result.status, result.error or result.skipped_reason or "",
+                                     name=_item_name(result.input))
         self.write_report(force=False)
 
     def process(self, index: int, stop: threading.Event) -> None:
@@ -655,8 +656,10 @@ class _RunState:
             fp = input_fingerprint(item, storage_options=cfg.input.options.get("storage_options"),
                                    checksum=cfg.execution.input_checksum)
             for o in outputs:
+                fresh_nonce = (self.report.run_id or "") if self.fresh else ""  # --fresh: no chunk of an earlier run
                 o.partial_key = hashlib.sha256(
-                    f"{o.config_hash}\0{json.dumps(fp, sort_keys=True, default=str)}".encode()).hexdigest()[:32]
+                    f"{o.config_hash}\0{json.dumps(fp, sort_keys=True, default=str)}\0{fresh_nonce}".encode()
+                ).hexdigest()[:32]
             decision = self.manifest.claim(
                 key, input=item, outputs=[o.path for o in outputs], output_hashes=[o.config_hash for o in outputs],
                 input_fingerprint=fp, pipeline_fingerprint=self.fingerprint, settings_fingerprint=self.settings,
@@ -693,7 +696,9 @@ class _RunState:
             predictor = self.predictor() if self.cfg.model is not None else None
             for o in outputs:
                 remove_stale(o.path)
-            overwrite = [o.cfg.overwrite or decision.previous is not None for o in outputs]
+            # replace results this manifest recorded, or anything when --fresh asks to recompute; an output
+            # it did not record (another tool's, or another tileseg run's) is protected unless output.overwrite
+            overwrite = [o.cfg.overwrite or decision.previous is not None or self.fresh for o in outputs]
             if self.display is not None:
                 self.display.start_item(index, _item_name(item))
             _run_item(self.cfg, item, index, outputs, result, predictor=predictor, sched=self.sched,

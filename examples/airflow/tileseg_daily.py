@@ -13,9 +13,15 @@ in XCom (``return_value``, or ``tileseg_summary`` when the task failed).
 
 Put this file in Airflow's ``dags/`` folder (with ``pip install
 "tileseg[airflow,classical]"`` on the workers), or try it once without a
-scheduler::
+scheduler (Airflow 3 runs ``dag.test()`` from its database and DAGs folder)::
 
-    TILESEG_DATA=/tmp/tileseg-airflow python examples/airflow/tileseg_daily.py 2026-11-30
+    export AIRFLOW_HOME=/tmp/airflow AIRFLOW__CORE__DAGS_FOLDER=$PWD/examples/airflow
+    export AIRFLOW__CORE__LOAD_EXAMPLES=False TILESEG_DATA=/tmp/tileseg-airflow
+    airflow db migrate
+    python examples/make_demo_data.py --out $TILESEG_DATA/incoming/2026-11-30 --only 2d --size2d 2048 2048
+    python examples/airflow/tileseg_daily.py 2026-11-30
+
+A day without new files is an empty, successful run.
 
 To run on an existing Dask cluster instead of the pipeline's own scheduler,
 set ``TILESEG_SCHEDULER=tcp://scheduler:8786``.

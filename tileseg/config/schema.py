@@ -108,7 +108,7 @@ TEMPLATE_FIELDS = ("stem", "name", "index")
 #: Postprocess steps that turn scores into classes (they need ``model.output: probabilities``).
 CLASSIFY_STEPS = ("argmax", "threshold")
 #: Named schedulers; anything else must be a ``tcp://`` or ``tls://`` address.
-SCHEDULERS = ("threads", "processes", "synchronous", "local")
+SCHEDULERS = ("threads", "processes", "synchronous", "local", "client")
 
 
 class _Section(BaseModel):
