@@ -113,3 +113,29 @@ def test_processes_claiming_at_once_never_share_an_item(tmp_path):
     assert sorted(claimed) == sorted(keys)  # every item exactly once, none lost
     rows = Manifest(path).rows()
     assert len(rows) == 60 and {r["status"] for r in rows} == {DONE}
+
+
+def _open_new(path: str, barrier, queue) -> None:
+    barrier.wait()
+    try:
+        Manifest(path).close()
+        queue.put(None)
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        queue.put(str(exc))
+
+
+def test_processes_creating_one_manifest_at_once_all_open_it(tmp_path):
+    """Two runs started together on a new folder: switching the new file to WAL answered "database is
+    locked" at once (no busy wait) to 3 of 160 openers before the retry."""
+    ctx = multiprocessing.get_context("fork")
+    errors = []
+    for round_ in range(40):
+        path = str(tmp_path / f"m{round_}.sqlite")
+        barrier, queue = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_new, args=(path, barrier, queue)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        errors += [e for e in (queue.get(timeout=120) for _ in procs) if e]
+        for p in procs:
+            p.join(timeout=60)
+    assert errors == []

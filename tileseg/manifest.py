@@ -87,6 +87,21 @@ CREATE INDEX IF NOT EXISTS items_status ON items (status);
 """
 
 
+def _retry_locked(fn: Any, seconds: float = 60.0) -> Any:
+    """Call ``fn``; while SQLite says the database is locked or busy, retry for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    delay = 0.01
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def item_key(outputs: list[str]) -> str:
     """The manifest key of an item: its output paths (two runs writing them contend for one row)."""
     return json.dumps(list(outputs))
@@ -180,7 +195,9 @@ class Manifest:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self._db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
+            # Switching a new file to WAL takes an exclusive lock and can answer "database is locked" at once,
+            # without the busy timeout, when another process opens the same new manifest at that moment.
+            _retry_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
             self._db.execute("PRAGMA synchronous=NORMAL")
             with self._transaction() as db:
                 version = db.execute("PRAGMA user_version").fetchone()[0]
