@@ -166,14 +166,17 @@ def test_run_inside_a_users_client_computes_on_that_cluster(tmp_path, cluster, m
         names = {t["key"][0] if isinstance(t["key"], tuple) else t["key"] for t in ts.data}
         assert any(str(n).startswith("tileseg-store-") for n in names), names  # the chunk writes ran there
         # the pipeline naming a scheduler wins over the client: nothing more reaches the cluster
-        local = write_method_pipeline(tmp_path / "q.yaml", "in/*.zarr", output="local/{stem}.zarr",
+        # (another threshold, so its tasks have keys of their own: distributed 2024.8 can still report the
+        # first run's last task-finished events inside the next task-stream window)
+        local = write_method_pipeline(tmp_path / "q.yaml", "in/*.zarr", output="local/{stem}.zarr", value=0.25,
                                       execution="{scheduler: threads, workers: 1}")
+        first = {str(t["key"]) for t in ts.data}
         with get_task_stream(client) as ts2:
             assert run_pipeline(local).ok
-        assert ts2.data == []
+        assert [t["key"] for t in ts2.data if str(t["key"]) not in first] == []
     for name, image in images.items():
         np.testing.assert_array_equal(out_of(tmp_path / "out" / f"{name}.zarr"), image > 0.5)
-        np.testing.assert_array_equal(out_of(tmp_path / "local" / f"{name}.zarr"), image > 0.5)
+        np.testing.assert_array_equal(out_of(tmp_path / "local" / f"{name}.zarr"), image > 0.25)
 
 
 def test_segment_compute_inside_a_users_client_runs_on_the_cluster(tmp_path, cluster):
