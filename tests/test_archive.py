@@ -237,3 +237,14 @@ def test_stale_partials_of_killed_runs_are_removed_when_claimed(tmp_path, method
     from tileseg.writers.base import stale_siblings
 
     assert keyed not in map(Path, stale_siblings(str(out / "item_00.zarr")))
+
+
+def test_a_manifest_inside_an_input_is_refused(tmp_path, method):
+    """``execution.manifest`` gets the outputs' rule: never written into what the run reads (it would also
+    change the input's fingerprint, so every rerun recomputed the item)."""
+    write_items(tmp_path / "in", 1)
+    pipe = write_method_pipeline(tmp_path / "p.yaml", "in/*.zarr",
+                                 execution='{scheduler: threads, manifest: "in/item_00.zarr/run.sqlite"}')
+    with pytest.raises(ConfigError, match=r"execution.manifest: the run manifest .* lies inside the input"):
+        run_pipeline(pipe)
+    assert not (tmp_path / "in" / "item_00.zarr" / "run.sqlite").exists()

@@ -168,8 +168,12 @@ def _ancestors(path: str) -> list[str]:
     return out
 
 
-def check_not_inputs(outputs: Iterable[str], protected: Iterable[tuple[str, str]]) -> None:
+def check_not_inputs(outputs: Iterable[str], protected: Iterable[tuple[str, str]], *, key: str = "output.path",
+                     what: str = "output") -> None:
     """Refuse an output that is, contains or lies inside a path the run reads (``overwrite`` included).
+
+    ``key`` and ``what`` name the pipeline key and the kind of file in the
+    error (the run manifest is checked the same way, as ``execution.manifest``).
 
     Linear in the number of paths (set look-ups over each path's folders), so
     archives of many items are checked quickly.
@@ -181,11 +185,11 @@ def check_not_inputs(outputs: Iterable[str], protected: Iterable[tuple[str, str]
     """
     guarded: dict[str, tuple[str, str]] = {}
     around: dict[str, tuple[str, str]] = {}
-    for p, what in protected:
+    for p, kind in protected:
         real = _real(p)
-        guarded.setdefault(real, (p, what))
+        guarded.setdefault(real, (p, kind))
         for folder in _ancestors(real):
-            around.setdefault(folder, (p, what))
+            around.setdefault(folder, (p, kind))
     for out in outputs:
         real = _real(out)
         hit, how = guarded.get(real), "is"
@@ -194,8 +198,8 @@ def check_not_inputs(outputs: Iterable[str], protected: Iterable[tuple[str, str]
         if hit is None:
             hit, how = around.get(real), "contains"
         if hit is not None:
-            raise ConfigError(f"output.path: the output {out!r} {how} the {hit[1]} {hit[0]!r}; outputs must "
-                              "never replace or contain what the run reads (overwrite: true included)")
+            raise ConfigError(f"{key}: the {what} {out!r} {how} the {hit[1]} {hit[0]!r}; what a run writes must "
+                              "never replace or contain what it reads (overwrite: true included)")
 
 
 def output_dir(outputs: list[str]) -> str:

@@ -518,10 +518,13 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
     ok = [i for i, (_, err) in enumerate(items) if err is None]
     check_outputs([paths[i] for i in ok], [items[i][0] for i in ok])
     every_output = [p for ps in paths for p in ps]
-    check_not_inputs(every_output, protected_paths(cfg, [item for item, _ in items]))
+    protected = list(protected_paths(cfg, [item for item, _ in items]))
+    check_not_inputs(every_output, protected)
     directory = output_dir(every_output or [cfg.all_outputs()[0].path])
     check_writable([p for i in ok for p in paths[i]] or [_join(directory, REPORT_NAME)])
-    manifest = Manifest(manifest_path(cfg, directory), lease_s=cfg.execution.lease_s)
+    mpath = manifest_path(cfg, directory)
+    check_not_inputs([mpath], protected, key="execution.manifest", what="run manifest")
+    manifest = Manifest(mpath, lease_s=cfg.execution.lease_s)
     report = RunReport(pipeline=cfg.model_dump(mode="json"), versions={}, started=now_iso(),
                        manifest_path=manifest.path, run_id=manifest.run_id)
     display = RunProgress(len(items), mode="auto" if progress else "off")
