@@ -234,11 +234,11 @@ def test_dciodvfy_reports_no_errors(series, tmp_path):
 def test_highdicom_errors_are_scrubbed_of_patient_identifiers(series, tmp_path, monkeypatch):
     from tileseg.writers import dicom_seg_build
 
-    def leaky(handle, sources):
+    def leaky(handle, sources, occupancy):
         src = sources[0]
         raise ValueError(f"patient {src.PatientName} ({src.PatientID}, {src.PatientBirthDate}) does not match")
 
-    monkeypatch.setattr(dicom_seg_build, "build_segmentation", leaky)
+    monkeypatch.setattr(dicom_seg_build, "build_skeleton", leaky)
     _, image = class_map_image(series)
     with pytest.raises(OutputError) as err:
         get_writer("dicom_seg").write(image, str(tmp_path / "x.dcm"))

@@ -93,6 +93,7 @@ from .zarr import align
 log = logging.getLogger(__name__)
 
 STORE = "slabs.zarr"
+PIXELS = "pixeldata.bin"  # the SEG's Pixel Data, streamed here at finalize
 TARGET_SLAB_BYTES = 64 * 2**20
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "tileseg"
 TYPES = ("binary", "fractional")
@@ -348,21 +349,30 @@ class DicomSegWriter(SingleFileWriter):
             The partial store or a source file is gone or does not match, highdicom
             refuses, or a file appeared at the final path meanwhile (without ``overwrite``).
         """
-        from .dicom_seg_build import build_segmentation, load_sources
+        from .dicom_seg_build import attach_pixels, build_skeleton, frame_list, load_sources
+        from .dicom_seg_frames import scan_store, write_pixel_data
 
         d = handle.details
         final = d["local"]
         out = os.path.join(handle.target, os.path.basename(final))
+        pixels = os.path.join(handle.target, PIXELS)
         sources = load_sources(handle)
         try:
-            seg = build_segmentation(handle, sources)
+            occupancy = scan_store(handle)
+            seg = build_skeleton(handle, sources, occupancy)
+            frames = frame_list(handle, seg)
+            with open(pixels, "wb") as fh:
+                write_pixel_data(handle, occupancy, frames, fh)
             record = {"writer": self.name, "version": d["version"], "run_id": handle.run_id,
                       "completed_at": now_iso(), "info": info}
             block = seg.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
             block.add_new(0x01, "LO", "complete")
             block.add_new(0x02, "LO", handle.run_id[:64])
             block.add_new(0x03, "UT", json.dumps(record, default=str))
-            seg.save_as(out, enforce_file_format=True)
+            with open(pixels, "rb") as fh:
+                attach_pixels(handle, seg, fh)
+                seg.save_as(out, enforce_file_format=True)
+            os.remove(pixels)
         except OutputError as exc:
             raise OutputError(scrub(str(exc), sources[:1])) from None
         except Exception as exc:
