@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import buffers
+from . import buffers, reduce
 
 
 class NumpyAccumulator:
@@ -69,6 +69,26 @@ class NumpyAccumulator:
         """The accumulator (a host array, off the heap when large)."""
         return self.acc
 
+    def finite(self) -> bool:
+        """Whether every accumulated value is finite (one reduction, no mask array)."""
+        return bool(np.isfinite(self.acc.sum()))
+
+    def part(self, box: tuple[slice, ...]) -> np.ndarray:
+        """A host copy of ``K x box`` (region-relative slices)."""
+        return buffers.copy(self.acc[(slice(None),) + box])
+
+    def labels(self, box: tuple[slice, ...], dtype: np.dtype | str) -> np.ndarray:
+        """Argmax over classes of ``box`` (NaN pixels: the dtype's largest value), see :mod:`.reduce`."""
+        whole = tuple((0, n) for n in self.acc.shape[1:])
+        inner = tuple((s.start, s.stop) for s in box)
+        return reduce.labels_from_pieces(inner, self.acc.shape[0], dtype, [(whole, self.acc)])
+
+    def scores(self, box: tuple[slice, ...], weight: np.ndarray | None, output: str) -> np.ndarray:
+        """``K x box`` divided by the summed window ``weight`` (None: crop) and activated for ``output``."""
+        whole = tuple((0, n) for n in self.acc.shape[1:])
+        inner = tuple((s.start, s.stop) for s in box)
+        return reduce.scores_from_pieces(inner, self.acc.shape[0], output, [(whole, self.acc)], weight)
+
 
 class TorchAccumulator:
     """``K x shape`` float32 accumulator on a torch device, filled with fused in-place ops.
@@ -103,12 +123,70 @@ class TorchAccumulator:
             self.acc[(slice(None),) + box].add_(pred[(slice(None),) + inner])
 
     def result(self) -> np.ndarray:
-        """The accumulator as a host array (one device-to-host copy on a GPU)."""
+        """The whole accumulator as a host array (one device-to-host copy on a GPU)."""
         if self.host is not None:
             return self.host
-        host = buffers.empty(tuple(self.acc.shape), np.float32)
-        self.torch.from_numpy(host).copy_(self.acc)
-        return host
+        return to_host(self.acc)
+
+    def finite(self) -> bool:
+        """Whether every accumulated value is finite (one reduction on the device, no mask)."""
+        with self.torch.inference_mode():
+            return bool(self.acc.sum().isfinite())
+
+    def part(self, box: tuple[slice, ...]) -> np.ndarray:
+        """``K x box`` (region-relative slices) copied to the host."""
+        return to_host(self.acc[(slice(None),) + box])
+
+    def labels(self, box: tuple[slice, ...], dtype: np.dtype | str) -> np.ndarray:
+        """Argmax over classes of ``box`` on the device; only the labels cross to the host.
+
+        Ties go to the first class (as :func:`numpy.argmax`); pixels where a
+        class is NaN get the dtype's largest value (the label nodata). One
+        channel gives ``score > 0``.
+        """
+        torch = self.torch
+        dt = np.dtype(dtype)
+        small = torch.uint8 if dt.itemsize == 1 else torch.int32 if dt.itemsize == 2 else torch.int64
+        nodata = int(np.iinfo(dt).max) if dt.itemsize < 8 else -1  # uint64's largest: -1 in int64
+        with torch.inference_mode():
+            s = self.acc[(slice(None),) + box]
+            if s.shape[0] == 1:
+                top, lab = s[0], (s[0] > 0).to(small)
+            else:
+                top, idx = torch.max(s, dim=0)  # first maximum on ties; NaN propagates
+                lab = idx.to(small)
+            bad = torch.isnan(top)
+            if bool(bad.any()):
+                lab[bad] = nodata
+            return to_host(lab).astype(dt, copy=False)
+
+    def scores(self, box: tuple[slice, ...], weight: np.ndarray | None, output: str) -> np.ndarray:
+        """``K x box`` divided by the summed window ``weight`` (None: crop) and activated, on the device."""
+        torch = self.torch
+        with torch.inference_mode():
+            s = self.acc[(slice(None),) + box]
+            if weight is None:
+                s = s.clone()
+            else:  # where the weight is 0 no patch reached the pixel and its sum is 0: clamped, it stays 0
+                w = torch.from_numpy(np.asarray(weight, np.float32)).to(self.device)
+                s = s / w.clamp_min(1e-30)
+            if output == "probabilities":
+                s = torch.sigmoid(s) if s.shape[0] == 1 else torch.softmax(s, dim=0)
+            return to_host(s)
+
+
+def to_host(t: Any) -> np.ndarray:
+    """A tensor's data as a new host numpy array (the only way stitched data leaves a device).
+
+    Large arrays go into their own memory mapping (:mod:`.buffers`).
+    """
+    import torch
+
+    dt = np.dtype(str(t.dtype).removeprefix("torch."))
+    host = buffers.empty(tuple(t.shape), dt)
+    if host.size:
+        torch.from_numpy(host).copy_(t)
+    return host
 
 
 def accumulator(pred: Any, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None):
