@@ -7,10 +7,15 @@ per-patch temporaries:
 :class:`TorchAccumulator`
     when the predictor hands back torch tensors (a predictor with
     ``predict_tensor``, e.g. :class:`~tileseg.predictors.torch.TorchPredictor`):
-    the accumulator lives on the tensor's device and each patch is one fused
-    ``addcmul_`` (multiply by the window and add, one pass, on torch's
-    intra-op threads or the GPU). A GPU accumulator is copied to the host once,
-    at the end of the task, instead of every batch.
+    the predictions never leave the model's device
+    (:meth:`~tileseg.predictors.torch.TorchPredictor.predict_tensor`), the
+    accumulator lives there too and each patch is one fused ``addcmul_``
+    (multiply by the window and add, one pass, on torch's intra-op threads or
+    the GPU). At the end of the task the owner's interior is reduced there
+    (:meth:`TorchAccumulator.labels` / :meth:`TorchAccumulator.scores`) and
+    only the result and the ``K``-channel strips where blocks meet cross to
+    the host (:func:`to_host`, see :mod:`.handover`). On the CPU the same code
+    runs with ``device='cpu'``; the accumulator then wraps a host buffer.
 :class:`NumpyAccumulator`
     for any other predictor: the window product goes into one scratch patch
     reused for every batch of the task, then is added in place.
@@ -32,6 +37,9 @@ from typing import Any
 import numpy as np
 
 from . import buffers, reduce
+
+#: Device types whose memory is the host's: their accumulator wraps a host buffer and hands out views.
+HOST_DEVICES: tuple[str, ...] = ("cpu",)
 
 
 class NumpyAccumulator:
@@ -73,9 +81,10 @@ class NumpyAccumulator:
         """Whether every accumulated value is finite (one reduction, no mask array)."""
         return bool(np.isfinite(self.acc.sum()))
 
-    def part(self, box: tuple[slice, ...]) -> np.ndarray:
-        """A host copy of ``K x box`` (region-relative slices)."""
-        return buffers.copy(self.acc[(slice(None),) + box])
+    def part(self, box: tuple[slice, ...], view: bool = False) -> np.ndarray:
+        """``K x box`` (region-relative slices): a copy, or with ``view`` the accumulator's own memory."""
+        v = self.acc[(slice(None),) + box]
+        return v if view else buffers.copy(v)
 
     def labels(self, box: tuple[slice, ...], dtype: np.dtype | str) -> np.ndarray:
         """Argmax over classes of ``box`` (NaN pixels: the dtype's largest value), see :mod:`.reduce`."""
@@ -103,7 +112,7 @@ class TorchAccumulator:
         self.torch = torch
         self.device = torch.device(device)
         full = (n_classes,) + tuple(shape)
-        if self.device.type == "cpu":
+        if self.device.type in HOST_DEVICES:
             self.host: np.ndarray | None = buffers.zeros(full, np.float32)
             self.acc = torch.from_numpy(self.host)
         else:
@@ -133,8 +142,10 @@ class TorchAccumulator:
         with self.torch.inference_mode():
             return bool(self.acc.sum().isfinite())
 
-    def part(self, box: tuple[slice, ...]) -> np.ndarray:
-        """``K x box`` (region-relative slices) copied to the host."""
+    def part(self, box: tuple[slice, ...], view: bool = False) -> np.ndarray:
+        """``K x box`` (region-relative slices) copied to the host; with ``view`` on the CPU, no copy."""
+        if view and self.host is not None:
+            return self.host[(slice(None),) + box]
         return to_host(self.acc[(slice(None),) + box])
 
     def labels(self, box: tuple[slice, ...], dtype: np.dtype | str) -> np.ndarray:

@@ -179,13 +179,16 @@ def hand_over(acc, region: Box, handover: Handover, starts: np.ndarray, window: 
     The interior is reduced by the accumulator itself (on the model's device
     for torch), so from a GPU only the interior's labels (or normalised
     scores) and the ``K``-channel strips and spill-over cross to the host.
-    The accumulator is not kept: every returned array is a new host array.
+    Spill-over pieces are copies, so the accumulator is not pinned while
+    those blocks wait for their other owners; the own block's strips are
+    views of a host accumulator (its final task runs right after the owner).
     """
     own_parts = []
     for strip in box_minus(handover.block, handover.interior):
         part = intersect(strip, region)
         if part is not None:
-            own_parts.append((part, acc.part(_rel(part, region))))
+            # the own block's final task runs right after this one: on the host, hand it a view
+            own_parts.append((part, acc.part(_rel(part, region), view=True)))
     reduced = None
     inner = handover.interior
     if inner is not None:
