@@ -37,7 +37,11 @@ on a side stream, overlapped with the forwards of other threads
 (:mod:`tileseg.predictors.cuda_io`). ``tta`` folds flipped copies into the
 batch on the device (:mod:`tileseg.predictors.tta`). On device
 out-of-memory the batch is halved and the size that fits is kept by the
-worker process (:mod:`tileseg.predictors.oom`).
+worker process (:mod:`tileseg.predictors.oom`). The engine calls
+:meth:`TorchPredictor.predict_tensor`, whose output stays on the device:
+weighting, accumulation and the reduction of each block's interior run
+there, and only labels and the strips where blocks meet come back to the
+host (:mod:`tileseg.stitching.handover`).
 """
 
 from __future__ import annotations
