@@ -196,3 +196,16 @@ def test_conventions_in_torch_equal_the_numpy_ones(conv):
     got = conv.engine_output(torch.from_numpy(out), (n, 1) + patch)
     assert torch.is_tensor(got)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_stitching_equals_the_cpu():
+    x = _structured((23, 30, 19))
+    net = _net(3, 6)
+    kw = dict(patch_size=(12, 12, 12), overlap=0.5, chunks=(12, 20, 19), batch_size=3)
+    for out in ("logits", "probabilities"):
+        cpu = tileseg.segment(x, TorchPredictor(net, device="cpu"), output=out, **kw).data.compute()
+        gpu = tileseg.segment(x, TorchPredictor(net, device="cuda"), output=out, **kw).data.compute()
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-4, atol=1e-4)
+    labels = tileseg.segment(x, TorchPredictor(net, device="cuda"), output="labels", **kw).data.compute()
+    _clear_ties(cpu, labels, np.argmax(cpu, axis=0), margin=1e-3)

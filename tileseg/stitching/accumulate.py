@@ -144,8 +144,9 @@ class TorchAccumulator:
 
     def part(self, box: tuple[slice, ...], view: bool = False) -> np.ndarray:
         """``K x box`` (region-relative slices) copied to the host; with ``view`` on the CPU, no copy."""
-        if view and self.host is not None:
-            return self.host[(slice(None),) + box]
+        if self.host is not None:  # host memory already: NumPy's copy (one thread, no oversubscription)
+            v = self.host[(slice(None),) + box]
+            return v if view else buffers.copy(v)
         return to_host(self.acc[(slice(None),) + box])
 
     def labels(self, box: tuple[slice, ...], dtype: np.dtype | str) -> np.ndarray:
