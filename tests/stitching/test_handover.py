@@ -72,3 +72,14 @@ def test_box_minus_tiles_the_rest_of_the_box(data):
     if inner is not None:
         expected[_sl(inner)] = 0
     np.testing.assert_array_equal(count, expected)
+
+
+def test_dask_sees_the_size_of_an_owner_result():
+    from dask.sizeof import sizeof
+
+    from tileseg.stitching.handover import OwnerResult, OwnPiece
+
+    labels, strip, spill = np.zeros((30, 40), np.uint8), np.zeros((5, 8, 40), np.float32), np.zeros((5, 30, 6))
+    own = OwnPiece(((8, 38), (0, 40)), labels, ((((0, 8), (0, 40)), strip),))
+    res = OwnerResult(((0, 38), (0, 46)), own, {((0, 38), (40, 80)): (((0, 30), (40, 46)), spill)})
+    assert labels.nbytes + strip.nbytes + spill.nbytes <= sizeof(res) < labels.nbytes + strip.nbytes + spill.nbytes + 1024

@@ -58,6 +58,10 @@ class OwnPiece:
     reduced: np.ndarray | None  # labels (interior shape) or normalised scores (K x interior)
     parts: tuple[tuple[Box, np.ndarray], ...]
 
+    def __sizeof__(self) -> int:  # what Dask's memory accounting sees (``dask.sizeof`` falls back to it)
+        arrays = [a for _, a in self.parts] + ([self.reduced] if self.reduced is not None else [])
+        return 64 + sum(a.nbytes for a in arrays)
+
 
 @dataclass(frozen=True)
 class OwnerResult:
@@ -66,6 +70,9 @@ class OwnerResult:
     region: Box
     own: OwnPiece
     spill: dict[Box, tuple[Box, np.ndarray]]
+
+    def __sizeof__(self) -> int:
+        return self.own.__sizeof__() + sum(a.nbytes for _, a in self.spill.values())
 
 
 def intersect(a: Box, b: Box) -> Box | None:
