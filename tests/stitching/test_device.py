@@ -178,6 +178,26 @@ def test_out_of_memory_back_off_keeps_outputs_on_the_device():
         oom.reset()
 
 
+def test_accumulator_without_room_on_the_device_stitches_on_the_host(monkeypatch, caplog):
+    x = _structured((40, 52), seed=5)
+    net = _net(2, 4)
+    kw = dict(patch_size=(16, 16), overlap=0.5, chunks=20, batch_size=4)
+    ref = {o: tileseg.segment(x, TorchPredictor(net, device="cpu"), output=o, **kw).data.compute()
+           for o in ("logits", "labels")}
+    monkeypatch.setattr(accumulate, "HOST_DEVICES", ())  # the model's device is not the host ...
+
+    def full(shape, device):  # ... and has no room for an accumulator
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate an accumulator")
+
+    monkeypatch.setattr(accumulate, "_device_zeros", full)
+    with caplog.at_level("WARNING", logger="tileseg.stitching.accumulate"):
+        got = {o: tileseg.segment(x, TorchPredictor(net, device="cpu"), output=o, **kw).data.compute()
+               for o in ("logits", "labels")}
+    assert "stitching this block on the host" in caplog.text
+    np.testing.assert_array_equal(got["logits"], ref["logits"])
+    np.testing.assert_array_equal(got["labels"], ref["labels"])
+
+
 @pytest.mark.parametrize("conv", [
     Conventions(layout="NHWC"),
     Conventions(activation="none"),

@@ -32,11 +32,14 @@ for scores (an argmax does not depend on a positive per-pixel factor).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
 from . import buffers, reduce
+
+log = logging.getLogger(__name__)
 
 #: Device types whose memory is the host's: their accumulator wraps a host buffer and hands out views.
 HOST_DEVICES: tuple[str, ...] = ("cpu",)
@@ -102,34 +105,40 @@ class NumpyAccumulator:
 class TorchAccumulator:
     """``K x shape`` float32 accumulator on a torch device, filled with fused in-place ops.
 
-    On the CPU it wraps a host buffer (:mod:`.buffers`), so :meth:`result`
-    hands it over without a copy; on a GPU it is copied to the host once.
+    On the CPU (or with ``host=True``) it wraps a host buffer
+    (:mod:`.buffers`), so :meth:`result` and the own block's strips need no
+    copy; on a GPU only the reduced interior and the strips are copied to
+    the host. Predictions on another device than the accumulator's are moved
+    to it patch by patch (the host fallback of :func:`accumulator`).
     """
 
-    def __init__(self, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None, device: Any) -> None:
+    def __init__(self, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None, device: Any,
+                 host: bool = False) -> None:
         import torch
 
         self.torch = torch
-        self.device = torch.device(device)
+        self.device = torch.device("cpu" if host else device)
         full = (n_classes,) + tuple(shape)
-        if self.device.type in HOST_DEVICES:
+        if host or self.device.type in HOST_DEVICES:
             self.host: np.ndarray | None = buffers.zeros(full, np.float32)
             self.acc = torch.from_numpy(self.host)
         else:
             self.host = None
-            self.acc = torch.zeros(full, dtype=torch.float32, device=self.device)
+            self.acc = _device_zeros(full, self.device)
         # the cached window is read-only: hand torch a writable copy of it
         self.window = None if window is None else torch.from_numpy(np.array(window, np.float32)).to(self.device)
 
     def add(self, pred: Any, box: tuple[slice, ...]) -> None:
         """Add ``pred`` (``K x patch`` tensor) times the window at ``box``, in one pass."""
         with self.torch.inference_mode():
+            if pred.device != self.device:
+                pred = pred.to(self.device)
             self.acc[(slice(None),) + box].addcmul_(pred, self.window)
 
     def add_crop(self, pred: Any, box: tuple[slice, ...], inner: tuple[slice, ...]) -> None:
         """Add the ``inner`` part of ``pred`` at ``box`` (crop blending: no window)."""
         with self.torch.inference_mode():
-            self.acc[(slice(None),) + box].add_(pred[(slice(None),) + inner])
+            self.acc[(slice(None),) + box].add_(pred[(slice(None),) + inner].to(self.device))
 
     def result(self) -> np.ndarray:
         """The whole accumulator as a host array (one device-to-host copy on a GPU)."""
@@ -201,8 +210,30 @@ def to_host(t: Any) -> np.ndarray:
     return host
 
 
+def _device_zeros(shape: tuple[int, ...], device: Any) -> Any:
+    import torch
+
+    return torch.zeros(shape, dtype=torch.float32, device=device)
+
+
 def accumulator(pred: Any, n_classes: int, shape: tuple[int, ...], window: np.ndarray | None):
-    """The accumulator that suits a first predicted batch: torch for tensors, else NumPy."""
+    """The accumulator that suits a first predicted batch: torch for tensors, else NumPy.
+
+    A tensor's accumulator lives on its device; when the device has no room
+    for it (``K x region`` float32; out-of-memory, see
+    :mod:`tileseg.predictors.oom`), it is kept on the host instead, with a
+    warning, and each batch is brought there.
+    """
     if isinstance(pred, np.ndarray):
         return NumpyAccumulator(n_classes, shape, window)
-    return TorchAccumulator(n_classes, shape, window, pred.device)
+    try:
+        return TorchAccumulator(n_classes, shape, window, pred.device)
+    except Exception as exc:
+        from ..predictors.oom import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+    nbytes = 4 * n_classes * int(np.prod(shape, dtype=np.int64))
+    log.warning("no room on %s for a %d x %r float32 accumulator (%.0f MiB): stitching this block on the host; "
+                "smaller chunks keep it on the device", pred.device, n_classes, tuple(shape), nbytes / 2**20)
+    return TorchAccumulator(n_classes, shape, window, "cpu", host=True)
