@@ -11,7 +11,8 @@ for torch predictors, NumPy otherwise). Before it ends, the owner reduces the
 interior of its own block (the pixels no other owner writes to) where the
 accumulator lives and hands over only that result plus ``K x box`` copies of
 the strips where blocks meet (:mod:`.handover`); the accumulator is freed
-with the task. A final task pastes the interior and reduces its strips from
+with the task (on the CPU the own block's strips are views of it, kept until
+that block's final task, which runs next, has read them). A final task pastes the interior and reduces its strips from
 the pieces of every owner: one cache-sized slab of scores at a time for
 labels, or ``K x strip`` plus the summed blending weight of the strip for
 scores, which it recomputes from the geometry (so the weight never travels
@@ -130,6 +131,7 @@ def predict_owner(
     args = (predictor, x, region, starts, crop_boxes, patch, n_classes, batch_size, window, bad_output, source)
     acc = _accumulate(*args, careful=False)
     if not acc.finite():  # bad model output (or an overflow): again, checking every batch
+        del acc  # freed before the second one is filled
         acc = _accumulate(*args, careful=True)
     return hand_over(acc, region, handover, starts, window)
 
