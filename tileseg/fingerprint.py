@@ -78,9 +78,9 @@ def _local(path: str, checksum: bool) -> str:
 
 
 def _remote(url: str, storage_options: dict[str, Any] | None, checksum: bool) -> str:
-    import fsspec
+    from .store import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = url_to_fs(url, storage_options)
     info = fs.info(root)
     if info.get("type") == "directory":
         listing = fs.find(root, detail=True)
