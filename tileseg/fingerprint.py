@@ -159,12 +159,13 @@ def config_fingerprint(cfg: Any) -> str:
 
 
 def settings_fingerprint(cfg: Any) -> str:
-    """Hash of the whole pipeline except ``execution`` and ``description`` (outputs and ``overwrite`` included).
+    """Hash of the whole pipeline except ``execution``, ``description`` and the list of inputs.
 
-    A failed item is reported failed again without running only while this
-    and its input are unchanged.
+    Outputs and ``overwrite`` are included. A failed item is reported failed
+    again without running only while this and its input are unchanged; which
+    other inputs the run lists (``input.path``) does not change an item.
     """
-    data = cfg.model_dump(mode="json", exclude={"execution", "description"})
+    data = cfg.model_dump(mode="json", exclude={"execution": True, "description": True, "input": {"path"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
