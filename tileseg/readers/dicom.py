@@ -77,8 +77,8 @@ import numpy as np
 
 from ..errors import ConfigError, FormatError, InputError, require
 from ..image import Image
-from ._slab_cache import SLAB_CACHE
 from ._dicom_series import SliceHeader, assemble, dicom_files, is_dicom_file, scan, series_key
+from ._slab_cache import SLAB_CACHE
 from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Reader, check_budget, local_path
 
 log = logging.getLogger(__name__)
