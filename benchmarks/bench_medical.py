@@ -240,7 +240,13 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tileseg-bench-med-"))
+    if not args.worker and not (workdir / f"ct{args.slices}x{args.size}").exists():
+        # written by a child: a child's peak RSS (wait4) starts from its parent's RSS when it was forked
+        subprocess.run([sys.executable, __file__, "--worker", "prepare", "--slices", str(args.slices),
+                        "--size", str(args.size), "--workdir", str(workdir)], check=True, stdout=subprocess.DEVNULL)
     series, weights = prepare(workdir, args.slices, args.size)
+    if args.worker == "prepare":
+        return
     if args.worker:
         print(json.dumps(run_variant(args.worker, series, weights, workdir)))
         return
