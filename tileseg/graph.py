@@ -270,7 +270,7 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     final_dsk = {
         (names.final,) + lead + t: (
             (oa.finalize_valid, checks[t], nodata) if checks is not None else (oa.finalize_block,)
-        ) + (grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t), names.window,
+        ) + (grid.block_box(t), n_classes, output, dtype.str, grid.covering(t), names.window,
              *sources.get(t, ()))
         for t in blocks
     }
@@ -471,7 +471,7 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
     dsk: dict[Any, Any] = {names.model: predictor, names.window: window}
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
     cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
-    crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
+    crop = blend == "crop"
     lookahead = inference.lookahead
     for owner, (boxes, in_idx) in reads.items():
         read = readers[owner] if readers is not None else None
@@ -480,12 +480,9 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             rank = int(np.ravel_multi_index(owner, grid.n_blocks))
             if rank >= lookahead:
                 in_keys.append((names.done,) + tuple(int(v) for v in np.unravel_index(rank - lookahead, grid.n_blocks)))
-        crop_boxes = None
-        if crop is not None:
-            idx = grid.patch_indices_of(owner)
-            crop_boxes = np.stack([crop[d][idx[:, d]] for d in range(grid.ndim)], axis=1)
+        # the owned patches as a few integers (tasks compute the corners): the graph does not grow with them
         dsk[(names.predict,) + owner] = (
-            oa.predict_owner, names.model, grid.region(owner), grid.patches_of(owner), crop_boxes, grid.patch_size,
+            oa.predict_owner, names.model, grid.region(owner), grid.owned(owner), crop, grid.patch_size,
             n_classes, int(inference.batch_size), names.window, inference.nan_policy, inference.bad_output, source,
             boxes, read, *in_keys,
         )

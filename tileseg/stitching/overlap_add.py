@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, ModelError
+from ..tiling.grid import PatchSet, as_starts
 from . import buffers, reduce
 from .accumulate import accumulator
 
@@ -53,8 +54,8 @@ def assemble(region: Box, boxes: Sequence[Box], blocks: Sequence[np.ndarray]) ->
 def predict_owner(
     predictor,
     region: Box,
-    starts: np.ndarray,
-    crop_boxes: np.ndarray | None,
+    patches: PatchSet | np.ndarray,
+    crop: bool | np.ndarray | None,
     patch: tuple[int, ...],
     n_classes: int,
     batch_size: int,
@@ -74,11 +75,14 @@ def predict_owner(
         Maps ``(N, C, *patch)`` float32 to ``(N, K, *patch)``.
     region : Box
         Pixel box covered by the owned patches.
-    starts : numpy.ndarray
-        ``(n, ndim)`` patch start corners (absolute).
-    crop_boxes : numpy.ndarray or None
-        ``(n, ndim, 2)`` absolute pixel spans each patch keeps for
-        ``blend='crop'``; None for windowed blending.
+    patches : PatchSet or numpy.ndarray
+        The owned patches (:class:`~tileseg.tiling.grid.PatchSet`: a few
+        integers, the corners computed here), or their ``(n, ndim)`` absolute
+        start corners.
+    crop : bool, numpy.ndarray or None
+        ``blend='crop'``: True (spans computed from ``patches``, a PatchSet),
+        or the ``(n, ndim, 2)`` absolute pixel spans each patch keeps; None or
+        False for windowed blending.
     patch : tuple of int
         Patch size.
     n_classes : int
@@ -121,7 +125,8 @@ def predict_owner(
         )
     shape = tuple(b - a for a, b in region)
     origin = np.array([a for a, _ in region])
-    local = starts - origin
+    local = as_starts(patches) - origin
+    crop_boxes = patches.crop_boxes() if crop is True else (None if crop is None or crop is False else crop)
     forward = getattr(predictor, "predict_tensor", None)  # tensors on the model's device: stitch there
     batch = None  # one input batch buffer, refilled for every batch of the task
     acc = None
@@ -223,9 +228,10 @@ def take_piece(owner: tuple[Box, np.ndarray], target: Box, own: bool = False) ->
     return part, (view if own else buffers.copy(view))
 
 
-def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Summed blending weight over ``block`` of the patches starting at ``starts``."""
+def weight_sum(block: Box, starts: PatchSet | np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Summed blending weight over ``block`` of the patches starting at ``starts`` (corners or a PatchSet)."""
     patch = window.shape
+    starts = as_starts(starts)
     out = np.zeros(tuple(b - a for a, b in block), dtype=np.float32)
     for s in starts:
         part = intersect(block, tuple((int(a), int(a) + p) for a, p in zip(s, patch)))
@@ -235,7 +241,7 @@ def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray
 
 
 def finalize_block(
-    block: Box, n_classes: int, output: str, dtype: str, starts: np.ndarray, window: np.ndarray | None,
+    block: Box, n_classes: int, output: str, dtype: str, starts: PatchSet | np.ndarray, window: np.ndarray | None,
     *pieces: tuple[Box, np.ndarray],
 ) -> np.ndarray:
     """Sum the pieces falling in one output block, normalise and reduce.
@@ -246,8 +252,9 @@ def finalize_block(
         The output block.
     n_classes, output, dtype
         K, the output kind and the label dtype.
-    starts : numpy.ndarray
-        ``(n, ndim)`` start corners of every patch covering part of the block.
+    starts : PatchSet or numpy.ndarray
+        Every patch covering part of the block (a
+        :class:`~tileseg.tiling.grid.PatchSet`, or ``(n, ndim)`` start corners).
     window : numpy.ndarray or None
         Blending window; None for ``crop``, where every pixel has exactly one
         contribution and needs no normalisation.
@@ -269,7 +276,8 @@ def finalize_block(
 
 
 def finalize_valid(valid: Any, nodata: Any, block: Box, n_classes: int, output: str, dtype: str,
-                   starts: np.ndarray, window: np.ndarray | None, *pieces: tuple[Box, np.ndarray]) -> np.ndarray:
+                   starts: PatchSet | np.ndarray, window: np.ndarray | None,
+                   *pieces: tuple[Box, np.ndarray]) -> np.ndarray:
     """:func:`finalize_block`, then ``nodata`` wherever the input is invalid.
 
     ``valid`` is the block's boolean validity, or a callable returning it in a
