@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import logging
 import uuid
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from itertools import product
 from typing import Any
 
 import numpy as np
 
+from . import gcpause
 from .errors import ConfigError, InputError, ModelError, TilingError
 from .image import Image, label_dtype
 from .options import InferenceOptions, TilingOptions
@@ -103,8 +106,9 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     has_nodata = valid is not None or inference.bad_output == "nodata"
     dtype = label_dtype(len(names) + has_nodata) if labels else np.dtype(np.float32)
     nodata: Any = None if not has_nodata else (int(np.iinfo(dtype).max) if labels else float("nan"))
-    stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
-                           dtype=dtype, valid=valid, nodata=nodata)
+    with gcpause.paused():  # hundreds of thousands of small objects for a huge image: no collections meanwhile
+        stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
+                               dtype=dtype, valid=valid, nodata=nodata)
     axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
     result = img.with_data(crop_padding(stitched, grid), axes=axes, class_names=names if labels or
                            inference.class_names else None, nodata=nodata)
@@ -269,9 +273,8 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     checks, extra_layers = _validity_reads(valid, grid, blocks)
     final_dsk = {
         (names.final,) + lead + t: (
-            (oa.finalize_valid, checks[t], nodata) if checks is not None else (oa.finalize_block,)
-        ) + (grid.block_box(t), n_classes, output, dtype.str, grid.covering(t), names.window,
-             *sources.get(t, ()))
+            _Final(grid.block_box(t), n_classes, output, dtype.str, grid.covering(t), checks is not None, nodata),
+            names.window, *((checks[t],) if checks is not None else ()), *sources.get(t, ()))
         for t in blocks
     }
     # block t is done when its output is final and its owner's buffer has been cut up (freed)
@@ -482,16 +485,67 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
                 in_keys.append((names.done,) + tuple(int(v) for v in np.unravel_index(rank - lookahead, grid.n_blocks)))
         # the owned patches as a few integers (tasks compute the corners): the graph does not grow with them
         dsk[(names.predict,) + owner] = (
-            oa.predict_owner, names.model, grid.region(owner), grid.owned(owner), crop, grid.patch_size,
-            n_classes, int(inference.batch_size), names.window, inference.nan_policy, inference.bad_output, source,
-            boxes, read, *in_keys,
+            _Owner(grid.region(owner), grid.owned(owner), crop, grid.patch_size, n_classes,
+                   int(inference.batch_size), inference.nan_policy, inference.bad_output, source, boxes, read),
+            names.model, names.window, *in_keys,
         )
         for t in grid.targets(owner):
             key = (names.piece,) + owner + t
-            dsk[key] = (oa.take_piece, (names.predict,) + owner, grid.block_box(t), t == owner)
+            dsk[key] = (partial(oa.take_piece, target=grid.block_box(t), own=t == owner), (names.predict,) + owner)
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut
+
+
+# Task callables holding a task's constant arguments: Dask sees one opaque object, not nested tuples
+# it would scan for keys in every pass over the graph (building, culling, converting, ordering).
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class _Owner:
+    """Owner task: :func:`~tileseg.stitching.overlap_add.predict_owner` with its constant arguments."""
+
+    region: tuple[tuple[int, int], ...]
+    patches: Any
+    crop: bool
+    patch: tuple[int, ...]
+    n_classes: int
+    batch_size: int
+    nan_policy: str
+    bad_output: str
+    source: str
+    boxes: list[Any]
+    read: Any
+
+    def __call__(self, predictor: Any, window: Any, *blocks: Any) -> Any:
+        return oa.predict_owner(predictor, self.region, self.patches, self.crop, self.patch, self.n_classes,
+                                self.batch_size, window, self.nan_policy, self.bad_output, self.source, self.boxes,
+                                self.read, *blocks)
+
+    def __repr__(self) -> str:
+        return f"predict_owner(region={self.region!r}, {len(self.patches)} patches)"
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class _Final:
+    """Final task: :func:`~tileseg.stitching.overlap_add.finalize_block` (or ``finalize_valid``) of one block."""
+
+    block: tuple[tuple[int, int], ...]
+    n_classes: int
+    output: str
+    dtype: str
+    patches: Any
+    has_valid: bool
+    nodata: Any
+
+    def __call__(self, window: Any, *rest: Any) -> Any:
+        head = (self.block, self.n_classes, self.output, self.dtype, self.patches, window)
+        if self.has_valid:
+            return oa.finalize_valid(rest[0], self.nodata, *head, *rest[1:])
+        return oa.finalize_block(*head, *rest)
+
+    def __repr__(self) -> str:
+        return f"finalize_block(block={self.block!r})"
 
 
 def _done(*_finished) -> None:
@@ -530,9 +584,7 @@ def pad(data, width: Sequence[tuple[int, int]], mode: str, fill_value: float = 0
 
 
 def _blocks_overlapping(bounds: list[int], span: tuple[int, int]) -> range:
-    lo = int(np.searchsorted(bounds, span[0], side="right") - 1)
-    hi = int(np.searchsorted(bounds, span[1], side="left"))
-    return range(lo, hi)
+    return range(bisect_right(bounds, span[0]) - 1, bisect_left(bounds, span[1]))
 
 
 def _align_input(data, grid: PatchGrid):
