@@ -6,13 +6,14 @@ call made by a computing task (the model is the ``counting`` kind of :mod:`tiles
 the process exits at that call). Two entry points, each in its own fresh process:
 
 * ``run``: ``tileseg run PIPELINE --fresh`` (z-score statistics, graph, write graph, scheduler);
-* ``segment``: ``tileseg.open`` + ``tileseg.segment`` + ``tileseg.write(compute=False)`` + ``dask.compute``.
+* ``segment``: ``tileseg.open`` + ``tileseg.segment`` + ``tileseg.write``.
 
 Per run it reports ``setup_s`` (process start to the first model call in a task), ``graph_s``
-(process start to the compute call: what tileseg itself does), ``client_mb`` (resident memory when the
-compute is called: the graph and the client, before any task ran), ``peak_mb`` (peak resident memory up
-to the first model call, the first tasks' working memory included), ``tasks`` (tasks in the computed
-graph) and ``blocks`` (output blocks). Sizes are interleaved (A, B, A, B ...), medians of
+(process start to the complete write graph: what tileseg itself does; Dask's scheduling and the first
+owner task's input reads and preprocessing come between the two), ``client_mb`` (resident memory when the
+graph is complete: the graph and the client, before any task ran), ``peak_mb`` (peak resident memory up
+to the first model call, the first tasks' working memory included: it grows with the block size), ``tasks``
+(tasks in the graph) and ``blocks`` (output blocks). Sizes are interleaved (A, B, A, B ...), medians of
 ``--repeat``; the ratios divide the 10^6 row by the 10^5 row (the baseline of the same run): set-up
 and graph should grow no faster than the output blocks, whose ratio is printed alongside.
 
@@ -35,6 +36,7 @@ import tempfile
 import time
 
 T0 = time.perf_counter()
+MARK = "bench_huge: "
 
 PIPELINE = """version: 1
 input: {{path: {image}, array: image}}
@@ -62,49 +64,42 @@ def child(entry: str, image: str, out: str) -> None:
 
     def first_call(batch):
         if "graph_s" in state:  # a task computing (not the probe made while building)
-            now, peak = _rss_mb()
+            peak = _rss_mb()[1]
             state.update(setup_s=time.perf_counter() - T0, peak_mb=peak)
-            print(json.dumps(state), flush=True)
+            print("\n" + MARK + json.dumps(state), flush=True)
             os._exit(0)
         return forward(batch)
 
     counting._forward = first_call
 
-    def computing(tasks: list) -> None:
+    import tileseg.writers.zarr as zarr_writer
+
+    store_blocks = zarr_writer.store_blocks
+
+    def built(*args, **kwargs):  # the write graph is complete: what is left is Dask's scheduling
+        task = store_blocks(*args, **kwargs)
         state["graph_s"] = time.perf_counter() - T0
         state["client_mb"] = _rss_mb()[0]
-        state["tasks"] = sum(len(t.__dask_graph__()) for t in tasks)
+        state["tasks"] = len(task.__dask_graph__())
+        return task
 
+    zarr_writer.store_blocks = built
     if entry == "run":
-        import tileseg.runner as runner
-
-        compute = runner.compute
-
-        def hooked(sched, *tasks, **kw):
-            computing(list(tasks))
-            return compute(sched, *tasks, **kw)
-
-        runner.compute = hooked
         counting.register()
         from tileseg.cli import main
 
         path = os.path.join(out, "p.yaml")
         with open(path, "w") as fh:
             fh.write(PIPELINE.format(image=image, out=out))
-        main(["run", path, "--fresh", "-q"], standalone_mode=False)
+        main(["-q", "run", path, "--fresh"], standalone_mode=False)
     else:
-        import dask
-
         import tileseg
 
         img = tileseg.open(image, array="image")
         seg = tileseg.segment(img, counting._forward, patch_size=(256, 256), overlap=0.25, preprocess=["zscore"],
                               out_channels=2, class_names=["background", "object"])
-        state["blocks"] = int(seg.data.npartitions)
-        job = tileseg.write(seg, os.path.join(out, "seg.zarr"), compute=False)
-        computing([job.task])
-        dask.compute(job.task)
-    print(json.dumps({"error": "no model call"}), flush=True)
+        tileseg.write(seg, os.path.join(out, "seg.zarr"))
+    print("\n" + MARK + json.dumps({"error": "no model call"}), flush=True)
 
 
 def make_image(path: str, side: int) -> None:
@@ -129,7 +124,7 @@ def measure(entry: str, image: str, work: str, timeout: float) -> dict:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", entry, image, out],
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
-        lines = proc.stdout.strip().splitlines()
+        lines = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
         row = json.loads(lines[-1]) if lines else {"error": proc.stderr.strip().splitlines()[-1:]}
     except subprocess.TimeoutExpired:
         row = {"error": f"timeout after {timeout:.0f} s"}

@@ -49,6 +49,10 @@ from .tiling.reads import private_reads
 
 log = logging.getLogger(__name__)
 
+#: Above this many (padded) pixels, ``skip_nodata`` is decided by each owner task from the validity under
+#: its region instead of by a pass over the whole validity before computing (see :func:`overlap_add`).
+PREPASS_MAX_PIXELS = 2**32
+
 #: Name prefix of the lookahead tokens: ordering-only edges (a pruned graph may drop them, see
 #: :func:`tileseg.writers.blocks.needed`).
 ORDER_TOKEN = "tileseg-done-"
@@ -93,8 +97,16 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
+    skip_in_tasks = False
     if valid is not None and inference.skip_nodata:
-        grid = grid.with_active(active_patches(valid, grid))
+        if int(np.prod(grid.padded_shape, dtype=np.int64)) > PREPASS_MAX_PIXELS:
+            # a pass over the whole validity before starting would take as long as reading the image:
+            # each owner task reads its region's validity and leaves out its all-nodata patches instead
+            log.info("%s: all-nodata patches are left out by the tasks (no pass over the image's validity "
+                     "before computing: it has more than %d pixels)", img.source or "image", PREPASS_MAX_PIXELS)
+            skip_in_tasks = True
+        else:
+            grid = grid.with_active(active_patches(valid, grid))
     data = model_input(img, grid, tiling, inference, valid)
     n_classes = model_classes(predictor, inference.out_channels, int(data.shape[0]), grid.patch_size,
                               img.source or "image")
@@ -108,11 +120,13 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     nodata: Any = None if not has_nodata else (int(np.iinfo(dtype).max) if labels else float("nan"))
     with gcpause.paused():  # hundreds of thousands of small objects for a huge image: no collections meanwhile
         stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
-                               dtype=dtype, valid=valid, nodata=nodata)
+                               dtype=dtype, valid=valid, nodata=nodata, skip_in_tasks=skip_in_tasks)
     axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
     result = img.with_data(crop_padding(stitched, grid), axes=axes, class_names=names if labels or
                            inference.class_names else None, nodata=nodata)
     stats = {"n_patches": grid.n_patches, "n_patches_skipped": grid.n_windows - grid.n_patches}
+    if skip_in_tasks:  # decided by the tasks, unknown while building
+        stats = {"n_patches": None, "n_patches_skipped": None}
     return result, stats
 
 
@@ -247,13 +261,18 @@ def model_classes(predictor: Any, out_channels: int | None, n_ch: int, patch: tu
 
 
 def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: str, inference: InferenceOptions,
-                source: str, *, dtype: Any = None, valid: Any = None, nodata: Any = None):
+                source: str, *, dtype: Any = None, valid: Any = None, nodata: Any = None,
+                skip_in_tasks: bool = False):
     """The owner / piece / final (and lookahead token) tasks as one dask array over the padded grid.
 
     With ``valid`` (the input's lazy validity, unpadded), each final task reads
     its own block of it (:mod:`tileseg.tiling.reads`) and writes ``nodata``
     where it is false, so the validity is never shared between tasks nor
-    computed ahead of its block.
+    computed ahead of its block. With ``skip_in_tasks`` each owner task also
+    reads the validity under its region and does not predict its all-invalid
+    patches: exact, since such a patch covers only pixels written as nodata
+    (for an image too large for a pass over its validity before computing, see
+    :func:`active_patches`).
     """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
@@ -266,11 +285,14 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     if dtype is None:
         dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
     dtype = np.dtype(dtype)
-    owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
-                                           n_classes, inference, source)
     lead = () if output == "labels" else (0,)
     blocks = list(product(*(range(n) for n in grid.n_blocks)))  # blocks no patch reaches are final too
-    checks, extra_layers = _validity_reads(valid, grid, blocks)
+    checks, extra_layers, padded_valid = _validity_reads(valid, grid, blocks)
+    owner_valid = None
+    if skip_in_tasks and checks is not None and extra_layers is None:
+        owner_valid = _owner_validity(padded_valid, grid, reads)
+    owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
+                                           n_classes, inference, source, owner_valid)
     final_dsk = {
         (names.final,) + lead + t: (
             _Final(grid.block_box(t), n_classes, output, dtype.str, grid.covering(t), checks is not None, nodata),
@@ -352,14 +374,14 @@ def _cells_any(block: np.ndarray, lo: list[int], cuts: list[np.ndarray]) -> tupl
     return tuple(firsts), hit
 
 
-def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) -> tuple[dict | None, Any]:
+def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) -> tuple[dict | None, Any, Any]:
     """Per output block, what its final task uses to read the validity: a RegionRead, or a shared key.
 
-    Returns ``(per-block, None)`` normally; ``(per-block keys, the padded dask array)`` when the
-    validity is an in-memory array that cannot be packed into every task.
+    Returns ``(per-block, None, padded validity)`` normally; ``(per-block keys, the padded dask
+    array, the same)`` when the validity is an in-memory array that cannot be packed into every task.
     """
     if valid is None:
-        return None, None
+        return None, None, None
     if any(p != (0, 0) for p in grid.pad):
         valid = pad(valid, grid.pad, "constant", 0)
     valid = valid.rechunk(grid.chunks)
@@ -367,8 +389,17 @@ def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) 
     readers = private_reads(valid.__dask_graph__(), {t: [k] for t, k in keys.items()})
     if readers is None:
         valid = valid.map_blocks(buffers.copy, dtype=bool, name=f"tileseg-valid-{uuid.uuid4().hex}")
-        return {t: (valid.name,) + t for t in blocks}, valid
-    return readers, None
+        return {t: (valid.name,) + t for t in blocks}, valid, valid
+    return readers, None, valid
+
+
+def _owner_validity(valid: Any, grid: PatchGrid, reads: dict) -> dict | None:
+    """Per owner: the boxes of the output blocks under its region and a RegionRead of their validity."""
+    wanted = {o: [(valid.name,) + t for t in grid.targets(o)] for o in reads}
+    readers = private_reads(valid.__dask_graph__(), wanted)
+    if readers is None:
+        return None
+    return {o: ([grid.block_box(t) for t in grid.targets(o)], readers[o]) for o in reads}
 
 
 def crop_padding(result, grid: PatchGrid):
@@ -469,7 +500,7 @@ class _Names:
 
 def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,
                  readers: dict | None, input_name: str, n_classes: int, inference: InferenceOptions,
-                 source: str) -> tuple[dict, dict, dict]:
+                 source: str, owner_valid: dict | None = None) -> tuple[dict, dict, dict]:
     """Owner (predict) and piece tasks; which pieces fall in each block; which pieces each owner was cut into."""
     dsk: dict[Any, Any] = {names.model: predictor, names.window: window}
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
@@ -486,7 +517,8 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
         # the owned patches as a few integers (tasks compute the corners): the graph does not grow with them
         dsk[(names.predict,) + owner] = (
             _Owner(grid.region(owner), grid.owned(owner), crop, grid.patch_size, n_classes,
-                   int(inference.batch_size), inference.nan_policy, inference.bad_output, source, boxes, read),
+                   int(inference.batch_size), inference.nan_policy, inference.bad_output, source, boxes, read,
+                   owner_valid[owner] if owner_valid is not None else None),
             names.model, names.window, *in_keys,
         )
         for t in grid.targets(owner):
@@ -516,11 +548,12 @@ class _Owner:
     source: str
     boxes: list[Any]
     read: Any
+    valid: Any = None
 
     def __call__(self, predictor: Any, window: Any, *blocks: Any) -> Any:
         return oa.predict_owner(predictor, self.region, self.patches, self.crop, self.patch, self.n_classes,
                                 self.batch_size, window, self.nan_policy, self.bad_output, self.source, self.boxes,
-                                self.read, *blocks)
+                                self.read, *blocks, valid=self.valid)
 
     def __repr__(self) -> str:
         return f"predict_owner(region={self.region!r}, {len(self.patches)} patches)"

@@ -66,6 +66,7 @@ def predict_owner(
     boxes: Sequence[Box],
     read: Callable[[], Sequence[np.ndarray]] | None,
     *blocks: np.ndarray,
+    valid: tuple[Sequence[Box], Callable[[], Sequence[np.ndarray]]] | None = None,
 ) -> tuple[Box, np.ndarray]:
     """Predict every patch owned by one block and overlap-add it.
 
@@ -106,6 +107,10 @@ def predict_owner(
         in ``blocks`` instead (extra ``blocks`` are ordering tokens).
     blocks : numpy.ndarray
         The input blocks, when ``read`` is None.
+    valid : (boxes, read), optional
+        The boxes of the boolean validity blocks under ``region`` and a
+        callable returning them: patches without a valid pixel are not
+        predicted (they cover only pixels the final tasks write as nodata).
 
     Returns
     -------
@@ -127,6 +132,11 @@ def predict_owner(
     origin = np.array([a for a, _ in region])
     local = as_starts(patches) - origin
     crop_boxes = patches.crop_boxes() if crop is True else (None if crop is None or crop is False else crop)
+    if valid is not None:
+        keep = _any_valid(region, valid, local, patch)
+        if keep is not None:
+            local = local[keep]
+            crop_boxes = crop_boxes[keep] if crop_boxes is not None else None
     forward = getattr(predictor, "predict_tensor", None)  # tensors on the model's device: stitch there
     batch = None  # one input batch buffer, refilled for every batch of the task
     acc = None
@@ -156,6 +166,17 @@ def predict_owner(
     if acc is None:  # an owner always has patches; kept for safety
         return region, buffers.zeros((n_classes,) + shape, np.float32)
     return region, acc.result()
+
+
+def _any_valid(region: Box, valid: tuple[Sequence[Box], Callable[[], Sequence[np.ndarray]]], local: np.ndarray,
+               patch: tuple[int, ...]) -> np.ndarray | None:
+    """Per patch (``local`` corners in ``region``): whether it holds a valid pixel; None when all pixels are."""
+    boxes, read = valid
+    parts = [np.asarray(b, dtype=bool)[None] for b in read()]
+    v = assemble(region, boxes, parts)[0]
+    if v.all():
+        return None
+    return np.array([bool(v[tuple(slice(s, s + p) for s, p in zip(c, patch))].any()) for c in local], dtype=bool)
 
 
 def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], bad_output: str, source: str,
