@@ -8,9 +8,10 @@ the process exits at that call). Two entry points, each in its own fresh process
 * ``run``: ``tileseg run PIPELINE --fresh`` (z-score statistics, graph, write graph, scheduler);
 * ``segment``: ``tileseg.open`` + ``tileseg.segment`` + ``tileseg.write``.
 
-Per run it reports ``setup_s`` (process start to the first model call in a task), ``graph_s``
-(process start to the complete write graph: what tileseg itself does; Dask's scheduling and the first
-owner task's input reads and preprocessing come between the two), ``client_mb`` (resident memory when the
+Per run it reports ``graph_s`` (process start to the complete write graph: what tileseg itself
+does), ``first_task_s`` (to the first task of that graph started by the scheduler: Dask's conversion
+and ordering of the graph come between the two), ``setup_s`` (to the first model call in a task: the
+first owner task's input reads, preprocessing and region assembly come before it), ``client_mb`` (resident memory when the
 graph is complete: the graph and the client, before any task ran), ``peak_mb`` (peak resident memory up
 to the first model call, the first tasks' working memory included: it grows with the block size), ``tasks``
 (tasks in the graph) and ``blocks`` (output blocks). Sizes are interleaved (A, B, A, B ...), medians of
@@ -84,6 +85,14 @@ def child(entry: str, image: str, out: str) -> None:
         return task
 
     zarr_writer.store_blocks = built
+
+    from dask.callbacks import Callback
+
+    def pretask(key, dsk, state_):  # the local scheduler starts a task of the write graph
+        if "graph_s" in state and "first_task_s" not in state:
+            state["first_task_s"] = time.perf_counter() - T0
+
+    Callback(pretask=pretask).register()
     if entry == "run":
         counting.register()
         from tileseg.cli import main
@@ -165,7 +174,7 @@ def main() -> None:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print(f"# {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    keys = ["setup_s", "graph_s", "client_mb", "peak_mb", "tasks"]
+    keys = ["graph_s", "first_task_s", "setup_s", "client_mb", "peak_mb", "tasks"]
     print("| entry | image | blocks | " + " | ".join(keys) + " |")
     print("|---|---|---:|" + "---:|" * len(keys))
     med: dict[tuple[str, str], dict] = {}

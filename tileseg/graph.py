@@ -551,9 +551,10 @@ class _Owner:
     valid: Any = None
 
     def __call__(self, predictor: Any, window: Any, *blocks: Any) -> Any:
+        extra = {} if self.valid is None else {"valid": self.valid}
         return oa.predict_owner(predictor, self.region, self.patches, self.crop, self.patch, self.n_classes,
                                 self.batch_size, window, self.nan_policy, self.bad_output, self.source, self.boxes,
-                                self.read, *blocks, valid=self.valid)
+                                self.read, *blocks, **extra)
 
     def __repr__(self) -> str:
         return f"predict_owner(region={self.region!r}, {len(self.patches)} patches)"
