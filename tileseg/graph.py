@@ -43,6 +43,7 @@ from .options import InferenceOptions, TilingOptions
 from .placement import model_key
 from .stitching import buffers
 from .stitching import overlap_add as oa
+from .stitching.handover import Handover, interior
 from .stitching.weights import blend_window
 from .tiling.grid import PatchGrid, make_grid
 from .tiling.reads import private_reads
@@ -292,7 +293,7 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     if skip_in_tasks and checks is not None and extra_layers is None:
         owner_valid = _owner_validity(padded_valid, grid, reads)
     owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
-                                           n_classes, inference, source, owner_valid)
+                                           n_classes, inference, source, dtype.str, owner_valid)
     final_dsk = {
         (names.final,) + lead + t: (
             _Final(grid.block_box(t), n_classes, output, dtype.str, grid.covering(t), checks is not None, nodata),
@@ -500,13 +501,14 @@ class _Names:
 
 def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,
                  readers: dict | None, input_name: str, n_classes: int, inference: InferenceOptions,
-                 source: str, owner_valid: dict | None = None) -> tuple[dict, dict, dict]:
+                 source: str, dtype: str, owner_valid: dict | None = None) -> tuple[dict, dict, dict]:
     """Owner (predict) and piece tasks; which pieces fall in each block; which pieces each owner was cut into."""
     dsk: dict[Any, Any] = {names.model: predictor, names.window: window}
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
     cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
     crop = blend == "crop"
     lookahead = inference.lookahead
+    handovers = _handovers(grid, reads, inference.output, dtype)
     for owner, (boxes, in_idx) in reads.items():
         read = readers[owner] if readers is not None else None
         in_keys = [] if read is not None else [(input_name,) + idx for idx in in_idx]
@@ -517,8 +519,8 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
         # the owned patches as a few integers (tasks compute the corners): the graph does not grow with them
         dsk[(names.predict,) + owner] = (
             _Owner(grid.region(owner), grid.owned(owner), crop, grid.patch_size, n_classes,
-                   int(inference.batch_size), inference.nan_policy, inference.bad_output, source, boxes, read,
-                   owner_valid[owner] if owner_valid is not None else None),
+                   int(inference.batch_size), inference.nan_policy, inference.bad_output, source, handovers[owner],
+                   boxes, read, owner_valid[owner] if owner_valid is not None else None),
             names.model, names.window, *in_keys,
         )
         for t in grid.targets(owner):
@@ -527,6 +529,22 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut
+
+
+def _handovers(grid: PatchGrid, owners, output: str, dtype: str) -> dict[tuple[int, ...], Handover]:
+    """Per owner block: its interior (no other owner writes there) and the other blocks it spills into."""
+    regions = {o: grid.region(o) for o in owners}
+    targets = {o: [t for t in grid.targets(o) if t != o] for o in owners}
+    reaching: dict[tuple[int, ...], list] = {}  # block -> regions of the other owners writing into it
+    for o, ts in targets.items():
+        for t in ts:
+            reaching.setdefault(t, []).append(regions[o])
+    out = {}
+    for o in owners:
+        block = grid.block_box(o)
+        out[o] = Handover(block, interior(block, regions[o], reaching.get(o, ())),
+                          tuple(grid.block_box(t) for t in targets[o]), output, dtype)
+    return out
 
 
 # Task callables holding a task's constant arguments: Dask sees one opaque object, not nested tuples
@@ -546,6 +564,7 @@ class _Owner:
     nan_policy: str
     bad_output: str
     source: str
+    handover: Any
     boxes: list[Any]
     read: Any
     valid: Any = None
@@ -553,8 +572,8 @@ class _Owner:
     def __call__(self, predictor: Any, window: Any, *blocks: Any) -> Any:
         extra = {} if self.valid is None else {"valid": self.valid}
         return oa.predict_owner(predictor, self.region, self.patches, self.crop, self.patch, self.n_classes,
-                                self.batch_size, window, self.nan_policy, self.bad_output, self.source, self.boxes,
-                                self.read, *blocks, **extra)
+                                self.batch_size, window, self.nan_policy, self.bad_output, self.source,
+                                self.handover, self.boxes, self.read, *blocks, **extra)
 
     def __repr__(self) -> str:
         return f"predict_owner(region={self.region!r}, {len(self.patches)} patches)"
