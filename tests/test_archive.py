@@ -120,6 +120,26 @@ def test_twenty_items_three_corrupt_then_retry_failed(tmp_path, method):
     assert sum(v == "done" for v in rows.values()) == 18
 
 
+def test_failed_item_stays_failed_when_only_the_input_list_changes(tmp_path, method):
+    """Which other inputs a run lists is not part of an item: a narrower glob does not retry a failed one."""
+    images = write_items(tmp_path / "in", 3)
+    (tmp_path / "in" / "item_01.zarr" / "image" / "c" / "1" / "2").write_bytes(b"garbage" * 20)
+    pipe = write_method_pipeline(tmp_path / "p.yaml", "in/*.zarr")
+    assert invoke("run", str(pipe), "--quiet").exit_code == 1
+    method.calls.clear()
+    res = invoke("run", str(pipe), "--quiet", "--set", "input.path=in/item_0[01].zarr")
+    assert res.exit_code == 1 and "0 ok, 1 skipped (already complete), 1 failed" in res.output
+    assert method.calls == []  # neither opened nor computed
+    report = json.loads((tmp_path / "out" / "tileseg-report.json").read_text())
+    failed = [i for i in report["items"] if i["status"] == "failed"]
+    assert len(failed) == 1 and "recorded by an earlier run" in failed[0]["error"]
+    # a changed pipeline setting (not the list of inputs) does retry it
+    res = invoke("run", str(pipe), "--quiet", "--set", "input.path=in/item_0[01].zarr", "--set",
+                 "method.slow_threshold.value=0.25")
+    assert res.exit_code == 1 and sorted(method.calls) == [10.0, 11.0]
+    np.testing.assert_array_equal(out_of(tmp_path / "out" / "item_00.zarr"), images["item_00"] > 0.25)
+
+
 def test_items_in_flight_overlap_and_one_failure_stops_nothing(tmp_path, method):
     images = write_items(tmp_path / "in", 5)
     (tmp_path / "in" / "item_02.zarr" / "image" / "zarr.json").write_text("[1")

@@ -118,3 +118,13 @@ def test_report_page_renders_in_headless_chromium(run_dir, tmp_path):
     hits = sum(int(np.all(np.abs(pixels - c) < 12, axis=-1).sum()) for c in PALETTE[:1])
     assert hits > 100, hits
     assert os.path.getsize(shot) > 10_000
+
+
+def test_report_on_a_folder_without_runs_is_a_usage_error_like_a_missing_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(main, ["report", str(empty)])
+    assert res.exit_code == 2 and "no tileseg run report" in res.output
+    assert not (empty / "tileseg-report.html").exists()
+    missing = CliRunner().invoke(main, ["report", str(tmp_path / "missing")])
+    assert missing.exit_code == 2

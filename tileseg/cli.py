@@ -388,6 +388,9 @@ def report(run_dir: str, out: str | None, no_images: bool, max_side: int) -> Non
 
     try:
         path = write_report_page(run_dir, out, images=not no_images, max_side=max_side)
+    except FileNotFoundError as exc:  # no run here: a wrong folder, like a missing one (click's exit 2)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     except (TilesegError, OSError) as exc:
         _fail(exc)
         return

@@ -78,9 +78,9 @@ def _local(path: str, checksum: bool) -> str:
 
 
 def _remote(url: str, storage_options: dict[str, Any] | None, checksum: bool) -> str:
-    import fsspec
+    from .store import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = url_to_fs(url, storage_options)
     info = fs.info(root)
     if info.get("type") == "directory":
         listing = fs.find(root, detail=True)
@@ -159,12 +159,13 @@ def config_fingerprint(cfg: Any) -> str:
 
 
 def settings_fingerprint(cfg: Any) -> str:
-    """Hash of the whole pipeline except ``execution`` and ``description`` (outputs and ``overwrite`` included).
+    """Hash of the whole pipeline except ``execution``, ``description`` and the list of inputs.
 
-    A failed item is reported failed again without running only while this
-    and its input are unchanged.
+    Outputs and ``overwrite`` are included. A failed item is reported failed
+    again without running only while this and its input are unchanged; which
+    other inputs the run lists (``input.path``) does not change an item.
     """
-    data = cfg.model_dump(mode="json", exclude={"execution", "description"})
+    data = cfg.model_dump(mode="json", exclude={"execution": True, "description": True, "input": {"path"}})
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

@@ -18,7 +18,7 @@ Schema (``PRAGMA user_version`` = :data:`SCHEMA_VERSION`)::
         error                TEXT,             -- 'Type: message' of the last failure or interruption
         input_fingerprint    TEXT,             -- see tileseg.fingerprint
         pipeline_fingerprint TEXT,
-        settings_fingerprint TEXT,            -- the whole pipeline but execution (overwrite included)
+        settings_fingerprint TEXT,            -- the whole pipeline but execution and input.path
         owner                TEXT,             -- host:pid:start:run of the run holding the claim
         heartbeat            REAL,             -- unix time the owner last said it is alive
         attempts             INTEGER NOT NULL DEFAULT 0,

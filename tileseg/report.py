@@ -266,9 +266,9 @@ def read_json(path: str) -> Any:
     from .store import is_url
 
     if is_url(path) and not path.startswith("file://"):
-        import fsspec
+        from .store import url_to_fs
 
-        fs, p = fsspec.core.url_to_fs(path)
+        fs, p = url_to_fs(path)
         if not fs.exists(p):
             return None
         with fs.open(p, "r") as fh:

@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any
 
-from .errors import FormatError
+from .errors import FormatError, MissingDependencyError
 
 #: Attribute keys owned by the Zarr/OME layout or by tileseg: never carried as user attributes.
 RESERVED_ATTRS = frozenset({
@@ -31,6 +31,47 @@ def is_url(path: Any) -> bool:
     (True, False, True)
     """
     return bool(_URL_RE.match(str(path)))
+
+
+# fsspec implementations live in separate packages; name the one a URL needs
+_PROTOCOL_PACKAGES = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
+                      "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs", "sftp": "paramiko", "ssh": "paramiko"}
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """fsspec's ``url_to_fs`` with a missing filesystem package named.
+
+    Parameters
+    ----------
+    url : str
+        An fsspec URL.
+    storage_options : dict, optional
+        Passed to the filesystem.
+
+    Returns
+    -------
+    tuple
+        The filesystem and the path inside it.
+
+    Raises
+    ------
+    MissingDependencyError
+        When the URL's protocol needs a package that is not installed.
+    """
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:
+        raise _missing(url, exc) from exc
+
+
+def _missing(url: str, exc: ImportError) -> MissingDependencyError:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    package = _PROTOCOL_PACKAGES.get(scheme)
+    hint = f"pip install {package}" if package else "install the fsspec implementation for it"
+    return MissingDependencyError(f"{url!r}: reading {scheme}:// URLs needs a package that is not installed "
+                                  f"({hint}): {exc}")
 
 
 def local_path(path: Any) -> str | None:
@@ -55,9 +96,7 @@ class RawStore:
         self.fs: Any = None
         self.root = self.local
         if self.local is None:
-            import fsspec
-
-            self.fs, self.root = fsspec.core.url_to_fs(self.source, **(storage_options or {}))
+            self.fs, self.root = url_to_fs(self.source, storage_options)
 
     def name(self, key: str = "") -> str:
         """Display name of ``key`` inside the store."""
@@ -118,7 +157,10 @@ def open_store(source: str, storage_options: dict[str, Any] | None = None, *, re
     path = local_path(source)
     if path is not None:
         return LocalStore(path, read_only=read_only)
-    return FsspecStore.from_url(str(source), storage_options=storage_options or None, read_only=read_only)
+    try:
+        return FsspecStore.from_url(str(source), storage_options=storage_options or None, read_only=read_only)
+    except ImportError as exc:
+        raise _missing(str(source), exc) from exc
 
 
 def node_metadata(raw: RawStore, node: str) -> dict[str, Any]:

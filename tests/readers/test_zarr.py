@@ -407,3 +407,21 @@ def test_describe_ome_levels(tmp_path):
     json.dumps(info)  # serialisable for `tileseg info --json`
     assert "level 1 (1): shape [2, 20, 15]" in format_description(info)
     assert os.path.isdir(p)
+
+
+def test_url_whose_filesystem_package_is_missing_names_url_and_package(monkeypatch):
+    """A URL whose fsspec implementation is not installed: a MissingDependencyError naming it, not a bare ImportError."""
+    import fsspec
+
+    from tileseg import store
+    from tileseg.errors import MissingDependencyError
+
+    fsspec.register_implementation("tsmissing", "tileseg_no_such_module.FileSystem", clobber=True,
+                                   errtxt="needs tileseg-no-such-package")
+    monkeypatch.setitem(store._PROTOCOL_PACKAGES, "tsmissing", "tileseg-no-such-package")
+    url = "tsmissing://bucket/scene.zarr"
+    with pytest.raises(MissingDependencyError) as info:
+        open_image(url)
+    assert url in str(info.value) and "pip install tileseg-no-such-package" in str(info.value)
+    with pytest.raises(MissingDependencyError, match="tsmissing://bucket/x.zarr"):
+        store.open_store("tsmissing://bucket/x.zarr")

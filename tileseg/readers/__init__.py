@@ -92,9 +92,9 @@ def _exists(path: str, storage_options: dict[str, Any] | None) -> bool:
         if not os.path.exists(local) and "#" in local:  # an item "container#key" from Reader.list_items
             return os.path.exists(local.rpartition("#")[0])
         return os.path.exists(local)
-    import fsspec
+    from ..store import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, root = url_to_fs(path, storage_options)
     return bool(fs.exists(root))
 
 
@@ -216,9 +216,9 @@ def _list_dir_items(directory: str, storage_options: dict[str, Any] | None) -> l
 
 
 def _list_remote_dir_items(url: str, storage_options: dict[str, Any] | None) -> list[str]:
-    import fsspec
+    from ..store import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, root = url_to_fs(url, storage_options)
     out = []
     for entry in sorted(fs.ls(root, detail=False)):
         base = entry.rstrip("/").rsplit("/", 1)[-1]
@@ -238,9 +238,9 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None, options: dict
             prefix = "file://" if item.startswith("file://") else ""
             matches = [prefix + m for m in matches]
         else:
-            import fsspec
+            from ..store import url_to_fs
 
-            fs, pattern = fsspec.core.url_to_fs(item, **(storage_options or {}))
+            fs, pattern = url_to_fs(item, storage_options)
             matches = [fs.unstrip_protocol(m) for m in sorted(fs.glob(pattern))]
         if not matches:
             raise ImageNotFoundError(f"{item!r} matches nothing")
@@ -266,9 +266,9 @@ def _expand_one(item: str, storage_options: dict[str, Any] | None, options: dict
                 raise ImageNotFoundError(f"directory {item!r} contains no image tileseg can read")
             return images
         raise FormatError(f"{item!r} is not an image tileseg can read")
-    import fsspec
+    from ..store import url_to_fs
 
-    fs, root = fsspec.core.url_to_fs(item, **(storage_options or {}))
+    fs, root = url_to_fs(item, storage_options)
     if fs.isdir(root):
         images = _list_remote_dir_items(item, storage_options)
         if not images:
