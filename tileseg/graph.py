@@ -41,6 +41,7 @@ from .options import InferenceOptions, TilingOptions
 from .placement import model_key
 from .stitching import buffers
 from .stitching import overlap_add as oa
+from .stitching.handover import Handover, interior
 from .stitching.weights import blend_window
 from .tiling.grid import PatchGrid, make_grid
 from .tiling.reads import private_reads
@@ -266,7 +267,7 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
         dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
     dtype = np.dtype(dtype)
     owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
-                                           n_classes, inference, source)
+                                           n_classes, inference, source, dtype.str)
     lead = () if output == "labels" else (0,)
     blocks = list(product(*(range(n) for n in grid.n_blocks)))  # blocks no patch reaches are final too
     checks, extra_layers = _validity_reads(valid, grid, blocks)
@@ -469,13 +470,14 @@ class _Names:
 
 def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,
                  readers: dict | None, input_name: str, n_classes: int, inference: InferenceOptions,
-                 source: str) -> tuple[dict, dict, dict]:
+                 source: str, dtype: str) -> tuple[dict, dict, dict]:
     """Owner (predict) and piece tasks; which pieces fall in each block; which pieces each owner was cut into."""
     dsk: dict[Any, Any] = {names.model: predictor, names.window: window}
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
     cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
     crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
     lookahead = inference.lookahead or 0
+    handovers = _handovers(grid, reads, inference.output, dtype)
     for owner, (boxes, in_idx) in reads.items():
         read = readers[owner] if readers is not None else None
         in_keys = [] if read is not None else [(input_name,) + idx for idx in in_idx]
@@ -490,7 +492,7 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
         dsk[(names.predict,) + owner] = (
             oa.predict_owner, names.model, grid.region(owner), grid.patches_of(owner), crop_boxes, grid.patch_size,
             n_classes, int(inference.batch_size), names.window, inference.nan_policy, inference.bad_output, source,
-            boxes, read, *in_keys,
+            handovers[owner], boxes, read, *in_keys,
         )
         for t in grid.targets(owner):
             key = (names.piece,) + owner + t
@@ -498,6 +500,22 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut
+
+
+def _handovers(grid: PatchGrid, owners, output: str, dtype: str) -> dict[tuple[int, ...], Handover]:
+    """Per owner block: its interior (no other owner writes there) and the other blocks it spills into."""
+    regions = {o: grid.region(o) for o in owners}
+    targets = {o: [t for t in grid.targets(o) if t != o] for o in owners}
+    reaching: dict[tuple[int, ...], list] = {}  # block -> regions of the other owners writing into it
+    for o, ts in targets.items():
+        for t in ts:
+            reaching.setdefault(t, []).append(regions[o])
+    out = {}
+    for o in owners:
+        block = grid.block_box(o)
+        out[o] = Handover(block, interior(block, regions[o], reaching.get(o, ())),
+                          tuple(grid.block_box(t) for t in targets[o]), output, dtype)
+    return out
 
 
 def _done(*_finished) -> None:

@@ -218,10 +218,14 @@ def test_pipeline_zarr_copy_of_series_to_seg_and_nifti(series, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) is not installed")
-def test_dciodvfy_reports_no_errors(series, tmp_path):
+@pytest.mark.parametrize("kind", ["binary", "fractional"])
+def test_dciodvfy_reports_no_errors(series, tmp_path, kind):
     _, image = class_map_image(series)
+    if kind == "fractional":
+        prob = np.clip((series.volume.astype(np.float32) + 200) / 1000, 0, 1)
+        image = image.with_data(da.from_array(prob, chunks=(3, -1, -1)), class_names=None)
     out = tmp_path / "seg.dcm"
-    get_writer("dicom_seg").write(image, str(out))
+    get_writer("dicom_seg").write(image, str(out), options={"segmentation_type": kind, "slab": 2})
     result = subprocess.run(["dciodvfy", str(out)], capture_output=True, text=True, timeout=60)
     text = result.stdout + result.stderr
     errors = [line for line in text.splitlines() if "Error" in line]
@@ -234,11 +238,11 @@ def test_dciodvfy_reports_no_errors(series, tmp_path):
 def test_highdicom_errors_are_scrubbed_of_patient_identifiers(series, tmp_path, monkeypatch):
     from tileseg.writers import dicom_seg_build
 
-    def leaky(handle, sources):
+    def leaky(handle, sources, occupancy):
         src = sources[0]
         raise ValueError(f"patient {src.PatientName} ({src.PatientID}, {src.PatientBirthDate}) does not match")
 
-    monkeypatch.setattr(dicom_seg_build, "build_segmentation", leaky)
+    monkeypatch.setattr(dicom_seg_build, "build_skeleton", leaky)
     _, image = class_map_image(series)
     with pytest.raises(OutputError) as err:
         get_writer("dicom_seg").write(image, str(tmp_path / "x.dcm"))

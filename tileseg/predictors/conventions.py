@@ -156,21 +156,30 @@ class Conventions:
         return np.ascontiguousarray(batch, dtype=np.float32)
 
     # -- output -----------------------------------------------------------------------------
-    def engine_output(self, out: Any, batch_shape: tuple[int, ...]) -> np.ndarray:
+    def engine_output(self, out: Any, batch_shape: tuple[int, ...]) -> Any:
         """The model's (already selected) output as ``(N, K, *patch)`` float32 logits.
+
+        A torch tensor stays a tensor on its device (the same conversions, in
+        torch: :meth:`tileseg.predictors.torch.TorchPredictor.predict_tensor`);
+        anything else becomes a numpy array.
 
         Raises
         ------
         ModelError
             If the shape does not fit the batch and these conventions.
         """
-        out = np.asarray(out, dtype=np.float32)
+        tensor = not isinstance(out, np.ndarray) and type(out).__module__.startswith("torch")
+        if tensor:
+            out = out.float()
+        else:
+            out = np.asarray(out, dtype=np.float32)
         n, patch = batch_shape[0], tuple(batch_shape[2:])
         if out.ndim != len(batch_shape):
-            raise ModelError(f"model output shape {out.shape!r} does not match input batch {tuple(batch_shape)!r}: "
-                             f"expected {len(batch_shape)} axes ({self._expected(batch_shape)})")
+            raise ModelError(f"model output shape {tuple(out.shape)!r} does not match input batch "
+                             f"{tuple(batch_shape)!r}: expected {len(batch_shape)} axes ({self._expected(batch_shape)})")
+        given = tuple(out.shape)
         if self.channels_last:
-            out = np.moveaxis(out, -1, 1)
+            out = out.movedim(-1, 1) if tensor else np.moveaxis(out, -1, 1)
         s = self.output_stride
         small = tuple(p // s for p in patch)
         if out.shape[0] != n or tuple(out.shape[2:]) != small:
@@ -180,18 +189,32 @@ class Conventions:
                 hint = f"; the output is {patch[0] // max(out.shape[2], 1)}x smaller: set output_stride"
             elif not self.channels_last and out.shape[-1] < out.shape[1] and tuple(out.shape[1:-1]) == patch:
                 hint = "; it looks channels-last: set layout: NHWC"
-            raise ModelError(f"model output shape {tuple(np.moveaxis(out, 1, -1).shape if self.channels_last else out.shape)!r} "
+            raise ModelError(f"model output shape {given!r} "
                              f"does not match input batch {tuple(batch_shape)!r}: expected {self._expected(batch_shape)}"
                              f"{hint}")
+        if self.activation == "sigmoid" and out.shape[1] > 1:
+            raise ModelError(f"model activation 'sigmoid' with {out.shape[1]} output channels (independent labels) "
+                             "is not supported: the engine's probabilities are a softmax over channels")
+        if tensor:
+            return self._engine_tensor(out)
         if self.activation == "none":
             p = np.clip(out, _EPS, 1 - _EPS if out.shape[1] == 1 else 1)
             out = np.log(p) if out.shape[1] > 1 else np.log(p) - np.log1p(-p)
-        elif self.activation == "sigmoid" and out.shape[1] > 1:
-            raise ModelError(f"model activation 'sigmoid' with {out.shape[1]} output channels (independent labels) "
-                             "is not supported: the engine's probabilities are a softmax over channels")
         if s > 1 and not self.output_grid:
             out = upsample_linear(out, s)
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def _engine_tensor(self, out: Any) -> Any:
+        """The activation and upsampling of :meth:`engine_output` in torch, on the tensor's device."""
+        if self.activation == "none":
+            p = out.clamp(float(_EPS), 1 - float(_EPS) if out.shape[1] == 1 else 1.0)
+            out = p.log() if out.shape[1] > 1 else p.log() - (-p).log1p()
+        if self.output_stride > 1 and not self.output_grid:
+            import torch.nn.functional as F
+
+            mode = {3: "linear", 4: "bilinear", 5: "trilinear"}[out.ndim]
+            out = F.interpolate(out, scale_factor=self.output_stride, mode=mode, align_corners=False)
+        return out.contiguous()
 
     def _expected(self, batch_shape: tuple[int, ...]) -> str:
         small = tuple(p // self.output_stride for p in batch_shape[2:])

@@ -72,14 +72,14 @@ def _release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_adaptive(forward: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, *, key: str, device: str,
-                 name: str = "model") -> np.ndarray:
+def run_adaptive(forward: Callable[[np.ndarray], Any], batch: np.ndarray, *, key: str, device: str,
+                 name: str = "model") -> Any:
     """``forward(batch)``, in slices that fit: halved on out-of-memory, the size found kept per process.
 
     Parameters
     ----------
     forward : callable
-        Maps ``(n, ...)`` to ``(n, ...)`` numpy arrays (one model forward).
+        Maps ``(n, ...)`` to ``(n, ...)`` numpy arrays or torch tensors (one model forward).
     batch : numpy.ndarray
         ``(N, C, *patch)``.
     key, device : str
@@ -89,8 +89,9 @@ def run_adaptive(forward: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
 
     Returns
     -------
-    numpy.ndarray
-        The outputs of all slices, concatenated along the batch axis.
+    numpy.ndarray or torch.Tensor
+        The outputs of all slices, concatenated along the batch axis (tensors
+        stay on their device).
 
     Raises
     ------
@@ -104,7 +105,7 @@ def run_adaptive(forward: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
     """
     n = len(batch)
     limit = batch_limit(key, device) or n
-    outs: list[np.ndarray] = []
+    outs: list[Any] = []
     i = 0
     while i < n:
         size = min(limit, n - i)
@@ -124,7 +125,11 @@ def run_adaptive(forward: Callable[[np.ndarray], np.ndarray], batch: np.ndarray,
             limit = _lower(key, device, size, n, name)
             continue
         i += size
-    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], np.ndarray):
+        return np.concatenate(outs, axis=0)
+    return sys.modules["torch"].cat(outs, dim=0)  # device tensors (TorchPredictor.predict_tensor) stay there
 
 
 def snapshot() -> list[dict[str, Any]]:

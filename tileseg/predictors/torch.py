@@ -37,7 +37,11 @@ on a side stream, overlapped with the forwards of other threads
 (:mod:`tileseg.predictors.cuda_io`). ``tta`` folds flipped copies into the
 batch on the device (:mod:`tileseg.predictors.tta`). On device
 out-of-memory the batch is halved and the size that fits is kept by the
-worker process (:mod:`tileseg.predictors.oom`).
+worker process (:mod:`tileseg.predictors.oom`). The engine calls
+:meth:`TorchPredictor.predict_tensor`, whose output stays on the device:
+weighting, accumulation and the reduction of each block's interior run
+there, and only labels and the strips where blocks meet come back to the
+host (:mod:`tileseg.stitching.handover`).
 """
 
 from __future__ import annotations
@@ -499,22 +503,26 @@ class TorchPredictor(Predictor):
             raise ModelError(f"model needs patch sizes divisible by {div}, got {tuple(batch.shape[2:])!r}")
 
     def predict_tensor(self, batch: np.ndarray) -> Any:
-        """:meth:`__call__` as a float32 torch tensor, for the engine's in-place stitching.
+        """:meth:`__call__`, but the float32 logits stay a tensor on the model's device.
 
-        The stitching weights and accumulates these with fused torch ops
-        (:mod:`tileseg.stitching.accumulate`). On the CPU the tensor shares the
-        output's memory (no copy). On a GPU the output is still brought to the
-        host per batch; keeping it on the device is left to be wired through
-        TTA and the out-of-memory retry.
+        The engine weights, accumulates and reduces them there
+        (:mod:`tileseg.stitching.accumulate`), so on a GPU only what an output
+        block needs crosses to the host, not every batch's ``K x patch``
+        scores. The out-of-memory back-off (:mod:`.oom`) and TTA work as in
+        :meth:`__call__`; the same code runs on the CPU (``device='cpu'``).
 
         Returns
         -------
         torch.Tensor
-            ``(N, K, *patch)`` float32 logits on the CPU.
+            ``(N, K, *patch)`` float32 logits on the model's device.
         """
-        return _torch().from_numpy(np.ascontiguousarray(self(batch), dtype=np.float32))
+        return self._run(batch, keep=True)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._run(batch, keep=False)
+
+    def _run(self, batch: np.ndarray, keep: bool) -> Any:
+        """Check, lay out, forward in slices that fit (:mod:`.oom`) and convert; a tensor on the device with ``keep``."""
         batch = np.asarray(batch, dtype=np.float32)
         self._check_batch(batch)
         conv = self.conventions
@@ -525,7 +533,7 @@ class TorchPredictor(Predictor):
         flips = self._flips(batch.ndim)
         device = self._get_module()[1]
         name = self._source[1] if self._source[0] != "module" else type(self._module).__name__
-        out = oom.run_adaptive(lambda b: self._forward(b, flips), batch, key=self._key, device=device,
+        out = oom.run_adaptive(lambda b: self._forward(b, flips, keep), batch, key=self._key, device=device,
                                name=str(name))
         return conv.engine_output(out, shape)
 
@@ -574,8 +582,11 @@ class TorchPredictor(Predictor):
             log.warning("torch.compile failed, running eager: %s", exc)
             return y
 
-    def _forward(self, batch: np.ndarray, flips: list[tuple[int, ...]]) -> np.ndarray:
-        """One forward of ``batch`` (flipped copies folded in); errors other than out-of-memory -> ModelError."""
+    def _forward(self, batch: np.ndarray, flips: list[tuple[int, ...]], keep: bool = False) -> Any:
+        """One forward of ``batch`` (flipped copies folded in); errors other than out-of-memory -> ModelError.
+
+        Returns a host array, or with ``keep`` the float32 output tensor left on the model's device.
+        """
         torch = _torch()
         module, device = self._get_module()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
@@ -608,11 +619,13 @@ class TorchPredictor(Predictor):
                         raise ModelError(f"model output shape {tuple(y.shape)!r} does not match input batch "
                                          f"{tuple(x.shape)!r}: expected (N, K, *patch) with the same N and patch")
                     y = tta_mod.unfold(y.float(), flips).contiguous()
-                    if device_type == "cuda":
+                    if keep:  # stays on the device: stitched there (tileseg.stitching.accumulate)
+                        out = y
+                    elif device_type == "cuda":
                         host, done = cuda_io.download(y, stream)
                     else:
                         out = y.cpu().numpy()
-                if device_type == "cuda":
+                if device_type == "cuda" and not keep:
                     out = cuda_io.wait(host, done)  # after the lock: the next forward starts meanwhile
         except ModelError:
             raise

@@ -7,10 +7,16 @@ of ``(start, stop)`` pairs in padded-image pixel coordinates.
 Memory per task: an owner task holds its input region, one batch of patches
 (one buffer refilled for every batch) and a ``K x region`` float32
 accumulator, filled in place (:mod:`.accumulate`: torch on the model's device
-for torch predictors, NumPy otherwise). A final task reads its pieces and
-holds one cache-sized slab of scores for labels, or ``K x block`` plus the
-summed blending weight of its block for scores, which it recomputes from the
-geometry (so the weight never travels between tasks); see :mod:`.reduce`.
+for torch predictors, NumPy otherwise). Before it ends, the owner reduces the
+interior of its own block (the pixels no other owner writes to) where the
+accumulator lives and hands over only that result plus ``K x box`` copies of
+the strips where blocks meet (:mod:`.handover`); the accumulator is freed
+with the task (on the CPU the own block's strips are views of it, kept until
+that block's final task, which runs next, has read them). A final task pastes the interior and reduces its strips from
+the pieces of every owner: one cache-sized slab of scores at a time for
+labels, or ``K x strip`` plus the summed blending weight of the strip for
+scores, which it recomputes from the geometry (so the weight never travels
+between tasks); see :mod:`.reduce`.
 """
 
 from __future__ import annotations
@@ -22,19 +28,14 @@ import numpy as np
 
 from ..errors import InputError, ModelError
 from . import buffers, reduce
-from .accumulate import accumulator
+from .accumulate import NumpyAccumulator, accumulator
+from .handover import Handover, OwnerResult, OwnPiece, box_minus, intersect
 
 Box = tuple[tuple[int, int], ...]
 
 
 def _rel(box: Box, origin: Box) -> tuple[slice, ...]:
     return tuple(slice(a - o[0], b - o[0]) for (a, b), o in zip(box, origin))
-
-
-def intersect(a: Box, b: Box) -> Box | None:
-    """Intersection of two boxes, or None when empty."""
-    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
-    return None if any(lo >= hi for lo, hi in out) else out
 
 
 def assemble(region: Box, boxes: Sequence[Box], blocks: Sequence[np.ndarray]) -> np.ndarray:
@@ -62,16 +63,18 @@ def predict_owner(
     nan_policy: str,
     bad_output: str,
     source: str,
+    handover: Handover,
     boxes: Sequence[Box],
     read: Callable[[], Sequence[np.ndarray]] | None,
     *blocks: np.ndarray,
-) -> tuple[Box, np.ndarray]:
-    """Predict every patch owned by one block and overlap-add it.
+) -> OwnerResult:
+    """Predict every patch owned by one block, overlap-add it, reduce the block's interior.
 
     Parameters
     ----------
     predictor : callable
-        Maps ``(N, C, *patch)`` float32 to ``(N, K, *patch)``.
+        Maps ``(N, C, *patch)`` float32 to ``(N, K, *patch)``. One with
+        ``predict_tensor`` (a torch model) is stitched on its device.
     region : Box
         Pixel box covered by the owned patches.
     starts : numpy.ndarray
@@ -92,9 +95,14 @@ def predict_owner(
     bad_output : str
         NaN/Inf in the model output: ``"error"`` raises a ModelError naming the
         patch box; ``"nodata"`` makes those pixels NaN (the final tasks write
-        nodata there) and counts them (see :func:`check_output`).
+        nodata there) and counts them (see :func:`check_output`). The
+        accumulator is checked once at the end; only when it is not finite
+        are the patches predicted again, checked batch by batch.
     source : str
         Image name for error messages.
+    handover : Handover
+        The owner's block, its interior and the other blocks it spills into
+        (:mod:`.handover`).
     boxes : sequence of Box
         Pixel boxes of the input blocks that cover ``region``.
     read : callable or None
@@ -105,9 +113,10 @@ def predict_owner(
 
     Returns
     -------
-    (Box, numpy.ndarray)
-        ``region`` and the ``K x region`` float32 accumulator of weighted
-        predictions.
+    OwnerResult
+        The interior of the own block reduced (labels, or normalised scores),
+        and ``K x box`` float32 weighted sums of the rest of the own block and
+        of the spill-over into each other target block.
     """
     inputs = read() if read is not None else blocks[: len(boxes)]
     x = assemble(region, boxes, inputs)
@@ -119,6 +128,18 @@ def predict_owner(
             f"{source}: input contains NaN in pixel box {region!r}; "
             "fix the input, mask it as nodata, or set nan_policy='fill'"
         )
+    args = (predictor, x, region, starts, crop_boxes, patch, n_classes, batch_size, window, bad_output, source)
+    acc = _accumulate(*args, careful=False)
+    if not acc.finite():  # bad model output (or an overflow): again, checking every batch
+        del acc  # freed before the second one is filled
+        acc = _accumulate(*args, careful=True)
+    return hand_over(acc, region, handover, starts, window)
+
+
+def _accumulate(predictor, x: np.ndarray, region: Box, starts: np.ndarray, crop_boxes: np.ndarray | None,
+                patch: tuple[int, ...], n_classes: int, batch_size: int, window: np.ndarray | None,
+                bad_output: str, source: str, careful: bool):
+    """The owner's accumulator (:mod:`.accumulate`) with every owned patch added; ``careful``: check each batch."""
     shape = tuple(b - a for a, b in region)
     origin = np.array([a for a, _ in region])
     local = starts - origin
@@ -137,7 +158,8 @@ def predict_owner(
         if tuple(pred.shape) != expected:
             raise ModelError(f"model returned shape {tuple(pred.shape)!r} for a batch of {part.shape!r}; "
                              f"expected {expected!r}")
-        pred = check_output(pred, idx + origin, patch, bad_output, source, region)
+        if careful:
+            pred = check_output(pred, idx + origin, patch, bad_output, source, region)
         if acc is None:
             acc = accumulator(pred, n_classes, shape, window)
         for j, c in enumerate(idx):
@@ -149,8 +171,40 @@ def predict_owner(
                              tuple(slice(a - s, b - s) for (a, b), s in zip(keep, c)))
         del pred
     if acc is None:  # an owner always has patches; kept for safety
-        return region, buffers.zeros((n_classes,) + shape, np.float32)
-    return region, acc.result()
+        acc = NumpyAccumulator(n_classes, shape, window)
+    return acc
+
+
+def hand_over(acc, region: Box, handover: Handover, starts: np.ndarray, window: np.ndarray | None) -> OwnerResult:
+    """Split an owner's accumulator: its block's interior reduced where it lives, host copies of the rest.
+
+    The interior is reduced by the accumulator itself (on the model's device
+    for torch), so from a GPU only the interior's labels (or normalised
+    scores) and the ``K``-channel strips and spill-over cross to the host.
+    Spill-over pieces are copies, so the accumulator is not pinned while
+    those blocks wait for their other owners; the own block's strips are
+    views of a host accumulator (its final task runs right after the owner).
+    """
+    own_parts = []
+    for strip in box_minus(handover.block, handover.interior):
+        part = intersect(strip, region)
+        if part is not None:
+            # the own block's final task runs right after this one: on the host, hand it a view
+            own_parts.append((part, acc.part(_rel(part, region), view=True)))
+    reduced = None
+    inner = handover.interior
+    if inner is not None:
+        if handover.output == "labels":
+            reduced = acc.labels(_rel(inner, region), handover.dtype)
+        else:  # only this owner's patches reach the interior: its weight sum is theirs
+            weight = None if window is None else weight_sum(inner, starts, window)
+            reduced = acc.scores(_rel(inner, region), weight, handover.output)
+    spill = {}
+    for target in handover.targets:
+        part = intersect(region, target)
+        if part is not None:
+            spill[target] = (part, acc.part(_rel(part, region)))
+    return OwnerResult(region, OwnPiece(inner, reduced, tuple(own_parts)), spill)
 
 
 def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], bad_output: str, source: str,
@@ -206,21 +260,14 @@ def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], b
     return np.where(good_px[:, None], pred, np.float32(np.nan))
 
 
-def take_piece(owner: tuple[Box, np.ndarray], target: Box, own: bool = False) -> tuple[Box, np.ndarray]:
-    """The part of an owner's accumulator that falls in block ``target``.
-
-    The owner's own block is handed over as a view (no copy): its final task
-    runs right after the owner, and keeps the accumulator alive only until
-    then. Spill-over into following blocks is copied out (into its own
-    mapping), so the accumulator is not pinned while those blocks wait for
-    their other owners.
-    """
-    region, acc = owner
-    part = intersect(region, target)
-    if part is None:
-        raise ValueError(f"block {target!r} does not meet the owner region {region!r}")
-    view = acc[(slice(None),) + _rel(part, region)]
-    return part, (view if own else buffers.copy(view))
+def take_piece(owner: OwnerResult, target: Box, own: bool = False) -> OwnPiece | tuple[Box, np.ndarray]:
+    """What an owner hands block ``target``: its :class:`OwnPiece`, or the ``(box, K x box)`` spill-over."""
+    if own:
+        return owner.own
+    try:
+        return owner.spill[target]
+    except KeyError:
+        raise ValueError(f"block {target!r} does not meet the owner region {owner.region!r}") from None
 
 
 def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray:
@@ -236,9 +283,9 @@ def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray
 
 def finalize_block(
     block: Box, n_classes: int, output: str, dtype: str, starts: np.ndarray, window: np.ndarray | None,
-    *pieces: tuple[Box, np.ndarray],
+    *pieces: OwnPiece | tuple[Box, np.ndarray],
 ) -> np.ndarray:
-    """Sum the pieces falling in one output block, normalise and reduce.
+    """Paste the block's reduced interior; sum the pieces falling in the rest, normalise and reduce.
 
     Parameters
     ----------
@@ -252,6 +299,7 @@ def finalize_block(
         Blending window; None for ``crop``, where every pixel has exactly one
         contribution and needs no normalisation.
     pieces
+        The own owner's :class:`OwnPiece` (interior already reduced) and
         ``(box, K x box)`` weighted predictions from the owner tasks (read, never modified).
 
     Returns
@@ -262,10 +310,24 @@ def finalize_block(
         the weighted sums: the per-pixel weight cannot change it, so it is
         not computed; see :mod:`.reduce`).
     """
+    own = next((p for p in pieces if isinstance(p, OwnPiece)), None)
+    parts = [q for p in pieces for q in (p.parts if isinstance(p, OwnPiece) else (p,))]
+    inner = own.interior if own is not None else None
+    shape = tuple(b - a for a, b in block)
     if output == "labels":
-        return reduce.labels_from_pieces(block, n_classes, dtype, pieces)
-    weight = None if window is None else weight_sum(block, starts, window)
-    return reduce.scores_from_pieces(block, n_classes, output, pieces, weight)
+        out = buffers.empty(shape, dtype)
+        if inner is not None:
+            out[_rel(inner, block)] = own.reduced
+        for strip in box_minus(block, inner):
+            out[_rel(strip, block)] = reduce.labels_from_pieces(strip, n_classes, dtype, parts)
+        return out
+    out = buffers.empty((n_classes,) + shape, np.float32)
+    if inner is not None:
+        out[(slice(None),) + _rel(inner, block)] = own.reduced
+    for strip in box_minus(block, inner):
+        weight = None if window is None else weight_sum(strip, starts, window)
+        out[(slice(None),) + _rel(strip, block)] = reduce.scores_from_pieces(strip, n_classes, output, parts, weight)
+    return out
 
 
 def finalize_valid(valid: Any, nodata: Any, block: Box, n_classes: int, output: str, dtype: str,

@@ -80,6 +80,18 @@ def _rel(box: Box, origin: Box) -> tuple[slice, ...]:
     return tuple(slice(a - o[0], b - o[0]) for (a, b), o in zip(box, origin))
 
 
+def clip_pieces(block: Box, pieces: Sequence[tuple[Box, np.ndarray]]) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """The parts of ``(box, K x box)`` pieces inside ``block``, as block-relative slices and views."""
+    out = []
+    for box, arr in pieces:
+        part = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(box, block))
+        if any(lo >= hi for lo, hi in part):
+            continue
+        view = arr if part == box else arr[(slice(None),) + _rel(part, box)]
+        out.append((_rel(part, block), view))
+    return out
+
+
 def _covers(sl: tuple[slice, ...], lo: int, hi: int, shape: tuple[int, ...]) -> bool:
     return sl[0].start <= lo and sl[0].stop >= hi and all(s.start == 0 and s.stop == n for s, n in zip(sl[1:], shape))
 
@@ -114,7 +126,7 @@ def labels_from_pieces(block: Box, n_classes: int, dtype: np.dtype | str,
     dtype : numpy dtype
         Label dtype.
     pieces : sequence of (Box, numpy.ndarray)
-        ``K x box`` weighted sums (not normalised) falling in the block.
+        ``K x box`` weighted sums (not normalised); only their parts inside the block are read.
 
     Returns
     -------
@@ -126,7 +138,7 @@ def labels_from_pieces(block: Box, n_classes: int, dtype: np.dtype | str,
     out = buffers.empty(shape, dtype)
     if out.size == 0:
         return out
-    parts = [(_rel(box, block), arr) for box, arr in pieces]
+    parts = clip_pieces(block, pieces)
     row = int(np.prod(shape[1:], dtype=np.int64))
     rows = int(min(shape[0], max(1, SLAB_BYTES // (4 * n_classes * row))))
     buf = np.empty((n_classes, rows) + shape[1:], np.float32)
@@ -163,7 +175,7 @@ def scores_from_pieces(block: Box, n_classes: int, output: str, pieces: Sequence
     out = buffers.empty((n_classes,) + shape, np.float32)
     if out.size == 0:
         return out
-    sum_rows(out, 0, shape[0], [(_rel(box, block), arr) for box, arr in pieces])
+    sum_rows(out, 0, shape[0], clip_pieces(block, pieces))
     if weight is not None:
         if weight.min() > 0:
             np.divide(out, weight, out=out)

@@ -1,8 +1,7 @@
-"""DICOM SEG writer: label slabs to a Zarr store, one Segmentation instance per series built in ``finalize``.
+"""DICOM SEG writer: label slabs to a Zarr store, one Segmentation instance per series assembled in ``finalize``.
 
 highdicom builds a :class:`highdicom.seg.Segmentation` from a whole array in
-memory, so the write follows the NIfTI writer's plan
-(:mod:`tileseg.writers.nifti`):
+memory; this writer never gives it one:
 
 * ``prepare`` checks the image's DICOM references (``attrs["dicom"]``, see
   below), creates a hidden partial folder beside the output holding a Zarr
@@ -10,10 +9,16 @@ memory, so the write follows the NIfTI writer's plan
 * the write task stores the slabs there, one whole chunk per dask block
   (idempotent);
 * ``finalize`` reads the source headers (pydicom, ``stop_before_pixels``:
-  highdicom 0.28 needs no source pixels, only their geometry, UIDs and
-  patient/study attributes), the slabs, builds the SEG with
-  ``omit_empty_frames=True`` (per segment, only frames holding it), saves it
-  inside the partial folder and renames it onto the final path.
+  highdicom needs no source pixels, only their geometry, UIDs and
+  patient/study attributes), scans the slabs once for which frames hold
+  which segment, lets highdicom build the SEG's header on a one-pixel-per-
+  segment skeleton of the series (same frames, order, positions and
+  references as from the full array), streams the frames' pixel data from
+  the slabs into a file and saves the SEG with that file as its Pixel Data
+  (:mod:`tileseg.writers.dicom_seg_build`,
+  :mod:`tileseg.writers.dicom_seg_frames`), inside the partial folder, then
+  renames it onto the final path. Empty frames are omitted
+  (``omit_empty_frames=True``: per segment, only frames holding it).
 
 The image must come from a DICOM series: ``attrs["dicom"]`` with
 ``StudyInstanceUID``, ``SeriesInstanceUID``, ``FrameOfReferenceUID``,
@@ -37,21 +42,20 @@ with its version, family DCM "Image Processing".
 
 Size and memory
 ---------------
-One SEG per series, built whole by highdicom: the label volume is in memory
-at ``finalize`` (``z*y*x`` bytes as uint8: 150 MiB for 512x512x600) and
-highdicom's work on it dominates. Measured: tracemalloc (highdicom 0.28.2,
-120x512x512, three segments on every slice) counts 7.2x the uint8 volume of
-live allocations for the whole write (4.5x in highdicom's ``Segmentation``
-alone), but the process's peak RSS grows far more: ``benchmarks/bench_medical.py
---slices 1500`` (one segment on all 1500 slices of 512x512, 375 MiB as uint8)
-peaked at 9054 MiB (most likely here, in ``finalize``: the engine stayed under
-2.1 GiB), about 21x the uint8 volume over the process's 1 GiB, so count about
-3 GiB for a dense 512x512x600 CT. The SEG's frames themselves are small: one per
-non-empty slice per segment, bit-packed when binary (at most
-``512*512*600*n_segments/8`` bytes, 19 MiB per segment), one byte per
-pixel when fractional. The source headers are read without pixels. This
-bounds the series handled to CT/MR sizes (about 750 densely segmented
-512x512 slices per 4 GiB free); slide-sized images need a tiled SEG, not written here.
+The finalize holds one slab of the store at a time (about 64 MiB, a store
+chunk; a FRACTIONAL ``(c, z, y, x)`` chunk holds every channel) plus a batch
+of encoded frames (:data:`~tileseg.writers.dicom_seg_frames.BATCH_PIXELS`),
+whatever the number of slices. What grows with the series is metadata only:
+the source headers (read without pixels) and the SEG's per-frame functional
+groups, a few KB per slice and per frame. The store is read once for the scan
+and once per segment for the pixels (highdicom orders frames segment by
+segment). The SEG file itself is written in chunks by pydicom; it holds one
+frame per non-empty slice per segment, bit-packed when binary (at most
+``z*y*x*n_segments/8`` bytes, 19 MiB per segment for 512x512x600), one
+byte per pixel when fractional. Uncompressed Pixel Data has a 32-bit
+length, so one SEG holds at most 4 GiB of frames: about 131000 binary or
+16000 fractional 512x512 frames. Slide-sized images need a tiled SEG,
+not written here.
 
 Completion
 ----------
@@ -93,6 +97,7 @@ from .zarr import align
 log = logging.getLogger(__name__)
 
 STORE = "slabs.zarr"
+PIXELS = "pixeldata.bin"  # the SEG's Pixel Data, streamed here at finalize
 TARGET_SLAB_BYTES = 64 * 2**20
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "tileseg"
 TYPES = ("binary", "fractional")
@@ -348,21 +353,30 @@ class DicomSegWriter(SingleFileWriter):
             The partial store or a source file is gone or does not match, highdicom
             refuses, or a file appeared at the final path meanwhile (without ``overwrite``).
         """
-        from .dicom_seg_build import build_segmentation, load_sources
+        from .dicom_seg_build import attach_pixels, build_skeleton, frame_list, load_sources
+        from .dicom_seg_frames import scan_store, write_pixel_data
 
         d = handle.details
         final = d["local"]
         out = os.path.join(handle.target, os.path.basename(final))
+        pixels = os.path.join(handle.target, PIXELS)
         sources = load_sources(handle)
         try:
-            seg = build_segmentation(handle, sources)
+            occupancy = scan_store(handle)
+            seg = build_skeleton(handle, sources, occupancy)
+            frames = frame_list(handle, seg)
+            with open(pixels, "wb") as fh:
+                write_pixel_data(handle, occupancy, frames, fh)
             record = {"writer": self.name, "version": d["version"], "run_id": handle.run_id,
                       "completed_at": now_iso(), "info": info}
             block = seg.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
             block.add_new(0x01, "LO", "complete")
             block.add_new(0x02, "LO", handle.run_id[:64])
             block.add_new(0x03, "UT", json.dumps(record, default=str))
-            seg.save_as(out, enforce_file_format=True)
+            with open(pixels, "rb") as fh:
+                attach_pixels(handle, seg, fh)
+                seg.save_as(out, enforce_file_format=True)
+            os.remove(pixels)
         except OutputError as exc:
             raise OutputError(scrub(str(exc), sources[:1])) from None
         except Exception as exc:

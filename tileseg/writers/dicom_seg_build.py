@@ -1,16 +1,39 @@
-"""Building the highdicom Segmentation of :mod:`tileseg.writers.dicom_seg` (``finalize``'s work)."""
+"""Building the SEG of :mod:`tileseg.writers.dicom_seg` in ``finalize``, at the memory of one slab.
+
+highdicom's :class:`~highdicom.seg.Segmentation` encodes a pixel array that
+is whole in memory, so the SEG is built in two parts:
+
+* the **header** by highdicom itself, on a *skeleton*: the real source
+  headers with Rows x Columns shrunk to one row of one pixel per segment,
+  and a pixel array of that size saying which segment each frame holds
+  (:func:`~tileseg.writers.dicom_seg_frames.scan_store`). highdicom then
+  decides, exactly as for the full array, which frames it keeps (empty ones
+  omitted), their order, dimension index values, per-frame positions and
+  source references, the segment, patient, study, series and frame of
+  reference attributes; its memory is that of the frame list, about
+  ``z x n_segments`` bytes of pixels;
+* the **pixels** by :func:`~tileseg.writers.dicom_seg_frames.write_pixel_data`,
+  for the skeleton's frames in its order, streamed slab by slab into a file
+  in the partial folder. The header gets the true Rows and Columns, and
+  that file becomes its Pixel Data (pydicom >= 3 writes a buffered file
+  object's contents in chunks), so the pixels never are in memory at once.
+
+``tests/writers/test_dicom_seg.py`` checks that the result equals
+highdicom's own build from the whole array, attribute for attribute and
+byte for byte in the pixel data.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
 from ..errors import OutputError, require
 from .base import WriteHandle
+from .dicom_seg_frames import Occupancy
 
-STORE = "slabs.zarr"
+TINY = 1e-3  # a FRACTIONAL value that is not zero but rounds to 0 of 255
 
 
 def load_sources(handle: WriteHandle) -> list[Any]:
@@ -41,57 +64,33 @@ def load_sources(handle: WriteHandle) -> list[Any]:
     return sources
 
 
-def _read_store(handle: WriteHandle) -> np.ndarray:
-    import zarr
-    from zarr.storage import LocalStore
+def skeleton_pixels(handle: WriteHandle, occ: Occupancy) -> np.ndarray:
+    """The skeleton's pixel array: the same frames non-empty as the full array, one pixel per segment.
 
-    try:
-        arr = zarr.open_array(store=LocalStore(os.path.join(handle.target, STORE)), mode="r")
-    except Exception as exc:
-        raise OutputError(f"{handle.path!r}: partial store {handle.target!r} cannot be opened: {exc}") from None
-    out = np.empty(handle.shape, dtype=np.dtype(handle.dtype))
-    thick = handle.chunks[-3]
-    for z0 in range(0, handle.shape[-3], thick):
-        key = (Ellipsis, slice(z0, z0 + thick), slice(None), slice(None))
-        out[key] = arr[key]
-    return out
-
-
-def _segments(handle: WriteHandle, data: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """The pixel array for highdicom and the segment labels (see the module docstring of dicom_seg)."""
-    d = handle.details
-    names = d["class_names"]
-    if d["type"] == "binary":
-        if d["nodata"] is not None and float(d["nodata"]).is_integer() and 0 <= d["nodata"] <= data.max(initial=0):
-            data[data == int(d["nodata"])] = 0
-        top = int(data.max(initial=0))
-        if names is not None:
-            if top >= len(names):
-                raise OutputError(f"{handle.path!r}: label {top} found but only {len(names)} class names")
-            labels = list(names[1:])
-        else:
-            labels = ["foreground"] if top <= 1 else [f"class {k}" for k in range(1, top + 1)]
-        return data, labels
-    if not np.all((data >= 0) & (data <= 1)):  # NaN fails too
-        raise OutputError(f"{handle.path!r}: fractional SEG values must be probabilities in [0, 1]")
-    if data.ndim == 3:
-        label = names[1] if names is not None and len(names) == 2 else names[0] if names else "foreground"
-        return data, [label]
-    channels = list(range(data.shape[0]))
-    if names is not None and len(names) == data.shape[0] and data.shape[0] > 1:
-        channels, labels = channels[1:], list(names[1:])
-    else:
-        labels = [f"class {k}" for k in channels]
-    return np.moveaxis(data[channels], 0, -1), labels
+    BINARY: a ``(z, 1, n_segments)`` class map whose pixel ``s - 1`` is ``s``
+    where the slice holds segment ``s`` (a class map, like the full one, so
+    highdicom says the segments do not overlap). FRACTIONAL: ``(z, 1, 1)``
+    or ``(z, 1, 1, n_segments)`` probabilities, 1 where the frame is kept,
+    :data:`TINY` where only unrounded values are non-zero (highdicom omits
+    such a frame but keeps its plane).
+    """
+    n_seg, nz = occ.present.shape
+    if handle.details["type"] == "binary":
+        numbers = np.arange(1, n_seg + 1, dtype=np.uint16 if n_seg > 255 else np.uint8)
+        return np.where(occ.present.T, numbers, 0).astype(numbers.dtype)[:, None, :]
+    values = np.where(occ.present.T, 1.0, np.where(occ.touched.T, TINY, 0.0)).astype(np.float32)
+    return values[:, None, None, :] if occ.channels else values[:, None, :1]
 
 
-def build_segmentation(handle: WriteHandle, sources: list[Any]) -> Any:
-    """The highdicom ``Segmentation`` of the stored slabs (all frames in memory, bit-packed when binary)."""
+def build_skeleton(handle: WriteHandle, sources: list[Any], occ: Occupancy) -> Any:
+    """highdicom's ``Segmentation`` of the skeleton (see the module docstring); mutates ``sources``' size."""
     hd = require("highdicom", "medical")
     from pydicom.sr.codedict import codes
 
     d = handle.details
-    data, labels = _segments(handle, _read_store(handle))
+    pixels = skeleton_pixels(handle, occ)
+    for ds in sources:
+        ds.Rows, ds.Columns = pixels.shape[1:3]
     algorithm = hd.AlgorithmIdentificationSequence(name="tileseg", version=str(d["version"])[:64],
                                                    family=codes.DCM.ImageProcessing)
     descriptions = [
@@ -99,12 +98,12 @@ def build_segmentation(handle: WriteHandle, sources: list[Any]) -> Any:
             segment_number=k, segment_label=str(label)[:64], segmented_property_category=codes.SCT.Tissue,
             segmented_property_type=codes.SCT.Tissue, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
-        for k, label in enumerate(labels, start=1)
+        for k, label in enumerate(occ.labels, start=1)
     ]
     binary = d["type"] == "binary"
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=data,
+        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY if binary else hd.seg.SegmentationTypeValues.FRACTIONAL,
         segment_descriptions=descriptions,
         series_instance_uid=d["series_instance_uid"],
@@ -121,3 +120,35 @@ def build_segmentation(handle: WriteHandle, sources: list[Any]) -> Any:
     )
     seg.SeriesDescription = d["series_description"][:64]
     return seg
+
+
+def frame_list(handle: WriteHandle, seg: Any) -> list[tuple[int, int]]:
+    """``(segment number, slice index)`` of each frame of ``seg``, in order (from its per-frame groups).
+
+    Raises
+    ------
+    OutputError
+        A frame references no source slice of this series (a highdicom
+        layout this writer does not know).
+    """
+    index = {str(uid): k for k, uid in enumerate(handle.details["refs"]["sop_instance_uids"])}
+    shared = seg.SharedFunctionalGroupsSequence[0].get("SegmentIdentificationSequence")
+    frames = []
+    for n, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        ident = item.get("SegmentIdentificationSequence") or shared
+        try:
+            uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            frames.append((int(ident[0].ReferencedSegmentNumber), index[uid]))
+        except (AttributeError, IndexError, KeyError, TypeError):
+            raise OutputError(f"{handle.path!r}: frame {n + 1} of the SEG built by highdicom has no segment "
+                              f"number or source slice reference this writer can read") from None
+    if len(frames) != int(seg.NumberOfFrames):
+        raise OutputError(f"{handle.path!r}: highdicom's SEG lists {len(frames)} frames but NumberOfFrames "
+                          f"is {seg.NumberOfFrames}")
+    return frames
+
+
+def attach_pixels(handle: WriteHandle, seg: Any, pixel_file: Any) -> None:
+    """Give the skeleton ``seg`` the true frame size and ``pixel_file`` (an open binary file) as Pixel Data."""
+    seg.Rows, seg.Columns = (int(v) for v in handle.shape[-2:])
+    seg.PixelData = pixel_file
