@@ -95,3 +95,53 @@ def test_subsampled_statistics_approximate_the_exact_ones(monkeypatch):
     assert std[0] == pytest.approx(float(image.std(dtype=np.float64)), rel=0.05)
     assert (mean[0], std[0]) != (exact_mean[0], exact_std[0])  # it did subsample
     assert SUBSAMPLE_BLOCKS >= 64  # the default spreads over many blocks (8 x 8 in 2D)
+
+
+def _model(batch: np.ndarray) -> np.ndarray:
+    return np.concatenate([batch, -batch], axis=1)
+
+
+def _write_graph(path, out) -> tuple[dict, int]:
+    """The low-level graph of segmenting and writing a virtual image, and its output blocks."""
+    image = tileseg.open(str(path), array="image")
+    seg = tileseg.segment(image, _model, patch_size=(256, 256), overlap=0.25, out_channels=2, preprocess=["zscore"])
+    job = tileseg.write(seg, str(out), compute=False)
+    return dict(job.task.__dask_graph__()), int(seg.data.npartitions)
+
+
+def _index_elements(obj, seen: set) -> int:
+    """Array elements carried in a task's arguments (numpy arrays, in tuples, lists and dataclasses)."""
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return int(obj.size)
+    if isinstance(obj, (tuple, list)):
+        return sum(_index_elements(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_index_elements(o, seen) for o in obj.values())
+    if hasattr(obj, "__dataclass_fields__"):
+        return sum(_index_elements(getattr(obj, f), seen) for f in obj.__dataclass_fields__)
+    return 0
+
+
+def test_graph_of_a_huge_image_does_not_grow_with_its_pixels(huge, tmp_path):
+    import pickle
+
+    # a 2e5^2 image and the 1e6^2 one: both at the block budget, 25x the pixels (and patches per block)
+    small_path = tmp_path / "small.zarr"
+    g = zarr.open_group(str(small_path), mode="w")
+    g.create_array("image", shape=(2 * 10**5,) * 2, chunks=(1024, 1024), dtype="uint8", fill_value=7)
+    small, small_blocks = _write_graph(small_path, tmp_path / "small-seg.zarr")
+    big, big_blocks = _write_graph(huge, tmp_path / "big-seg.zarr")
+    assert len(big) < MAX_TASKS_PER_ITEM
+    assert small_blocks > MAX_BLOCKS // 2 and big_blocks <= MAX_BLOCKS
+    per_block = big_blocks / small_blocks
+    assert len(big) <= 1.1 * per_block * len(small)
+    # what the tasks carry: patch index ranges, not one corner per patch (27 million at 1e12 pixels)
+    small_idx = sum(_index_elements(t, set()) for t in small.values())
+    big_idx = sum(_index_elements(t, set()) for t in big.values())
+    assert big_idx <= 1.1 * per_block * small_idx + 1000
+    small_bytes, big_bytes = len(pickle.dumps(small)), len(pickle.dumps(big))
+    assert big_bytes <= 1.2 * per_block * small_bytes
+    assert big_bytes / len(big) < 2000  # bytes per task

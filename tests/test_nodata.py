@@ -139,3 +139,27 @@ def test_run_report_counts_skipped_patches(tmp_path):
     # Dice only over the pixels both the reference and the output call valid
     p, r = pred[nodata_valid] == 1, truth[nodata_valid] == 1
     assert item.dice["b"] == pytest.approx(2 * (p & r).sum() / (p.sum() + r.sum()))
+
+
+@pytest.mark.parametrize("output, blend", [("probabilities", "gaussian"), ("labels", "crop")])
+def test_owner_tasks_skip_all_nodata_patches_of_images_too_large_for_a_validity_pass(monkeypatch, output, blend):
+    # huge images leave out all-nodata patches inside the owner tasks (no pass over the validity first):
+    # the same patches reach the model and the result is identical to the pass's
+    import tileseg.graph as graph
+
+    raw, valid, mask = _scene(1)
+    img = _image(raw, mask)
+    kw = dict(patch_size=(32, 32), overlap=0.5, chunks=48, batch_size=4, output=output, blend=blend,
+              preprocess=["zscore"], fill_value=0.0, out_channels=2)
+    with_pass = Counting()
+    want = tileseg.segment(img, with_pass, **kw).data.compute()
+    monkeypatch.setattr(graph, "PREPASS_MAX_PIXELS", 100)
+    called = []
+    monkeypatch.setattr(graph, "active_patches", lambda *a: called.append(1))
+    in_tasks = Counting()
+    got = tileseg.segment(img, in_tasks, **kw).data.compute()
+    assert not called
+    np.testing.assert_array_equal(got, want)
+    grid = make_grid(raw.shape, (32, 32), overlap=0.5, chunks=48)
+    assert in_tasks.n == with_pass.n < grid.n_patches  # exactly the patches holding a valid pixel
+    assert not any((b == 0.0).all(axis=(1, 2, 3)).any() for b in in_tasks.batches)  # no all-fill patch

@@ -388,10 +388,18 @@ def compute(info: SchedulerInfo | None, *collections: Any, progress: bool = Fals
     tuple
         One result per collection.
     """
-    import dask
+    from .gcpause import frozen
 
     if info is not None and info.cancelled:
         raise RunInterrupted(info.cancel_reason)
+
+    with frozen():  # the built graph is not walked by every garbage collection while it is scheduled
+        return _compute(info, collections, progress)
+
+
+def _compute(info: SchedulerInfo | None, collections: tuple[Any, ...], progress: bool) -> tuple[Any, ...]:
+    import dask
+
     if info is not None and info.client is not None:
         if info.resources:
             from .placement import check_workers

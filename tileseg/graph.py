@@ -27,14 +27,17 @@ from __future__ import annotations
 
 import logging
 import uuid
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from itertools import product
 from typing import Any
 
 import numpy as np
 from dask.highlevelgraph import MaterializedLayer
 
+from . import gcpause
 from .errors import ConfigError, InputError, ModelError, TilingError
 from .image import Image, label_dtype
 from .options import InferenceOptions, TilingOptions
@@ -47,6 +50,10 @@ from .tiling.grid import PatchGrid, make_grid
 from .tiling.reads import private_reads
 
 log = logging.getLogger(__name__)
+
+#: Above this many (padded) pixels, ``skip_nodata`` is decided by each owner task from the validity under
+#: its region instead of by a pass over the whole validity before computing (see :func:`overlap_add`).
+PREPASS_MAX_PIXELS = 2**32
 
 #: Name prefix of the lookahead tokens: ordering-only edges (a pruned graph may drop them, see
 #: :func:`tileseg.writers.blocks.needed`).
@@ -92,8 +99,16 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     img = check_input(image)
     grid = plan_grid(img, tiling, inference.batch_size)
     valid = img.valid()
+    skip_in_tasks = False
     if valid is not None and inference.skip_nodata:
-        grid = grid.with_active(active_patches(valid, grid))
+        if int(np.prod(grid.padded_shape, dtype=np.int64)) > PREPASS_MAX_PIXELS:
+            # a pass over the whole validity before starting would take as long as reading the image:
+            # each owner task reads its region's validity and leaves out its all-nodata patches instead
+            log.info("%s: all-nodata patches are left out by the tasks (no pass over the image's validity "
+                     "before computing: it has more than %d pixels)", img.source or "image", PREPASS_MAX_PIXELS)
+            skip_in_tasks = True
+        else:
+            grid = grid.with_active(active_patches(valid, grid))
     data = model_input(img, grid, tiling, inference, valid)
     n_classes = model_classes(predictor, inference.out_channels, int(data.shape[0]), grid.patch_size,
                               img.source or "image")
@@ -105,12 +120,15 @@ def segment_with_stats(image: Image, predictor: Any, tiling: TilingOptions,
     has_nodata = valid is not None or inference.bad_output == "nodata"
     dtype = label_dtype(len(names) + has_nodata) if labels else np.dtype(np.float32)
     nodata: Any = None if not has_nodata else (int(np.iinfo(dtype).max) if labels else float("nan"))
-    stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
-                           dtype=dtype, valid=valid, nodata=nodata)
+    with gcpause.paused():  # hundreds of thousands of small objects for a huge image: no collections meanwhile
+        stitched = overlap_add(data, grid, predictor, n_classes, tiling.blend, inference, img.source or "image",
+                               dtype=dtype, valid=valid, nodata=nodata, skip_in_tasks=skip_in_tasks)
     axes = img.spatial_axes if labels else ("c",) + img.spatial_axes
     result = img.with_data(crop_padding(stitched, grid), axes=axes, class_names=names if labels or
                            inference.class_names else None, nodata=nodata)
     stats = {"n_patches": grid.n_patches, "n_patches_skipped": grid.n_windows - grid.n_patches}
+    if skip_in_tasks:  # decided by the tasks, unknown while building
+        stats = {"n_patches": None, "n_patches_skipped": None}
     return result, stats
 
 
@@ -245,13 +263,18 @@ def model_classes(predictor: Any, out_channels: int | None, n_ch: int, patch: tu
 
 
 def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: str, inference: InferenceOptions,
-                source: str, *, dtype: Any = None, valid: Any = None, nodata: Any = None):
+                source: str, *, dtype: Any = None, valid: Any = None, nodata: Any = None,
+                skip_in_tasks: bool = False):
     """The owner / piece / final (and lookahead token) tasks as one dask array over the padded grid.
 
     With ``valid`` (the input's lazy validity, unpadded), each final task reads
     its own block of it (:mod:`tileseg.tiling.reads`) and writes ``nodata``
     where it is false, so the validity is never shared between tasks nor
-    computed ahead of its block.
+    computed ahead of its block. With ``skip_in_tasks`` each owner task also
+    reads the validity under its region and does not predict its all-invalid
+    patches: exact, since such a patch covers only pixels written as nodata
+    (for an image too large for a pass over its validity before computing, see
+    :func:`active_patches`).
     """
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
@@ -266,16 +289,18 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     if dtype is None:
         dtype = label_dtype(n_classes) if output == "labels" else np.dtype(np.float32)
     dtype = np.dtype(dtype)
-    owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
-                                           n_classes, inference, source, dtype.str)
     lead = () if output == "labels" else (0,)
     blocks = list(product(*(range(n) for n in grid.n_blocks)))  # blocks no patch reaches are final too
-    checks, extra_layers = _validity_reads(valid, grid, blocks)
+    checks, extra_layers, padded_valid = _validity_reads(valid, grid, blocks)
+    owner_valid = None
+    if skip_in_tasks and checks is not None and extra_layers is None:
+        owner_valid = _owner_validity(padded_valid, grid, reads)
+    owner_dsk, sources, cut = _owner_tasks(grid, names, predictor, window, blend, reads, readers, data.name,
+                                           n_classes, inference, source, dtype.str, owner_valid)
     final_dsk = {
         (names.final,) + lead + t: (
-            (oa.finalize_valid, checks[t], nodata) if checks is not None else (oa.finalize_block,)
-        ) + (grid.block_box(t), n_classes, output, dtype.str, grid.patches_overlapping(t), names.window,
-             *sources.get(t, ()))
+            _Final(grid.block_box(t), n_classes, output, dtype.str, grid.covering(t), checks is not None, nodata),
+            names.window, *((checks[t],) if checks is not None else ()), *sources.get(t, ()))
         for t in blocks
     }
     # block t is done when its output is final and its owner's buffer has been cut up (freed)
@@ -353,14 +378,14 @@ def _cells_any(block: np.ndarray, lo: list[int], cuts: list[np.ndarray]) -> tupl
     return tuple(firsts), hit
 
 
-def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) -> tuple[dict | None, Any]:
+def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) -> tuple[dict | None, Any, Any]:
     """Per output block, what its final task uses to read the validity: a RegionRead, or a shared key.
 
-    Returns ``(per-block, None)`` normally; ``(per-block keys, the padded dask array)`` when the
-    validity is an in-memory array that cannot be packed into every task.
+    Returns ``(per-block, None, padded validity)`` normally; ``(per-block keys, the padded dask
+    array, the same)`` when the validity is an in-memory array that cannot be packed into every task.
     """
     if valid is None:
-        return None, None
+        return None, None, None
     if any(p != (0, 0) for p in grid.pad):
         valid = pad(valid, grid.pad, "constant", 0)
     valid = valid.rechunk(grid.chunks)
@@ -368,8 +393,17 @@ def _validity_reads(valid: Any, grid: PatchGrid, blocks: list[tuple[int, ...]]) 
     readers = private_reads(valid.__dask_graph__(), {t: [k] for t, k in keys.items()})
     if readers is None:
         valid = valid.map_blocks(buffers.copy, dtype=bool, name=f"tileseg-valid-{uuid.uuid4().hex}")
-        return {t: (valid.name,) + t for t in blocks}, valid
-    return readers, None
+        return {t: (valid.name,) + t for t in blocks}, valid, valid
+    return readers, None, valid
+
+
+def _owner_validity(valid: Any, grid: PatchGrid, reads: dict) -> dict | None:
+    """Per owner: the boxes of the output blocks under its region and a RegionRead of their validity."""
+    wanted = {o: [(valid.name,) + t for t in grid.targets(o)] for o in reads}
+    readers = private_reads(valid.__dask_graph__(), wanted)
+    if readers is None:
+        return None
+    return {o: ([grid.block_box(t) for t in grid.targets(o)], readers[o]) for o in reads}
 
 
 def crop_padding(result, grid: PatchGrid):
@@ -470,12 +504,12 @@ class _Names:
 
 def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, blend: str, reads: dict,
                  readers: dict | None, input_name: str, n_classes: int, inference: InferenceOptions,
-                 source: str, dtype: str) -> tuple[dict, dict, dict]:
+                 source: str, dtype: str, owner_valid: dict | None = None) -> tuple[dict, dict, dict]:
     """Owner (predict) and piece tasks; which pieces fall in each block; which pieces each owner was cut into."""
     dsk: dict[Any, Any] = {names.model: predictor, names.window: window}
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
     cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
-    crop = [a.crop_ranges() for a in grid.axes] if blend == "crop" else None
+    crop = blend == "crop"
     lookahead = inference.lookahead or 0
     handovers = _handovers(grid, reads, inference.output, dtype)
     for owner, (boxes, in_idx) in reads.items():
@@ -485,18 +519,16 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
             rank = int(np.ravel_multi_index(owner, grid.n_blocks))
             if rank >= lookahead:
                 in_keys.append((names.done,) + tuple(int(v) for v in np.unravel_index(rank - lookahead, grid.n_blocks)))
-        crop_boxes = None
-        if crop is not None:
-            idx = grid.patch_indices_of(owner)
-            crop_boxes = np.stack([crop[d][idx[:, d]] for d in range(grid.ndim)], axis=1)
+        # the owned patches as a few integers (tasks compute the corners): the graph does not grow with them
         dsk[(names.predict,) + owner] = (
-            oa.predict_owner, names.model, grid.region(owner), grid.patches_of(owner), crop_boxes, grid.patch_size,
-            n_classes, int(inference.batch_size), names.window, inference.nan_policy, inference.bad_output, source,
-            handovers[owner], boxes, read, *in_keys,
+            _Owner(grid.region(owner), grid.owned(owner), crop, grid.patch_size, n_classes,
+                   int(inference.batch_size), inference.nan_policy, inference.bad_output, source, handovers[owner],
+                   boxes, read, owner_valid[owner] if owner_valid is not None else None),
+            names.model, names.window, *in_keys,
         )
         for t in grid.targets(owner):
             key = (names.piece,) + owner + t
-            dsk[key] = (oa.take_piece, (names.predict,) + owner, grid.block_box(t), t == owner)
+            dsk[key] = (partial(oa.take_piece, target=grid.block_box(t), own=t == owner), (names.predict,) + owner)
             sources.setdefault(t, []).append(key)
             cut.setdefault(owner, []).append(key)
     return dsk, sources, cut
@@ -516,6 +548,60 @@ def _handovers(grid: PatchGrid, owners, output: str, dtype: str) -> dict[tuple[i
         out[o] = Handover(block, interior(block, regions[o], reaching.get(o, ())),
                           tuple(grid.block_box(t) for t in targets[o]), output, dtype)
     return out
+
+
+# Task callables holding a task's constant arguments: Dask sees one opaque object, not nested tuples
+# it would scan for keys in every pass over the graph (building, culling, converting, ordering).
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class _Owner:
+    """Owner task: :func:`~tileseg.stitching.overlap_add.predict_owner` with its constant arguments."""
+
+    region: tuple[tuple[int, int], ...]
+    patches: Any
+    crop: bool
+    patch: tuple[int, ...]
+    n_classes: int
+    batch_size: int
+    nan_policy: str
+    bad_output: str
+    source: str
+    handover: Any
+    boxes: list[Any]
+    read: Any
+    valid: Any = None
+
+    def __call__(self, predictor: Any, window: Any, *blocks: Any) -> Any:
+        extra = {} if self.valid is None else {"valid": self.valid}
+        return oa.predict_owner(predictor, self.region, self.patches, self.crop, self.patch, self.n_classes,
+                                self.batch_size, window, self.nan_policy, self.bad_output, self.source,
+                                self.handover, self.boxes, self.read, *blocks, **extra)
+
+    def __repr__(self) -> str:
+        return f"predict_owner(region={self.region!r}, {len(self.patches)} patches)"
+
+
+@dataclass(frozen=True, repr=False, eq=False)
+class _Final:
+    """Final task: :func:`~tileseg.stitching.overlap_add.finalize_block` (or ``finalize_valid``) of one block."""
+
+    block: tuple[tuple[int, int], ...]
+    n_classes: int
+    output: str
+    dtype: str
+    patches: Any
+    has_valid: bool
+    nodata: Any
+
+    def __call__(self, window: Any, *rest: Any) -> Any:
+        head = (self.block, self.n_classes, self.output, self.dtype, self.patches, window)
+        if self.has_valid:
+            return oa.finalize_valid(rest[0], self.nodata, *head, *rest[1:])
+        return oa.finalize_block(*head, *rest)
+
+    def __repr__(self) -> str:
+        return f"finalize_block(block={self.block!r})"
 
 
 def _done(*_finished) -> None:
@@ -628,9 +714,7 @@ def pad(data, width: Sequence[tuple[int, int]], mode: str, fill_value: float = 0
 
 
 def _blocks_overlapping(bounds: list[int], span: tuple[int, int]) -> range:
-    lo = int(np.searchsorted(bounds, span[0], side="right") - 1)
-    hi = int(np.searchsorted(bounds, span[1], side="left"))
-    return range(lo, hi)
+    return range(bisect_right(bounds, span[0]) - 1, bisect_left(bounds, span[1]))
 
 
 def _align_input(data, grid: PatchGrid):

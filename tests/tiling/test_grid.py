@@ -139,3 +139,36 @@ def test_fill_batches_examples():
     assert fill_batches((5, 5), 7) == (5, 7)
     assert fill_batches((3, 3), 1) == (3, 3)
     assert fill_batches((2, 2), 97) == (2, 2)  # impossible within the growth limit: unchanged
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 60), min_size=2, max_size=3),
+    patch=st.integers(2, 24),
+    overlap=st.floats(0, 0.8),
+    chunk=st.integers(5, 40),
+    seed=st.integers(0, 3),
+)
+def test_patch_sets_match_the_window_arrays(shape, patch, overlap, chunk, seed):
+    # tasks carry PatchSets (index ranges) and compute corners and crop spans in closed form;
+    # here they are checked against the grid's explicit window arrays, block by block
+    grid = make_grid(shape, patch, overlap=overlap, chunks=chunk)
+    if seed:  # a grid that skips some patches
+        keep = np.random.default_rng(seed).random(tuple(len(a.starts) for a in grid.axes)) < 0.6
+        grid = grid.with_active(keep)
+    starts = [a.starts for a in grid.axes]
+    crops = [a.crop_ranges() for a in grid.axes]
+    windows = np.stack(np.meshgrid(*[np.arange(len(s)) for s in starts], indexing="ij"), -1).reshape(-1, grid.ndim)
+    if grid.active is not None:
+        windows = windows[grid.active[tuple(windows.T)]]
+    corner = np.stack([starts[d][windows[:, d]] for d in range(grid.ndim)], axis=1)
+    for block in np.ndindex(*grid.n_blocks):
+        box = grid.block_box(block)
+        inside = np.all([(corner[:, d] >= lo) & (corner[:, d] < hi) for d, (lo, hi) in enumerate(box)], axis=0)
+        meets = np.all([(corner[:, d] < hi) & (corner[:, d] + patch > lo) for d, (lo, hi) in enumerate(box)], axis=0)
+        owned = grid.owned(block)
+        assert owned.starts().tolist() == corner[inside].tolist()  # raster order
+        assert len(owned) == int(inside.sum())
+        want_crop = np.stack([crops[d][windows[inside][:, d]] for d in range(grid.ndim)], axis=1)
+        np.testing.assert_array_equal(owned.crop_boxes().reshape(-1, grid.ndim, 2), want_crop.reshape(-1, grid.ndim, 2))
+        assert sorted(map(tuple, grid.covering(block).starts().tolist())) == sorted(map(tuple, corner[meets].tolist()))

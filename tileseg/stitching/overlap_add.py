@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, ModelError
+from ..tiling.grid import PatchSet, as_starts
 from . import buffers, reduce
 from .accumulate import NumpyAccumulator, accumulator
 from .handover import Handover, OwnerResult, OwnPiece, box_minus, intersect
@@ -54,8 +55,8 @@ def assemble(region: Box, boxes: Sequence[Box], blocks: Sequence[np.ndarray]) ->
 def predict_owner(
     predictor,
     region: Box,
-    starts: np.ndarray,
-    crop_boxes: np.ndarray | None,
+    patches: PatchSet | np.ndarray,
+    crop: bool | np.ndarray | None,
     patch: tuple[int, ...],
     n_classes: int,
     batch_size: int,
@@ -67,6 +68,7 @@ def predict_owner(
     boxes: Sequence[Box],
     read: Callable[[], Sequence[np.ndarray]] | None,
     *blocks: np.ndarray,
+    valid: tuple[Sequence[Box], Callable[[], Sequence[np.ndarray]]] | None = None,
 ) -> OwnerResult:
     """Predict every patch owned by one block, overlap-add it, reduce the block's interior.
 
@@ -77,11 +79,14 @@ def predict_owner(
         ``predict_tensor`` (a torch model) is stitched on its device.
     region : Box
         Pixel box covered by the owned patches.
-    starts : numpy.ndarray
-        ``(n, ndim)`` patch start corners (absolute).
-    crop_boxes : numpy.ndarray or None
-        ``(n, ndim, 2)`` absolute pixel spans each patch keeps for
-        ``blend='crop'``; None for windowed blending.
+    patches : PatchSet or numpy.ndarray
+        The owned patches (:class:`~tileseg.tiling.grid.PatchSet`: a few
+        integers, the corners computed here), or their ``(n, ndim)`` absolute
+        start corners.
+    crop : bool, numpy.ndarray or None
+        ``blend='crop'``: True (spans computed from ``patches``, a PatchSet),
+        or the ``(n, ndim, 2)`` absolute pixel spans each patch keeps; None or
+        False for windowed blending.
     patch : tuple of int
         Patch size.
     n_classes : int
@@ -110,6 +115,10 @@ def predict_owner(
         in ``blocks`` instead (extra ``blocks`` are ordering tokens).
     blocks : numpy.ndarray
         The input blocks, when ``read`` is None.
+    valid : (boxes, read), optional
+        The boxes of the boolean validity blocks under ``region`` and a
+        callable returning them: patches without a valid pixel are not
+        predicted (they cover only pixels the final tasks write as nodata).
 
     Returns
     -------
@@ -128,7 +137,15 @@ def predict_owner(
             f"{source}: input contains NaN in pixel box {region!r}; "
             "fix the input, mask it as nodata, or set nan_policy='fill'"
         )
-    args = (predictor, x, region, starts, crop_boxes, patch, n_classes, batch_size, window, bad_output, source)
+    starts = as_starts(patches)
+    crop_boxes = patches.crop_boxes() if crop is True else (None if crop is None or crop is False else crop)
+    predicted = starts
+    if valid is not None:  # all-invalid patches are not predicted (they cover only pixels written as nodata)
+        keep = _any_valid(region, valid, starts - np.array([a for a, _ in region]), patch)
+        if keep is not None:
+            predicted = starts[keep]
+            crop_boxes = crop_boxes[keep] if crop_boxes is not None else None
+    args = (predictor, x, region, predicted, crop_boxes, patch, n_classes, batch_size, window, bad_output, source)
     acc = _accumulate(*args, careful=False)
     if not acc.finite():  # bad model output (or an overflow): again, checking every batch
         del acc  # freed before the second one is filled
@@ -207,6 +224,17 @@ def hand_over(acc, region: Box, handover: Handover, starts: np.ndarray, window: 
     return OwnerResult(region, OwnPiece(inner, reduced, tuple(own_parts)), spill)
 
 
+def _any_valid(region: Box, valid: tuple[Sequence[Box], Callable[[], Sequence[np.ndarray]]], local: np.ndarray,
+               patch: tuple[int, ...]) -> np.ndarray | None:
+    """Per patch (``local`` corners in ``region``): whether it holds a valid pixel; None when all pixels are."""
+    boxes, read = valid
+    parts = [np.asarray(b, dtype=bool)[None] for b in read()]
+    v = assemble(region, boxes, parts)[0]
+    if v.all():
+        return None
+    return np.array([bool(v[tuple(slice(s, s + p) for s, p in zip(c, patch))].any()) for c in local], dtype=bool)
+
+
 def check_output(pred: np.ndarray, starts: np.ndarray, patch: tuple[int, ...], bad_output: str, source: str,
                  region: Box) -> np.ndarray:
     """NaN/Inf in a batch of model output: an error naming the patch, or NaN pixels that become nodata.
@@ -270,9 +298,10 @@ def take_piece(owner: OwnerResult, target: Box, own: bool = False) -> OwnPiece |
         raise ValueError(f"block {target!r} does not meet the owner region {owner.region!r}") from None
 
 
-def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Summed blending weight over ``block`` of the patches starting at ``starts``."""
+def weight_sum(block: Box, starts: PatchSet | np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Summed blending weight over ``block`` of the patches starting at ``starts`` (corners or a PatchSet)."""
     patch = window.shape
+    starts = as_starts(starts)
     out = np.zeros(tuple(b - a for a, b in block), dtype=np.float32)
     for s in starts:
         part = intersect(block, tuple((int(a), int(a) + p) for a, p in zip(s, patch)))
@@ -282,7 +311,7 @@ def weight_sum(block: Box, starts: np.ndarray, window: np.ndarray) -> np.ndarray
 
 
 def finalize_block(
-    block: Box, n_classes: int, output: str, dtype: str, starts: np.ndarray, window: np.ndarray | None,
+    block: Box, n_classes: int, output: str, dtype: str, starts: PatchSet | np.ndarray, window: np.ndarray | None,
     *pieces: OwnPiece | tuple[Box, np.ndarray],
 ) -> np.ndarray:
     """Paste the block's reduced interior; sum the pieces falling in the rest, normalise and reduce.
@@ -293,8 +322,9 @@ def finalize_block(
         The output block.
     n_classes, output, dtype
         K, the output kind and the label dtype.
-    starts : numpy.ndarray
-        ``(n, ndim)`` start corners of every patch covering part of the block.
+    starts : PatchSet or numpy.ndarray
+        Every patch covering part of the block (a
+        :class:`~tileseg.tiling.grid.PatchSet`, or ``(n, ndim)`` start corners).
     window : numpy.ndarray or None
         Blending window; None for ``crop``, where every pixel has exactly one
         contribution and needs no normalisation.
@@ -331,7 +361,8 @@ def finalize_block(
 
 
 def finalize_valid(valid: Any, nodata: Any, block: Box, n_classes: int, output: str, dtype: str,
-                   starts: np.ndarray, window: np.ndarray | None, *pieces: tuple[Box, np.ndarray]) -> np.ndarray:
+                   starts: PatchSet | np.ndarray, window: np.ndarray | None,
+                   *pieces: tuple[Box, np.ndarray]) -> np.ndarray:
     """:func:`finalize_block`, then ``nodata`` wherever the input is invalid.
 
     ``valid`` is the block's boolean validity, or a callable returning it in a

@@ -77,6 +77,95 @@ def window_starts(size: int, patch: int, stride: int) -> np.ndarray:
     return starts
 
 
+def window_start(index: np.ndarray | int, size: int, patch: int, stride: int) -> np.ndarray:
+    """Start of window ``index`` along one axis, in closed form (same as ``window_starts(...)[index]``).
+
+    Every window starts ``stride`` after the previous one, except the last,
+    which is moved back to end flush with the axis: ``min(i * stride, size - patch)``.
+
+    >>> window_start(np.arange(2), 100, 64, 48).tolist()
+    [0, 36]
+    """
+    return np.minimum(np.asarray(index, dtype=np.int64) * stride, max(size - patch, 0))
+
+
+def n_windows(size: int, patch: int, stride: int) -> int:
+    """Number of windows along one axis (``len(window_starts(size, patch, stride))``)."""
+    return 1 if size <= patch else math.ceil((size - patch) / stride) + 1
+
+
+@dataclass(frozen=True)
+class PatchSet:
+    """A box of window indices on the grid: the patches one task works on, in closed form.
+
+    Tasks carry this (a few integers, whatever the image size) instead of an
+    array of patch corners, and compute the corners when they run (see
+    :meth:`PatchGrid.owned`, :meth:`PatchGrid.covering`).
+
+    Attributes
+    ----------
+    geometry : tuple of (size, patch, stride)
+        Per axis, the padded axis length, patch size and stride.
+    ranges : tuple of (int, int)
+        Per axis, the half-open range of window indices.
+    active : numpy.ndarray or None
+        For grids that skip patches (:meth:`PatchGrid.with_active`): which
+        windows of the box are predicted (shape: the box); None for all.
+    """
+
+    geometry: tuple[tuple[int, int, int], ...]
+    ranges: tuple[tuple[int, int], ...]
+    active: np.ndarray | None = None
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes."""
+        return len(self.ranges)
+
+    def __len__(self) -> int:
+        if self.active is not None:
+            return int(self.active.sum())
+        return math.prod(max(0, hi - lo) for lo, hi in self.ranges)
+
+    def indices(self) -> np.ndarray:
+        """Window index tuples ``(n, ndim)`` in raster order (active ones only)."""
+        mesh = np.meshgrid(*[np.arange(lo, hi, dtype=np.int64) for lo, hi in self.ranges], indexing="ij")
+        idx = np.stack([m.ravel() for m in mesh], axis=1) if mesh else np.zeros((0, 0), np.int64)
+        if self.active is not None:
+            idx = idx[self.active.ravel()]
+        return idx.reshape(-1, self.ndim)
+
+    def starts(self) -> np.ndarray:
+        """Start corners ``(n, ndim)`` in raster order (active ones only)."""
+        idx = self.indices()
+        return np.stack([window_start(idx[:, d], *g) for d, g in enumerate(self.geometry)], axis=1) if len(idx) \
+            else np.zeros((0, self.ndim), dtype=np.int64)
+
+    def crop_boxes(self) -> np.ndarray:
+        """``(n, ndim, 2)`` absolute spans each patch keeps for ``blend='crop'`` (see :meth:`AxisGrid.crop_ranges`)."""
+        idx = self.indices()
+        return np.stack([_crop_spans(idx[:, d], *g) for d, g in enumerate(self.geometry)], axis=1) if len(idx) \
+            else np.zeros((0, self.ndim, 2), dtype=np.int64)
+
+
+def _crop_spans(index: np.ndarray, size: int, patch: int, stride: int) -> np.ndarray:
+    """Per window ``index``: the half-open span nearest to its centre (closed form of :meth:`AxisGrid.crop_ranges`)."""
+    n = n_windows(size, patch, stride)
+
+    def cut(i: np.ndarray) -> np.ndarray:  # first pixel nearer to window i + 1 than to window i
+        return (2 * window_start(i, size, patch, stride) + 2 * window_start(i + 1, size, patch, stride)
+                + 2 * patch - 2) // 4 + 1
+
+    lo = np.where(index == 0, 0, cut(index - 1))
+    hi = np.where(index == n - 1, size, cut(index))
+    return np.stack([lo, hi], axis=1)
+
+
+def as_starts(patches: PatchSet | np.ndarray) -> np.ndarray:
+    """Patch start corners ``(n, ndim)`` of a :class:`PatchSet` (or an array of them, returned as is)."""
+    return patches.starts() if isinstance(patches, PatchSet) else np.asarray(patches)
+
+
 @dataclass(frozen=True)
 class AxisGrid:
     """Windows and output blocks along one (padded) axis.
@@ -262,11 +351,28 @@ class PatchGrid:
 
     def patches_overlapping(self, block: Sequence[int]) -> np.ndarray:
         """Start corners ``(n, ndim)`` of every (active) patch that covers part of ``block``."""
+        return self.covering(block).starts()
+
+    def _set(self, ranges: list[tuple[int, int]]) -> PatchSet:
+        active = None
+        if self.active is not None:
+            active = self.active[tuple(slice(lo, hi) for lo, hi in ranges)]
+        return PatchSet(tuple((a.size, a.patch, a.stride) for a in self.axes), tuple(ranges), active)
+
+    def owned(self, block: Sequence[int]) -> PatchSet:
+        """The patches owned by ``block`` as a :class:`PatchSet` (same order as :meth:`patches_of`)."""
+        return self._set([a.owned[b] for a, b in zip(self.axes, block)])
+
+    def covering(self, block: Sequence[int]) -> PatchSet:
+        """Every (active) patch that covers part of ``block``, as a :class:`PatchSet`."""
         ranges = []
         for a, b in zip(self.axes, block):
             lo, hi = a.bounds[b], a.bounds[b + 1]
-            ranges.append(np.flatnonzero((a.starts < hi) & (a.starts + a.patch > lo)))
-        return self._starts(self._indices(ranges))
+            # starts increase strictly: the windows meeting [lo, hi) are one contiguous index range
+            first = int(np.searchsorted(a.starts, lo - a.patch, side="right"))
+            last = int(np.searchsorted(a.starts, hi, side="left"))
+            ranges.append((first, max(first, last)))
+        return self._set(ranges)
 
     def region(self, block: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """Pixel box covered by the (active) patches owned by ``block``."""

@@ -82,6 +82,7 @@ def private_reads(
         consumer task to a distributed worker, so such inputs stay shared.
     """
     tasks = dict(graph)
+    deps: dict[Hashable, list[Hashable]] = {}  # per task, computed once (consumers share input tasks)
     out: dict[Hashable, RegionRead] = {}
     for consumer, keys in wanted.items():
         keys = list(keys)
@@ -92,10 +93,13 @@ def private_reads(
             if key in sub:
                 continue
             node = tasks[key]
-            if not isinstance(key, tuple) and _nbytes(node) > MAX_CONSTANT_BYTES:
-                return None
             sub[key] = node
-            stack.extend(d for d in get_dependencies(tasks, key) if d not in sub)
+            found = deps.get(key)
+            if found is None:
+                if not isinstance(key, tuple) and _nbytes(node) > MAX_CONSTANT_BYTES:
+                    return None
+                found = deps[key] = list(get_dependencies(tasks, key))
+            stack.extend(d for d in found if d not in sub)
         out[consumer] = RegionRead(sub, keys)
     return out
 

@@ -165,8 +165,11 @@ class Writer:
             return WriteJob(handle=handle, task=task)
         import dask
 
+        from ..gcpause import frozen
+
         try:
-            dask.compute(task)
+            with frozen():  # a huge image's graph is not walked by every garbage collection while it runs
+                dask.compute(task)
             self.finalize(handle, info)
         except BaseException:
             self.abort(handle)

@@ -35,6 +35,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Hashable, Iterable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -159,6 +160,7 @@ def store_blocks(data: Any, arr: Any, *, guard: str | None = None, records: Chun
         tasks those blocks need (see the module docstring).
     """
     from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     done = records.finished(data.ndim) if records is not None else set()
     grid = [range(n) for n in data.numblocks]
@@ -168,19 +170,38 @@ def store_blocks(data: Any, arr: Any, *, guard: str | None = None, records: Chun
         log.info("resuming: %d of %d chunks already written, %d to go", len(done & set(np.ndindex(*data.numblocks))),
                  int(np.prod([len(g) for g in grid])), len(todo))
     source_keys = [(data.name,) + idx for idx in todo]
-    dsk = dict(data.__dask_optimize__(data.__dask_graph__(), data.__dask_keys__())) if todo else {}
-    dsk = needed(dsk, source_keys)
     token = uuid.uuid4().hex
     writer = _BlockTarget(arr, guard, records)
-    store_keys = []
+    store: dict[Hashable, Any] = {}
     for idx, key in zip(todo, source_keys):
         region = tuple(slice(int(o[i]), int(o[i + 1])) for o, i in zip(offsets, idx))
-        skey = (f"tileseg-store-{token}",) + idx
-        dsk[skey] = (writer, key, region, idx)
-        store_keys.append(skey)
+        store[(f"tileseg-store-{token}",) + idx] = (partial(writer, region=region, index=idx), key)
     final = f"tileseg-stored-{token}"
-    dsk[final] = (_all_done, list(store_keys))
-    return Delayed(final, dsk)
+    store[final] = (_all_done, list(store))
+    graph = _layer_optimized(data) if todo else HighLevelGraph({}, {})
+    if done:  # only what the missing chunks need: a plain dict, culled here
+        return Delayed(final, {**needed(dict(graph), source_keys), **store})
+    # every block is stored: the store tasks are one more layer over the array's (lazy) layers, so the
+    # graph is materialised once, by the scheduler, never here (its cost grows with the tasks, see
+    # tests/test_huge.py)
+    layers = {**graph.layers, final: MaterializedLayer(store)}
+    deps = {**graph.dependencies, final: {data.name} if data.name in graph.layers else set(graph.layers)}
+    return Delayed(final, HighLevelGraph(layers, deps))
+
+
+def _layer_optimized(data: Any) -> Any:
+    """The array's graph with Dask's layer-level optimisations (blockwise fusion, roots), nothing materialised.
+
+    Dask's full array optimisation would also build the low-level dict and
+    fuse linear chains: seconds for a huge image's graph, spent again by the
+    scheduler when it materialises the graph itself.
+    """
+    from dask.blockwise import fuse_roots, optimize_blockwise
+    from dask.core import flatten
+
+    keys = list(flatten(data.__dask_keys__()))
+    graph = optimize_blockwise(data.__dask_graph__(), keys=keys)
+    return fuse_roots(graph, keys=keys)
 
 
 def needed(dsk: dict[Hashable, Any], keys: list[Hashable]) -> dict[Hashable, Any]:
