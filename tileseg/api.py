@@ -175,9 +175,12 @@ def segment(
         workers offering them, whatever graph optimisation does; other tasks
         run anywhere (see :mod:`tileseg.placement`).
     lookahead : int, optional
-        Ordering edges that bound memory when the whole result is stored
-        (see :func:`tileseg.graph.segment_image`); leave None when computing
-        only part of the result.
+        Ordering edges that bound memory when the whole result is computed
+        or stored: the model task of output block ``i`` (C order) waits until
+        block ``i - lookahead`` is final. Default: two blocks per thread of
+        the scheduler (at least 4; :func:`tileseg.graph.resolve_lookahead`);
+        0 turns them off. Computing part of the result never computes more
+        because of them (edges to blocks it does not need are dropped).
     bad_output : {"error", "nodata"}
         NaN or Inf in the model's output raises a ``ModelError`` naming the
         image and the patch's pixel box, or those pixels become the result's
