@@ -11,8 +11,14 @@ Modes
 run          ``tileseg run`` on a pipeline file (its default ``execution.malloc_arenas: 1``)
 run-nocap    the same with ``malloc_arenas: null`` (glibc's default arenas)
 embed        user code: ``tileseg.segment(tileseg.open(...), ...)`` then ``.data.to_zarr(...)``
-             with dask's threaded scheduler, allocator untouched
-embed-cap    the same after ``tileseg.allocator.limit_arenas(1)``
+             with dask's threaded scheduler, allocator untouched (``segment``'s default ordering
+             edges, ``lookahead=None``)
+embed-noorder the same with ``lookahead=0``: no ordering edges, Dask's own order (the default
+             before the edges became the default)
+embed-cap    ``embed`` after ``tileseg.allocator.limit_arenas(1)``
+
+The table prints the growth of every mode and, for each mode, its seconds at the largest size
+against ``embed``'s measured in the same run.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "examples" / "models" / "unet2d.pt"
 PATCH, OVERLAP, BATCH, CHUNK = 256, 0.25, 8, 1024
-MODES = ("run", "run-nocap", "embed", "embed-cap")
+MODES = ("run", "run-nocap", "embed", "embed-noorder", "embed-cap")
 
 
 def _input(size: int, workdir: Path) -> Path:
@@ -86,7 +92,7 @@ def case(mode: str, size: int, workdir: Path) -> dict:
             limit_arenas(1)
         image = tileseg.open(str(img), array="image")
         result = tileseg.segment(image, {"torchscript": {"path": str(MODEL)}}, patch_size=PATCH, overlap=OVERLAP,
-                                 batch_size=BATCH, output="labels")
+                                 batch_size=BATCH, output="labels", lookahead=0 if mode == "embed-noorder" else None)
         result.data.to_zarr(str(out), overwrite=True)
     return {"mode": mode, "size": size, "seconds": time.perf_counter() - t0,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -130,9 +136,12 @@ def main() -> None:
                     runs.setdefault((mode, size), []).append(r)
                     print(f"# {mode} {size}^2: {json.dumps(r)}", flush=True)
         print("\n| mode | " + " | ".join(f"{s}^2 peak RSS (MiB)" for s in args.sizes)
-              + " | growth | " + " | ".join(f"{s}^2 s" for s in args.sizes) + " |")
-        print("|---|" + "---:|" * (2 * len(args.sizes) + 1))
+              + " | growth | " + " | ".join(f"{s}^2 s" for s in args.sizes)
+              + f" | {args.sizes[-1]}^2 time vs embed |")
+        print("|---|" + "---:|" * (2 * len(args.sizes) + 2))
         table = {}
+        base = [r["seconds"] for r in runs.get(("embed", args.sizes[-1]), []) if "seconds" in r]
+        base_s = float(np.median(base)) if base else float("nan")
         for mode in args.modes:
             peaks, secs = [], []
             for size in args.sizes:
@@ -146,7 +155,7 @@ def main() -> None:
                            "all": {s: [round(r.get("peak_rss_mib", float("nan"))) for r in runs[(mode, s)]]
                                    for s in args.sizes}}
             print(f"| {mode} | " + " | ".join(f"{p:.0f}" for p in peaks) + f" | {growth:+.1%} | "
-                  + " | ".join(f"{s:.1f}" for s in secs) + " |")
+                  + " | ".join(f"{s:.1f}" for s in secs) + f" | {secs[-1] / base_s:.2f}x |")
         print(f"\nall peaks (MiB): {json.dumps({m: t['all'] for m, t in table.items()})}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         if args.json:

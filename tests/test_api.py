@@ -75,6 +75,32 @@ def test_write_keeps_geometry_and_class_names(tmp_path):
         tileseg.write(out, tmp_path / "seg.zarr")
 
 
+def test_write_picks_the_writer_from_the_path_ending(tmp_path):
+    """A .tif path gets a COG (georeferenced, read back by rasterio), not a Zarr folder named .tif; a .dcm path
+    the DICOM SEG writer (which refuses an image without DICOM references) instead of a folder named .dcm."""
+    rasterio = pytest.importorskip("rasterio", reason="the cog writer needs the 'geo' extra")
+    out = tileseg.segment(_geo_image(), _box_model, patch_size=(32, 32), output="labels")
+    tileseg.write(out, tmp_path / "seg.tif")
+    assert (tmp_path / "seg.tif").is_file()
+    with rasterio.open(tmp_path / "seg.tif") as ds:
+        assert ds.crs.to_epsg() == 32621 and tuple(ds.transform)[:6] == out.transform
+        np.testing.assert_array_equal(ds.read(1), out.data.compute())
+    with pytest.raises(tileseg.errors.OutputError, match="seg.dcm.*dicom_seg writer"):
+        tileseg.write(out, tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()
+    tileseg.write(out, tmp_path / "seg.dcm.zarr")  # an explicit store name stays Zarr
+    assert tileseg.writers.is_complete(str(tmp_path / "seg.dcm.zarr"))
+
+
+def test_pipeline_output_writer_defaults_from_the_path_ending():
+    from tileseg.config.schema import OutputConfig
+
+    assert OutputConfig(path="out/{stem}_seg.nii.gz").writer == "nifti"
+    assert OutputConfig(path="out/{stem}.TIF").writer == "cog"
+    assert OutputConfig(path="out/{stem}.zarr").writer == "zarr"
+    assert OutputConfig(path="out/{stem}.tif", writer="zarr").writer == "zarr"  # given explicitly: kept
+
+
 def test_run_stays_callable(tmp_path):
     import zarr
 

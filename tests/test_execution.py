@@ -17,16 +17,33 @@ from tileseg.execution import compute, scheduler_context
 def test_threads_sets_worker_count_and_restores():
     before = dask.config.get("scheduler", None)
     with scheduler_context({"scheduler": "threads", "workers": 3}) as info:
-        assert dask.config.get("scheduler") == "threads" and dask.config.get("num_workers") == 3
+        assert dask.config.get("scheduler") is dask.threaded.get and dask.config.get("num_workers") == 3
         assert not info.distributed
         x = da.arange(100, chunks=7)
         assert compute(info, x.sum())[0] == 4950
     assert dask.config.get("scheduler", None) == before
 
 
+def test_a_local_run_does_not_import_distributed(tmp_path):
+    """Dask imports distributed (about 0.5 s) to look for a client when a scheduler is named, and rechunking
+    looks for one too; a run on local threads passes the scheduler function and the rechunk method instead."""
+    import subprocess
+
+    code = (
+        "import sys, numpy as np, dask.array as da\n"
+        "from tileseg.execution import compute, scheduler_context\n"
+        "with scheduler_context({'scheduler': 'threads', 'workers': 2}) as info:\n"
+        "    x = da.from_array(np.arange(400.0).reshape(20, 20), chunks=5).rechunk((4, 20))\n"
+        "    assert compute(info, x.sum())[0] == 79800.0\n"
+        "print('distributed' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_override_wins_over_config():
     with scheduler_context({"scheduler": "threads", "workers": 2}, override="synchronous") as info:
-        assert info.name == "synchronous" and dask.config.get("scheduler") == "synchronous"
+        assert info.name == "synchronous" and dask.config.get("scheduler") is dask.local.get_sync
 
 
 def test_progress_bar_prints(capsys):
@@ -99,7 +116,10 @@ def test_an_active_client_is_used_unless_the_pipeline_names_a_scheduler():
             for cfg, name in (({"scheduler": "threads"}, "threads"),
                               (ExecutionConfig(scheduler="synchronous"), "synchronous")):
                 with scheduler_context(cfg) as info:  # a scheduler the pipeline names wins
-                    assert info.name == name and info.client is None and dask.config.get("scheduler") == name
+                    assert info.name == name and info.client is None
+                    assert dask.config.get("scheduler") is {"threads": dask.threaded.get,
+                                                            "synchronous": dask.local.get_sync}[name]
+                    assert compute(info, da.arange(10, chunks=3).sum())[0] == 45
             with scheduler_context({"scheduler": "threads"}, client=client) as info:  # client= wins
                 assert info.client is client
             assert client.status == "running"  # never closed by tileseg

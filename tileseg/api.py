@@ -175,9 +175,12 @@ def segment(
         workers offering them, whatever graph optimisation does; other tasks
         run anywhere (see :mod:`tileseg.placement`).
     lookahead : int, optional
-        Ordering edges that bound memory when the whole result is stored
-        (see :func:`tileseg.graph.segment_image`); leave None when computing
-        only part of the result.
+        Ordering edges that bound memory when the whole result is computed
+        or stored: the model task of output block ``i`` (C order) waits until
+        block ``i - lookahead`` is final. Default: two blocks per thread of
+        the scheduler (at least 4; :func:`tileseg.graph.resolve_lookahead`);
+        0 turns them off. Computing part of the result never computes more
+        because of them (edges to blocks it does not need are dropped).
     bad_output : {"error", "nodata"}
         NaN or Inf in the model's output raises a ``ModelError`` naming the
         image and the patch's pixel box, or those pixels become the result's
@@ -245,7 +248,7 @@ def write(
     image: Any,
     path: str | os.PathLike[str],
     *,
-    writer: str = "zarr",
+    writer: str | None = None,
     overwrite: bool = False,
     storage_options: dict[str, Any] | None = None,
     compute: bool = True,
@@ -263,8 +266,11 @@ def write(
         What to write (e.g. the result of :func:`segment`).
     path : str or os.PathLike
         Output path or fsspec URL.
-    writer : str
-        Writer name from the registry (``"zarr"``, ``"cog"``, ``"vector"``).
+    writer : str, optional
+        Writer name from the registry (``"zarr"``, ``"cog"``, ``"vector"``, ``"nifti"``,
+        ``"dicom_seg"``); by default the one the path's ending asks for
+        (:func:`~tileseg.writers.writer_for_path`: ``.tif`` COG, ``.nii.gz`` NIfTI,
+        ``.dcm`` DICOM SEG, ``.gpkg`` polygons, anything else Zarr).
     overwrite : bool
         Replace a finished output already at ``path``.
     storage_options : dict, optional
@@ -282,12 +288,12 @@ def write(
     """
     from .image import as_image
     from .placement import prepare, resources_in
-    from .writers import get_writer
+    from .writers import get_writer, writer_for_path
 
     image = as_image(image)
     if compute:  # a segmentation whose inference needs resources: placed on the client computing it now
         prepare(resources_in(image.data))
-    return get_writer(writer).write(image, os.fspath(path), overwrite=overwrite,
+    return get_writer(writer or writer_for_path(os.fspath(path))).write(image, os.fspath(path), overwrite=overwrite,
                                     storage_options=storage_options, compute=compute, options=options)
 
 

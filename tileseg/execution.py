@@ -244,7 +244,9 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
     if name in ("threads", "processes", "synchronous"):
         if resources:
             log.debug("execution.resources %r ignored by the %s scheduler", resources, name)
-        settings: dict[str, Any] = {"scheduler": name}
+        settings: dict[str, Any] = {"scheduler": _local_get(name)}
+        if dask.config.get("array.rechunk.method", None) is None:  # what dask picks without a client, found
+            settings["array.rechunk.method"] = "tasks"              # without importing distributed to look
         if workers is not None and name != "synchronous":
             settings["num_workers"] = workers
         pool = None
@@ -285,6 +287,20 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
         info = SchedulerInfo(name=name, workers=workers, resources=resources, client=own, retries=retries)
         _prepare_placement(info)
         yield info
+
+
+def _local_get(name: str) -> Any:
+    """Dask's get function for a local scheduler name (the name itself for ``processes``).
+
+    Dask resolves a scheduler given by name by importing :mod:`distributed`
+    first, to look for a client (about 0.5 s, in the first item's set-up); the
+    function itself needs no look-up, and a client is never used inside this
+    context anyway.
+    """
+    import dask.local
+    import dask.threaded
+
+    return {"threads": dask.threaded.get, "synchronous": dask.local.get_sync}.get(name, name)
 
 
 def _local_cluster(distributed: Any, workers: int | None, threads: int, resources: dict[str, float],

@@ -35,6 +35,7 @@ from itertools import product
 from typing import Any
 
 import numpy as np
+from dask.highlevelgraph import MaterializedLayer
 
 from . import gcpause
 from .errors import ConfigError, InputError, ModelError, TilingError
@@ -284,6 +285,8 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
     data, reads, readers = _owner_inputs(data, grid)
+    lookahead = resolve_lookahead(inference.lookahead)
+    inference = replace(inference, lookahead=lookahead)
     token = uuid.uuid4().hex
     names = _Names(token, inference.resources)
     output = inference.output
@@ -307,11 +310,11 @@ def overlap_add(data, grid: PatchGrid, predictor: Any, n_classes: int, blend: st
     }
     # block t is done when its output is final and its owner's buffer has been cut up (freed)
     token_dsk = ({(names.done,) + t: (_done, (names.final,) + lead + t, *cut.get(t, ())) for t in blocks}
-                 if inference.lookahead else {})
+                 if lookahead else {})
     # One layer: with lookahead edges the owner -> piece -> final -> token
     # dependencies would form a cycle between separate layers.
     # no resource annotation: optimisation drops it; placement reads the model key (tileseg.placement)
-    layer = MaterializedLayer({**owner_dsk, **final_dsk, **token_dsk})
+    layer = (_OrderedLayer if token_dsk else MaterializedLayer)({**owner_dsk, **final_dsk, **token_dsk})
     if readers is not None:  # owners read their input themselves
         layers, deps = {names.final: layer}, {names.final: set()}
     else:
@@ -512,7 +515,7 @@ def _owner_tasks(grid: PatchGrid, names: _Names, predictor: Any, window: Any, bl
     sources: dict[tuple[int, ...], list[Any]] = {}  # block -> pieces falling in it
     cut: dict[tuple[int, ...], list[Any]] = {}  # owner -> pieces cut from it
     crop = blend == "crop"
-    lookahead = inference.lookahead
+    lookahead = inference.lookahead or 0
     handovers = _handovers(grid, reads, inference.output, dtype)
     for owner, (boxes, in_idx) in reads.items():
         read = readers[owner] if readers is not None else None
@@ -609,6 +612,80 @@ class _Final:
 def _done(*_finished) -> None:
     """Token task: an output block is finished (used for lookahead edges)."""
     return None
+
+
+def resolve_lookahead(lookahead: int | None, client: Any = None) -> int:
+    """The ordering window: ``lookahead`` itself, or by default two blocks per thread that computes (at least 4).
+
+    The threads are those of the active distributed client (``client``, or the
+    default one), else Dask's ``num_workers`` setting, else the CPU count.
+    0 turns the ordering edges off.
+
+    Raises
+    ------
+    ConfigError
+        A negative or non-integer ``lookahead``.
+    """
+    if lookahead is not None:
+        if isinstance(lookahead, bool) or not isinstance(lookahead, (int, np.integer)) or lookahead < 0:
+            raise ConfigError(f"lookahead must be an integer >= 0 (0: no ordering edges), got {lookahead!r}")
+        return int(lookahead)
+    import os
+
+    import dask
+
+    threads = None
+    if client is None:
+        from .placement import active_client
+
+        client = active_client()
+    if client is not None:
+        try:
+            threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values())
+        except Exception:  # pragma: no cover - a scheduler that went away
+            threads = None
+    if not threads:
+        threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    return max(4, 2 * int(threads))
+
+
+def _is_order_token(key: Any) -> bool:
+    name = key[0] if isinstance(key, tuple) else key
+    return isinstance(name, str) and name.startswith(ORDER_TOKEN)
+
+
+class _OrderedLayer(MaterializedLayer):
+    """The engine's tasks with ordering edges that never make a partial result compute more.
+
+    Culled for the whole result, the lookahead tokens stay (they bound memory
+    whatever order the scheduler picks). Culled for part of it (a slice, some
+    blocks), a token whose output block is not needed anyway is replaced by
+    a constant, as :func:`tileseg.writers.blocks.needed` does: otherwise
+    one token would pull in every earlier block.
+    """
+
+    def cull(self, keys: Any, all_hlg_keys: Any) -> Any:
+        from dask.core import keys_in_tasks
+
+        mapping = self.mapping
+        seen: set[Any] = set()
+        tokens: set[Any] = set()
+        stack = [k for k in keys if k in mapping]
+        while stack:
+            k = stack.pop()
+            if k in seen:
+                continue
+            seen.add(k)
+            for d in keys_in_tasks(mapping, [mapping[k]]):
+                if _is_order_token(d):
+                    tokens.add(d)
+                elif d not in seen:
+                    stack.append(d)
+        cut = {t for t in tokens if not all(d in seen for d in keys_in_tasks(mapping, [mapping[t]]))}
+        if not cut:
+            return super().cull(keys, all_hlg_keys)
+        pruned = {k: (None if k in cut else v) for k, v in mapping.items()}
+        return MaterializedLayer(pruned, annotations=self.annotations).cull(keys, all_hlg_keys)
 
 
 def pad(data, width: Sequence[tuple[int, int]], mode: str, fill_value: float = 0.0):

@@ -104,7 +104,8 @@ class InferenceOptions:
         Dask resources needed by model tasks, e.g. ``{"GPU": 1}``.
     lookahead : int, optional
         Ordering edges: the model task of block ``i`` waits for output block
-        ``i - lookahead`` (see :func:`tileseg.graph.segment_image`).
+        ``i - lookahead``; None: two blocks per scheduler thread, at least 4
+        (:func:`tileseg.graph.resolve_lookahead`); 0: none.
     skip_nodata : bool
         Leave out patches whose pixels are all invalid (``nodata`` or outside
         the image's ``mask``): they never reach the model (default True).

@@ -101,6 +101,11 @@ class RunProgress:
                     item.chunks_total = int(chunks_total)
         self._update()
 
+    def pass_progress(self, index: int, kind: str, done: int, total: int) -> None:
+        """Item ``index`` is in a whole-image pass of ``kind`` (:mod:`tileseg.passes`), ``done`` of ``total`` tasks."""
+        pct = 100 * done // max(1, total)
+        self.stage(index, f"{kind} {pct}% of {total} tasks")
+
     def chunk_done(self, index: int, n: int = 1, pixels: int = 0) -> None:
         """``n`` output chunks (``pixels`` spatial pixels) of item ``index`` are written."""
         with self._lock:

@@ -50,10 +50,11 @@ class ItemResult:
     n_patches_skipped : int
         Patches left out because all their pixels are nodata (never sent to the model).
     timings : dict
-        Seconds per stage: ``open``, ``graph``, ``compute_write``, ``finalize``,
-        ``evaluate``.
+        Seconds per stage: ``open``, ``graph``, ``statistics`` and ``components``
+        (whole-image passes made while the graph is built, see :mod:`tileseg.passes`),
+        ``compute_write``, ``finalize``, ``evaluate``. Set-up is ``graph`` + ``statistics``.
     pixels_per_s : float
-        Spatial pixels divided by the ``compute_write`` time.
+        Spatial pixels divided by the time computing the result (``components`` + ``compute_write``).
     peak_rss_bytes : int
         Peak resident memory of this process and its children during the item.
     error : str

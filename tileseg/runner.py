@@ -33,10 +33,16 @@ alone and the item fails with an :class:`~tileseg.errors.OutputError`.
 The JSON run report (``tileseg-report.json`` next to the outputs) holds the
 fully resolved pipeline, package versions, the scheduler and, per item:
 status, input, outputs, shape, chunks, patches, timings per stage
-(``open``, ``statistics``: whole-image passes made while the graph is built,
-such as a histogram or connected components; ``graph``: the rest of building
-and preparing the outputs, ``compute_write``, ``finalize``, ``evaluate``),
-throughput (pixels/s), peak RSS, the error if any, and Dice if evaluated.
+(``open``; ``statistics``: whole-image reductions made while the graph is
+built, such as a histogram or z-score means; ``graph``: the rest of building
+and preparing the outputs; ``components``: the first pass of a
+connected-components step, which computes the upstream steps once while the
+graph is built (:mod:`tileseg.passes`); ``compute_write``; ``finalize``;
+``evaluate``). Set-up is ``graph`` + ``statistics``; computing the result is
+``components`` + ``compute_write``, and the throughput (pixels/s) is over
+those two. Then peak RSS, the error if any, and Dice if evaluated. Both
+whole-image passes show their progress (tasks done) in the run's display and,
+with ``-v``, in the log.
 """
 
 from __future__ import annotations
@@ -163,19 +169,82 @@ class _Timer:
             return
         self.timings[part] = round(self.timings.get(part, 0.0) + seconds, 4)
         self.timings[stage] = round(max(0.0, self.timings.get(stage, 0.0) - seconds), 4)
-        log.info("%s: of which %.1f s computing whole-image statistics (%s)", self.label, seconds, part)
+        log.info("%s: of which %.1f s in whole-image passes (%s)", self.label, seconds, part)
 
 
 class _EagerComputes:
-    """Seconds spent in Dask computes while a graph is built (whole-image statistics, components).
+    """Seconds spent in Dask computes while a graph is built, per kind of pass, with their progress.
 
-    Counted with a local-scheduler callback; on a distributed client nothing is counted.
+    The kind comes from :func:`tileseg.passes.current_pass` in the thread
+    that builds the graph (``statistics`` when not marked). Counted with a
+    local-scheduler callback that ignores computes started by other threads
+    (other items); on a distributed client nothing is counted.
+
+    Parameters
+    ----------
+    label : str
+        The item, for log lines.
+    on_progress : callable, optional
+        ``on_progress(kind, tasks_done, tasks_total)`` while a pass runs (at
+        most every ``every_s`` seconds, and at its end).
+    every_s : float
+        Seconds between progress calls.
+    log_every_s : float
+        Seconds between progress log lines (``-v``).
     """
 
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._t0: list[float] = []
+    def __init__(self, label: str = "", on_progress: Callable[[str, int, int], None] | None = None,
+                 every_s: float = 0.5, log_every_s: float = 10.0) -> None:
+        self.seconds: dict[str, float] = {}
+        self.label = label
+        self.on_progress = on_progress
+        self.every_s = every_s
+        self.log_every_s = log_every_s
+        self._thread = threading.get_ident()
+        self._stack: list[dict[str, Any]] = []
         self._cb: Any = None
+
+    def _begin(self, n_tasks: int) -> None:
+        from .passes import current_pass
+
+        kind, what = current_pass() or ("statistics", "")
+        now = time.perf_counter()
+        self._stack.append({"kind": kind, "what": what, "t0": now, "done": 0, "total": n_tasks, "shown": 0.0,
+                            "logged": now})
+
+    def _tasks(self, n_tasks: int) -> None:
+        """The number of tasks to run, known once the scheduler has its state (literals are not run)."""
+        if self._stack:
+            p = self._stack[-1]
+            p["total"] = n_tasks
+            log.info("%s: %s pass%s ... (%d tasks)", self.label, p["kind"], f" ({p['what']})" if p["what"] else "",
+                     n_tasks)
+            self._report(p, force=True)
+
+    def _task_done(self) -> None:
+        if self._stack:
+            p = self._stack[-1]
+            p["done"] += 1
+            self._report(p)
+
+    def _end(self) -> None:
+        if not self._stack:
+            return
+        p = self._stack.pop()
+        dt = time.perf_counter() - p["t0"]
+        self.seconds[p["kind"]] = self.seconds.get(p["kind"], 0.0) + dt
+        self._report(p, force=True)
+        log.info("%s: %s pass done in %.1f s", self.label, p["kind"], dt)
+
+    def _report(self, p: dict[str, Any], force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.on_progress is not None and (force or now - p["shown"] >= self.every_s):
+            p["shown"] = now
+            self.on_progress(p["kind"], p["done"], p["total"])
+        if now - p["logged"] >= self.log_every_s:
+            p["logged"] = now
+            log.info("%s: %s pass: %d/%d tasks (%.0f%%)", self.label, p["kind"], p["done"], p["total"],
+                     100.0 * p["done"] / max(1, p["total"]))
 
     def __enter__(self) -> _EagerComputes:
         from dask.callbacks import Callback
@@ -184,11 +253,20 @@ class _EagerComputes:
 
         class _CB(Callback):
             def _start(self, dsk: Any) -> None:
-                outer._t0.append(time.perf_counter())
+                if threading.get_ident() == outer._thread:
+                    outer._begin(len(dsk))
+
+            def _start_state(self, dsk: Any, state: Any) -> None:
+                if threading.get_ident() == outer._thread:
+                    outer._tasks(max(0, len(dsk) - len(state.get("cache", ()))))
+
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+                if threading.get_ident() == outer._thread:
+                    outer._task_done()
 
             def _finish(self, dsk: Any, state: Any, errored: bool) -> None:
-                if outer._t0:
-                    outer.seconds += time.perf_counter() - outer._t0.pop()
+                if threading.get_ident() == outer._thread:
+                    outer._end()
 
         self._cb = _CB()
         self._cb.__enter__()
@@ -783,9 +861,12 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 with timer.stage("open"):
                     image = open_item(cfg, item, index)
                 result.shape = [int(s) for s in image.spatial_shape]
-                with timer.stage("graph"), _EagerComputes() as eager:
+                on_pass = (lambda kind, done, total: display.pass_progress(index, kind, done, total)) \
+                    if display is not None else None
+                with timer.stage("graph"), _EagerComputes(timer.label, on_pass) as eager:
                     raw, final, stats = build_item(cfg, image, predictor, sched)
-                timer.split("graph", "statistics", eager.seconds)
+                for kind, seconds in eager.seconds.items():
+                    timer.split("graph", kind, seconds)
                 result.n_patches = stats.get("n_patches")
                 result.n_patches_skipped = stats.get("n_patches_skipped")
                 images = [final if o.cfg.content == "result" else raw for o in outputs]
@@ -816,7 +897,7 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
     finally:
         result.timings = timer.timings
         px = int(np.prod(result.shape)) if result.shape else 0
-        t = timer.timings.get("compute_write")
+        t = timer.timings.get("compute_write", 0.0) + timer.timings.get("components", 0.0)
         result.pixels_per_s = round(px / t, 1) if t and result.status == OK else None
 
 

@@ -104,6 +104,13 @@ def test_binary_min_mode_equals_scipy_border_value_zero():
     np.testing.assert_array_equal(got.compute(), ndi.binary_erosion(mask, fp, border_value=0))
 
 
+@pytest.mark.parametrize("radius", range(0, 9))
+def test_ball_and_disk_footprints_equal_skimage(radius):
+    np.testing.assert_array_equal(M.make_footprint(2, "ball", radius), skm.disk(radius).astype(bool))
+    np.testing.assert_array_equal(M.make_footprint(3, "ball", radius), skm.ball(radius).astype(bool))
+    np.testing.assert_array_equal(M.make_footprint(3, "disk", radius), skm.disk(radius).astype(bool)[None])
+
+
 def test_footprints():
     assert M.make_footprint(3, "ball", 2).shape == (5, 5, 5)
     np.testing.assert_array_equal(M.make_footprint(2, "ball", 2), skm.disk(2).astype(bool))

@@ -83,3 +83,18 @@ def test_dask_sees_the_size_of_an_owner_result():
     own = OwnPiece(((8, 38), (0, 40)), labels, ((((0, 8), (0, 40)), strip),))
     res = OwnerResult(((0, 38), (0, 46)), own, {((0, 38), (40, 80)): (((0, 30), (40, 46)), spill)})
     assert labels.nbytes + strip.nbytes + spill.nbytes <= sizeof(res) < labels.nbytes + strip.nbytes + spill.nbytes + 1024
+
+
+def test_dask_sees_the_accumulator_that_strip_views_keep_alive():
+    """On the CPU the own strips are views of the owner's accumulator: the whole buffer stays alive, count it once."""
+    from dask.sizeof import sizeof
+
+    from tileseg.stitching.handover import OwnerResult, OwnPiece
+
+    acc = np.zeros((5, 38, 46), np.float32)
+    labels = np.zeros((30, 40), np.uint8)
+    top, side = acc[:, :8, :40], acc[:, 8:, 40:]  # two views of one buffer
+    own = OwnPiece(((8, 38), (0, 40)), labels, ((((0, 8), (0, 40)), top), (((8, 38), (40, 46)), side)))
+    res = OwnerResult(((0, 38), (0, 46)), own, {})
+    assert acc.nbytes + labels.nbytes <= sizeof(res) < acc.nbytes + labels.nbytes + 1024
+    assert acc.nbytes + labels.nbytes <= sizeof(own) < acc.nbytes + labels.nbytes + 1024

@@ -153,6 +153,25 @@ def test_failures_leave_nothing_at_the_final_path(series, tmp_path):
     assert os.listdir(tmp_path / "out") == []
 
 
+def test_pixel_data_over_the_dicom_limit_warns_early_and_fails_clearly(series, tmp_path, monkeypatch, caplog):
+    """DICOM's 32-bit Pixel Data length: a warning at prepare when a dense SEG would not fit, an exact check at finalize."""
+    import tileseg.writers.dicom_seg as mod
+
+    lab, image = class_map_image(series)
+    frames = sum(int((lab[z] == k).any()) for k in (1, 2) for z in range(lab.shape[0]))
+    actual = mod.pixel_data_bytes(frames, 16, 20, "binary")
+    assert frames < 2 * lab.shape[0]  # some frames are empty: the bound at prepare is above the exact size
+    monkeypatch.setattr(mod, "MAX_PIXEL_BYTES", actual)  # fits exactly: written, after an early warning
+    with caplog.at_level(logging.WARNING, logger="tileseg.writers.dicom_seg"):
+        get_writer("dicom_seg").write(image, str(tmp_path / "out" / "fits.dcm"))
+    assert "over DICOM's 4 GiB" in caplog.text
+    assert hd.seg.segread(str(tmp_path / "out" / "fits.dcm")).NumberOfFrames == frames
+    monkeypatch.setattr(mod, "MAX_PIXEL_BYTES", actual - 1)
+    with pytest.raises(OutputError, match=rf"too\.dcm.*{frames} frames of 16 x 20.*over the 4 GiB"):
+        get_writer("dicom_seg").write(image, str(tmp_path / "out" / "too.dcm"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["fits.dcm"]  # nothing at the final path, no partial left
+
+
 def test_foreign_dicom_never_complete_nor_replaced_without_overwrite(series, tmp_path):
     _, image = class_map_image(series)
     out = tmp_path / "seg.dcm"

@@ -51,7 +51,8 @@ Schema (version 1)
       path: "out/{stem}_seg.zarr"   # template: {stem} file name without image suffixes (.zarr, .ome.zarr,
                                     # .nii.gz, ...), {name} full file name, {index} 0-based position in
                                     # the input list (format specs allowed: {index:04d}); unique per item
-      writer: zarr                  # writer name from the registry
+      writer: zarr                  # writer name from the registry; default from the path's ending:
+                                    # .tif cog, .nii/.nii.gz nifti, .dcm dicom_seg, .gpkg/.geojson vector, else zarr
       content: result               # result (after postprocess) | raw (model/method output before it)
       overwrite: false              # replace outputs not recorded by an earlier run into this folder
       options: {}                   # extra writer-specific keyword arguments
@@ -451,6 +452,15 @@ class OutputConfig(_Section):
     content: Literal["result", "raw"] = "result"
     overwrite: bool = False
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _writer_from_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "writer" not in data and isinstance(data.get("path"), str):
+            from ..writers import writer_for_path
+
+            data = {**data, "writer": writer_for_path(data["path"])}
+        return data
 
     @field_validator("path")
     @classmethod

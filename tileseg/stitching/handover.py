@@ -60,7 +60,7 @@ class OwnPiece:
 
     def __sizeof__(self) -> int:  # what Dask's memory accounting sees (``dask.sizeof`` falls back to it)
         arrays = [a for _, a in self.parts] + ([self.reduced] if self.reduced is not None else [])
-        return 64 + sum(a.nbytes for a in arrays)
+        return 64 + held_bytes(arrays)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,23 @@ class OwnerResult:
     spill: dict[Box, tuple[Box, np.ndarray]]
 
     def __sizeof__(self) -> int:
-        return self.own.__sizeof__() + sum(a.nbytes for _, a in self.spill.values())
+        own = [a for _, a in self.own.parts] + ([self.own.reduced] if self.own.reduced is not None else [])
+        return 64 + held_bytes(own + [a for _, a in self.spill.values()])
+
+
+def held_bytes(arrays: list[np.ndarray]) -> int:
+    """Bytes that ``arrays`` keep alive: a view counts the whole array it was cut from, once.
+
+    Own strips handed over as views of the accumulator (the CPU path) keep the
+    whole ``K x region`` buffer alive until the block's final task has run.
+    """
+    roots: dict[int, int] = {}
+    for a in arrays:
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        roots[id(root)] = root.nbytes
+    return sum(roots.values())
 
 
 def intersect(a: Box, b: Box) -> Box | None:

@@ -44,6 +44,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import ConfigError, InputError
+from ..passes import whole_image_pass
 from .label_faces import boundary_pairs
 from .label_store import LabelStore, compress, resolve_spill
 
@@ -372,7 +373,8 @@ def components(
     for i, idx in enumerate(itertools.product(*(range(g) for g in grid))):
         offset = tuple(int(starts[ax][j]) for ax, j in enumerate(idx))
         tasks.append(scan(blocks[i], i, offset, x.shape, struct, by_value, stats, store))
-    (scans,) = dask.compute(tasks)
+    with whole_image_pass("components", "connected components"):  # computing the result, not set-up
+        (scans,) = dask.compute(tasks)
 
     counts = np.array([s["n"] for s in scans], dtype=np.int64)
     bounds = np.concatenate([[0], np.cumsum(counts)])

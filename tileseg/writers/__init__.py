@@ -25,7 +25,27 @@ from typing import Any
 
 from .base import WriteHandle, WriteJob, Writer
 
-__all__ = ["WriteHandle", "WriteJob", "Writer", "get_writer", "is_complete"]
+__all__ = ["WriteHandle", "WriteJob", "Writer", "get_writer", "is_complete", "writer_for_path"]
+
+# file name endings of the built-in single-file writers; anything else is a Zarr store
+SUFFIXES = {".dcm": "dicom_seg", ".nii": "nifti", ".nii.gz": "nifti", ".tif": "cog", ".tiff": "cog",
+            ".gpkg": "vector", ".geojson": "vector"}
+
+
+def writer_for_path(path: str) -> str:
+    """The writer a path's ending asks for: ``.dcm`` DICOM SEG, ``.nii[.gz]`` NIfTI, ``.tif[f]`` COG,
+    ``.gpkg``/``.geojson`` polygons, anything else (``.zarr``, a folder) Zarr.
+
+    Examples
+    --------
+    >>> writer_for_path("out/{stem}_seg.nii.gz"), writer_for_path("s3://b/seg.zarr"), writer_for_path("a.TIF")
+    ('nifti', 'zarr', 'cog')
+    """
+    name = str(path).rstrip("/").rsplit("/", 1)[-1].lower()
+    for suffix in sorted(SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return SUFFIXES[suffix]
+    return "zarr"
 
 
 def get_writer(name: str) -> Writer:

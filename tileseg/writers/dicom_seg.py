@@ -99,6 +99,13 @@ log = logging.getLogger(__name__)
 STORE = "slabs.zarr"
 PIXELS = "pixeldata.bin"  # the SEG's Pixel Data, streamed here at finalize
 TARGET_SLAB_BYTES = 64 * 2**20
+MAX_PIXEL_BYTES = 2**32 - 2  # uncompressed Pixel Data has a 32-bit (even) length
+
+
+def pixel_data_bytes(n_frames: int, rows: int, cols: int, segmentation_type: str) -> int:
+    """Bytes of a SEG's Pixel Data: bit-packed over all frames when binary, one byte per pixel when fractional."""
+    pixels = int(n_frames) * int(rows) * int(cols)
+    return (pixels + 7) // 8 if segmentation_type == "binary" else pixels
 PRIVATE_GROUP, PRIVATE_CREATOR = 0x0011, "tileseg"
 TYPES = ("binary", "fractional")
 #: What the writer needs from ``attrs["dicom"]`` (the DICOM reader's keyword names) -> its own names.
@@ -302,6 +309,16 @@ class DicomSegWriter(SingleFileWriter):
             raise OutputError(f"{path!r}: image slices are {image.spatial_shape[1:]} (y, x) but the source "
                               f"{first!r} has {rows} rows x {cols} columns")
 
+        names = image.class_names
+        n_seg = (1 if image.dtype == np.bool_ or segmentation_type == "fractional" and not image.has_channels
+                 else image.shape[0] if segmentation_type == "fractional"
+                 else len(names) - 1 if names is not None else None)
+        most = pixel_data_bytes(image.spatial_shape[0] * n_seg, rows, cols, segmentation_type) if n_seg else 0
+        if most > MAX_PIXEL_BYTES:  # empty frames are left out: it may still fit, the finalize checks exactly
+            log.warning("%s: with every slice labelled for all %d segments the SEG's Pixel Data would be %.1f GiB, "
+                        "over DICOM's 4 GiB; it is written only if empty frames bring it under", path, n_seg,
+                        most / 2**30)
+
         final, target = self.claim(path, local, overwrite, "a DICOM file", partial_key)
         if segmentation_type == "binary":
             dtype = _label_store_dtype(image)
@@ -365,6 +382,12 @@ class DicomSegWriter(SingleFileWriter):
             occupancy = scan_store(handle)
             seg = build_skeleton(handle, sources, occupancy)
             frames = frame_list(handle, seg)
+            rows, cols = handle.shape[-2:]  # the skeleton's frames are smaller until attach_pixels
+            size = pixel_data_bytes(len(frames), rows, cols, d["type"])
+            if size > MAX_PIXEL_BYTES:
+                raise OutputError(f"{handle.path!r}: {len(frames)} frames of {rows} x {cols} make "
+                                  f"{size / 2**30:.2f} GiB of Pixel Data, over the 4 GiB one DICOM SEG can hold; "
+                                  "write fewer classes per output (several SEGs) or NIfTI/OME-Zarr labels")
             with open(pixels, "wb") as fh:
                 write_pixel_data(handle, occupancy, frames, fh)
             record = {"writer": self.name, "version": d["version"], "run_id": handle.run_id,
