@@ -9,6 +9,9 @@ Variants, each in its own process (wall time and the child's peak RSS from ``wai
 * ``usual``: pydicom reads every slice into one float32 volume, MONAI
   ``sliding_window_inference`` (same net, patch, overlap, Gaussian blending,
   batch) on it, argmax, nibabel writes the NIfTI (no SEG);
+* ``floor``: a process that only imports torch, dask and tileseg, loads the
+  net and runs one forward of a batch: the part of every variant's peak RSS
+  that does not depend on the image;
 * ``seg-dense``: a dense SEG alone, what the DICOM SEG writer costs: ``tileseg
   run`` with a HU threshold (> -500 HU: the water cylinder, on every slice)
   -> DICOM SEG only;
@@ -87,6 +90,8 @@ def run_variant(name: str, series: Path, weights: Path, workdir: Path) -> dict:
         if report.items[0].status != "ok":
             raise RuntimeError(report.items[0].error)
         shape = report.items[0].shape
+    elif name == "floor":
+        return floor(weights)
     elif name == "seg-highdicom":
         shape = highdicom_seg(series, workdir / "out_seg-highdicom.dcm")
     elif name == "seg-finalize":
@@ -116,6 +121,22 @@ def run_variant(name: str, series: Path, weights: Path, workdir: Path) -> dict:
     else:
         raise ValueError(name)
     return {"variant": name, "shape": shape, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def floor(weights: Path) -> dict:
+    """``floor``: what any run of the net costs before its data: torch, dask and tileseg imported, the
+    model loaded and one forward of a batch (its activations), in a process of its own."""
+    import dask.array  # noqa: F401
+    import torch
+
+    import tileseg  # noqa: F401
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    net = torch.jit.load(str(weights)).eval()
+    with torch.inference_mode():
+        net(torch.zeros((BATCH, 1) + PATCH))
+    return {"variant": "floor", "shape": [BATCH, *PATCH], "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def finalize_only(series: Path, out: Path) -> dict:
@@ -214,12 +235,18 @@ def main() -> None:
     ap.add_argument("--slices", type=int, default=600)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--variants", nargs="+",
-                    default=["tileseg", "tileseg-nifti", "usual", "seg-dense", "seg-finalize", "seg-highdicom"])
+                    default=["floor", "tileseg", "tileseg-nifti", "usual", "seg-dense", "seg-finalize", "seg-highdicom"])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tileseg-bench-med-"))
+    if not args.worker and not (workdir / f"ct{args.slices}x{args.size}").exists():
+        # written by a child: a child's peak RSS (wait4) starts from its parent's RSS when it was forked
+        subprocess.run([sys.executable, __file__, "--worker", "prepare", "--slices", str(args.slices),
+                        "--size", str(args.size), "--workdir", str(workdir)], check=True, stdout=subprocess.DEVNULL)
     series, weights = prepare(workdir, args.slices, args.size)
+    if args.worker == "prepare":
+        return
     if args.worker:
         print(json.dumps(run_variant(args.worker, series, weights, workdir)))
         return
@@ -238,6 +265,13 @@ def main() -> None:
         memory = f"{r['peak_rss_mib'] / base['peak_rss_mib']:.2f}x" if base else "-"
         print(f"| {r['variant']} | {'x'.join(map(str, r['shape']))} | {r['seconds']} | {r['mvox_per_s']} | {speed} | "
               f"{r['peak_rss_mib']} | {memory} | {r['float_volume_mib']} |")
+    low = next((r for r in rows if r.get("variant") == "floor" and "peak_rss_mib" in r), None)
+    if low:
+        print(f"\nfloor (imports + model + one forward): {low['peak_rss_mib']} MiB; above it:")
+        for r in rows:
+            if r.get("variant") != "floor" and "peak_rss_mib" in r:
+                print(f"  {r['variant']}: {r['peak_rss_mib'] - low['peak_rss_mib']} MiB "
+                      f"({(r['peak_rss_mib'] - low['peak_rss_mib']) / r['float_volume_mib']:.2f}x the float32 volume)")
     for r in rows:
         if "finalize_growth_mib" in r:
             print(f"\nseg-finalize: finalize {r['seconds']} s, RSS {r['rss_before_mib']} MiB before it, grew by "

@@ -84,6 +84,54 @@ def test_threads_scheduler_applies_the_cap(monkeypatch):
 def test_local_cluster_workers_get_the_cap():
     pytest.importorskip("distributed")
     with scheduler_context({"scheduler": "local", "workers": 1, "malloc_arenas": 2}) as info:
-        env = info.client.run(lambda: os.environ.get("MALLOC_ARENA_MAX"))
-    assert list(env.values()) == ["2"]
+        env = info.client.run(lambda: [os.environ.get(k) for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")])
+    assert list(env.values()) == [["2", str(1 << 20)]]
 
+
+
+# Heap holes: 4 MiB blocks freed below a live one, after a 20 MiB free raised glibc's dynamic mmap threshold.
+HOLES = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {root!r})
+    import numpy as np
+    from tileseg.allocator import pin_mmap_threshold
+    if {pin}:
+        assert pin_mmap_threshold()
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+    big = np.ones(5 << 20, np.float32); del big
+    base = rss()
+    blocks = [np.ones(1 << 20, np.float32) for _ in range(50)]
+    last = blocks.pop()
+    del blocks
+    print(rss() - base)
+    """
+)
+
+
+@linux
+def test_pinned_mmap_threshold_gives_freed_blocks_back():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def held(pin: bool) -> int:
+        out = subprocess.run([sys.executable, "-c", HOLES.format(root=root, pin=pin)], capture_output=True,
+                             text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+        return int(out.stdout.split()[-1])
+
+    assert held(False) > 150  # 49 freed 4 MiB blocks stay in the heap under the live one
+    assert held(True) < 20
+
+
+def test_threads_scheduler_pins_the_mmap_threshold_with_the_cap(monkeypatch):
+    import tileseg.execution as ex
+
+    seen = []
+    monkeypatch.setattr(ex, "limit_arenas", lambda n: None)
+    monkeypatch.setattr(ex, "pin_mmap_threshold", lambda: seen.append(True))
+    with scheduler_context({"scheduler": "threads", "malloc_arenas": 1}):
+        pass
+    with scheduler_context({"scheduler": "threads", "malloc_arenas": None}):
+        pass
+    assert seen == [True]

@@ -55,7 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .allocator import limit_arenas
+from .allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, limit_arenas, pin_mmap_threshold
 from .errors import ConfigError, RunInterrupted
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
         raise ConfigError(f"execution.scheduler: {exc}") from None
     if arenas and name in ("threads", "synchronous"):
         limit_arenas(int(arenas))
+        pin_mmap_threshold()
 
     if name in ("threads", "processes", "synchronous"):
         if resources:
@@ -309,7 +310,9 @@ def _local_cluster(distributed: Any, workers: int | None, threads: int, resource
 
     from . import placement
 
-    spawn_env = {"distributed.nanny.pre-spawn-environ.MALLOC_ARENA_MAX": int(arenas)} if arenas else {}
+    spawn_env = ({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in (
+        ("MALLOC_ARENA_MAX", int(arenas)), ("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD),
+        ("MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD))} if arenas else {})
     wants_gpus = "GPU" in resources or (not resources and workers is None)
     n_devices = placement.device_count() if wants_gpus else 0
     with dask.config.set(spawn_env):
@@ -361,6 +364,7 @@ def _init_worker_process(arenas: int | None) -> None:
 
     if arenas:
         limit_arenas(int(arenas))
+        pin_mmap_threshold()
     initialize_worker_process()
 
 

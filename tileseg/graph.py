@@ -219,6 +219,11 @@ def model_input(image: Image, grid: PatchGrid, tiling: TilingOptions, inference:
     import dask.array as da
 
     data = image.data if image.has_channels else image.data[None]
+    if not image.has_channels and all(p == (0, 0) for p in grid.pad):
+        from .readers.dicom import region_chunks
+
+        planes = region_chunks(image.data, grid.chunks)  # owners then read their region, not whole planes
+        data = data if planes is None else planes[None]
     if data.dtype.kind == "f" and inference.nan_policy == "fill":
         data = da.where(da.isnan(data), inference.fill_value, data)
     if valid is not None:  # NaN keeps invalid pixels out of the statistics (see tileseg.preprocess)

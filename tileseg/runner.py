@@ -79,6 +79,7 @@ from .outputs import (
 )
 from .outputs import join as _join
 from .progress import RunProgress, watch_chunks
+from .readers._slab_cache import SLAB_CACHE
 from .report import (
     FAILED,
     INTERRUPTED,
@@ -421,6 +422,7 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
             tasks = [out.writer.write_task(h, image) for out, h, image in zip(outputs, handles, images)]
         with timer.stage("compute_write"), (on_chunks(handles) if on_chunks else nullcontext()):
             compute(sched, *tasks, progress=progress)
+        SLAB_CACHE.clear()  # decoded DICOM planes of this item (threads scheduler): not needed by finalize
         with timer.stage("finalize"):
             for out, h in zip(outputs, handles):
                 out.writer.finalize(h, {**info, "config_hash": out.config_hash})

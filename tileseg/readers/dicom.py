@@ -78,6 +78,7 @@ import numpy as np
 from ..errors import ConfigError, FormatError, InputError, require
 from ..image import Image
 from ._dicom_series import SliceHeader, assemble, dicom_files, is_dicom_file, scan, series_key
+from ._slab_cache import SLAB_CACHE
 from .base import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, Reader, check_budget, local_path
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ class SliceSource:
         self.shape = (len(headers), headers[0].rows, headers[0].cols)
         self.dtype = np.dtype(dtype)
         self.ndim = 3
+        self.token = series  # identifies the files' contents in the slab cache (set by the reader)
+        self.unit = DEFAULT_CHUNK_SLICES  # slices per slab cache entry (set by the reader)
 
     def _name(self, k: int) -> str:
         name = os.path.basename(self.files[k])
@@ -194,6 +197,24 @@ class SliceSource:
         ks = list(range(*zs.indices(self.shape[0])))
         if not ks:
             return np.empty((0,) + np.empty(self.shape[1:])[ys, xs].shape, dtype=self.dtype)
+        whole = all(s.indices(n) == (0, n, 1) for s, n in zip((ys, xs), self.shape[1:]))
+        if whole:  # a whole slab is read once by its consumer: not cached
+            return self._planes(ks, ys, xs)
+        # a part of the planes (an owner's region): whole planes decoded once per cache unit of
+        # ``self.unit`` slices, cropped by every owner under them
+        if zs.indices(self.shape[0])[2] != 1:
+            return self._planes(ks, ys, xs)
+        out = []
+        for start in range(ks[0] - ks[0] % self.unit, ks[-1] + 1, self.unit):
+            unit = list(range(start, min(start + self.unit, self.shape[0])))
+            slab = SLAB_CACHE.get((self.token, str(self.dtype), start, len(unit)),
+                                  lambda unit=unit: self._planes(unit, slice(None), slice(None)))
+            lo, hi = max(ks[0], start) - start, min(ks[-1] + 1, start + len(unit)) - start
+            out.append(slab[lo:hi, ys, xs])
+        return np.concatenate(out) if len(out) > 1 else np.array(out[0])
+
+    def _planes(self, ks: list[int], ys: slice, xs: slice) -> np.ndarray:
+        """Slices ``ks`` decoded and rescaled, cropped to ``ys, xs``."""
         planes: dict[int, np.ndarray] = {}
         multi: dict[str, list[int]] = {}  # enhanced multi-frame file -> its slices in this slab
         for k in ks:
@@ -205,6 +226,33 @@ class SliceSource:
             for k, raw in zip(group, self._frames(group)):
                 planes[k] = self._finish(k, raw)[ys, xs]
         return np.stack([planes[k] for k in ks])
+
+
+def region_chunks(data: Any, chunks: tuple[tuple[int, ...], ...]) -> Any:
+    """The reader's lazy volume ``data`` re-made with ``(y, x)`` chunks ``chunks[1:]``, or None if ``data`` is not one.
+
+    For the engine's owner tasks, which each read their own region: a chunk
+    then holds a part of the planes, cut from whole planes decoded once per
+    cache unit (:data:`~tileseg.readers._slab_cache.SLAB_CACHE`). The z-chunks
+    become a multiple of the reader's slab of at least a quarter of
+    ``chunks[0]``'s largest, so an owner reads little beyond its region.
+    Values are those of ``data``.
+    """
+    import dask.array as da
+    from dask.base import tokenize
+
+    name = getattr(data, "name", "")
+    if not (isinstance(name, str) and name.startswith("dicom-")) or data.ndim != 3:
+        return None
+    source = data.__dask_graph__().get(f"original-{name}")
+    if not isinstance(source, SliceSource) or tuple(sum(c) for c in chunks[1:]) != tuple(data.shape[1:]):
+        return None
+    unit = source.unit
+    cz = max(unit, -(-max(chunks[0]) // 4 // unit) * unit)
+    new = ((cz,) * (data.shape[0] // cz) + ((data.shape[0] % cz,) if data.shape[0] % cz else ()),
+           tuple(chunks[1]), tuple(chunks[2]))
+    return da.from_array(source, chunks=new, name=f"{name}-{tokenize(new)}", asarray=False, fancy=False,
+                         meta=data._meta)
 
 
 def output_dtype(headers: list[SliceHeader]) -> np.dtype:
@@ -382,8 +430,9 @@ class DicomReader(Reader):
             raise ConfigError(f"chunks={chunks!r}: give a positive number of slices per chunk")
         source = SliceSource(headers, dtype, uid)
         stats = [(h.path, os.path.getmtime(h.path), os.path.getsize(h.path)) for h in headers]
+        source.token, source.unit = tokenize(stats, str(dtype), cz), min(cz, shape[0])
         data = da.from_array(source, chunks=(min(cz, shape[0]), shape[1], shape[2]),
-                             name=f"dicom-{tokenize(stats, str(dtype), cz)}", asarray=False, fancy=False,
+                             name=f"dicom-{source.token}", asarray=False, fancy=False,
                              meta=np.empty((0, 0, 0), dtype=dtype))
         rescale = sorted({(h.slope, h.intercept) for h in headers})
         h0 = headers[0]
