@@ -324,3 +324,22 @@ def test_committed_demo_models_segment_blobs(dims, shape):
     x = zscore(img[None]).compute()[None]
     pred = p(x)[0].argmax(0)
     assert dice(pred, lab) > 0.9
+
+
+def test_plain_callable_returning_a_tensor_that_requires_grad():
+    """A user's function calling a module outside inference mode: detached, same labels as the module itself."""
+    import tileseg
+    from tileseg.predictors.torch import TorchPredictor
+
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1))
+    x = np.random.default_rng(2).random((50, 44), dtype=np.float32)
+
+    def fn(batch):
+        return net(torch.from_numpy(batch))  # grad tracking on: out.requires_grad
+
+    assert fn(x[None, None, :16, :16]).requires_grad
+    kw = dict(patch_size=(16, 16), overlap=0.5, chunks=24, output="logits")
+    got = tileseg.segment(x, fn, **kw).data.compute()
+    ref = tileseg.segment(x, TorchPredictor(net.eval(), device="cpu"), **kw).data.compute()
+    np.testing.assert_allclose(got, ref, atol=1e-5)

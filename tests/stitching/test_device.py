@@ -198,6 +198,37 @@ def test_accumulator_without_room_on_the_device_stitches_on_the_host(monkeypatch
     np.testing.assert_array_equal(got["labels"], ref["labels"])
 
 
+def test_out_of_memory_outside_the_forward_stitches_that_block_on_the_host(monkeypatch, caplog):
+    """An OOM in the device reduction (or the slices' concatenation, the conventions): that block on the host."""
+    x = _structured((40, 52), seed=6)
+    net = _net(2, 3)
+    kw = dict(patch_size=(16, 16), overlap=0.5, chunks=20, batch_size=4)
+    ref = {o: tileseg.segment(x, TorchPredictor(net, device="cpu"), output=o, **kw).data.compute()
+           for o in ("probabilities", "labels")}
+    calls = {"labels": 0, "scores": 0}
+
+    def failing(name):
+        original = getattr(accumulate.TorchAccumulator, name)
+
+        def method(self, *a, **k):
+            calls[name] += 1
+            if calls[name] == 1:  # the first block's reduction runs out of device memory
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return original(self, *a, **k)
+        return method
+
+    for name in calls:
+        monkeypatch.setattr(accumulate.TorchAccumulator, name, failing(name))
+    with caplog.at_level("WARNING", logger="tileseg.stitching.overlap_add"):
+        got = {o: tileseg.segment(x, TorchPredictor(net, device="cpu"), output=o,
+                                  **kw).data.compute(scheduler="synchronous")
+               for o in ("probabilities", "labels")}
+    assert calls["labels"] >= 2 and calls["scores"] >= 2  # failed once each, then other blocks on the device
+    assert caplog.text.count("stitching it on the host instead") == 2
+    np.testing.assert_allclose(got["probabilities"], ref["probabilities"], atol=1e-6)
+    np.testing.assert_array_equal(got["labels"], ref["labels"])
+
+
 @pytest.mark.parametrize("conv", [
     Conventions(layout="NHWC"),
     Conventions(activation="none"),

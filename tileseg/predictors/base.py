@@ -42,8 +42,8 @@ class CallablePredictor(Predictor):
     Parameters
     ----------
     fn : callable
-        Maps ``(N, C, *patch)`` to ``(N, K, *patch)``; numpy or anything
-        ``numpy.asarray`` accepts.
+        Maps ``(N, C, *patch)`` to ``(N, K, *patch)``; numpy, a torch tensor
+        (on any device, with or without grad), or anything ``numpy.asarray`` accepts.
     in_channels, out_channels : int, optional
         Channel counts when known.
 
@@ -64,8 +64,21 @@ class CallablePredictor(Predictor):
         from .oom import run_adaptive
 
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
-        return run_adaptive(lambda b: np.asarray(self.fn(b), dtype=np.float32), np.asarray(batch),
+        return run_adaptive(lambda b: host_array(self.fn(b)), np.asarray(batch),
                             key=self._key, device="callable", name=name)
 
     def describe(self) -> dict[str, Any]:
         return {"type": "callable", "name": getattr(self.fn, "__name__", type(self.fn).__name__)}
+
+
+def host_array(out: Any) -> np.ndarray:
+    """A callable's output as a float32 host array; torch tensors are detached and copied from their device.
+
+    Examples
+    --------
+    >>> host_array([[1, 2]]).dtype
+    dtype('float32')
+    """
+    if hasattr(out, "detach") and hasattr(out, "cpu"):  # a torch tensor: no torch import for other callables
+        out = out.detach().cpu()
+    return np.asarray(out, dtype=np.float32)

@@ -66,7 +66,8 @@ def _lower(key: str, device: str, size: int, requested: int, name: str) -> int:
     return new
 
 
-def _release_cached_memory() -> None:
+def release_cached_memory() -> None:
+    """Hand torch's cached CUDA blocks back to the driver (nothing without CUDA)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -121,7 +122,7 @@ def run_adaptive(forward: Callable[[np.ndarray], Any], batch: np.ndarray, *, key
                                  f"{str(exc).strip()[:300]}") from exc
             failed = True  # leave the except block first so the traceback's tensors are freed
         if failed:
-            _release_cached_memory()
+            release_cached_memory()
             limit = _lower(key, device, size, n, name)
             continue
         i += size

@@ -21,6 +21,7 @@ between tasks); see :mod:`.reduce`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from ..tiling.grid import PatchSet, as_starts
 from . import buffers, reduce
 from .accumulate import NumpyAccumulator, accumulator
 from .handover import Handover, OwnerResult, OwnPiece, box_minus, intersect
+
+log = logging.getLogger(__name__)
 
 Box = tuple[tuple[int, int], ...]
 
@@ -146,21 +149,49 @@ def predict_owner(
             predicted = starts[keep]
             crop_boxes = crop_boxes[keep] if crop_boxes is not None else None
     args = (predictor, x, region, predicted, crop_boxes, patch, n_classes, batch_size, window, bad_output, source)
-    acc = _accumulate(*args, careful=False)
+    if getattr(predictor, "predict_tensor", None) is None:
+        return _stitch(args, region, handover, starts, window, host=True)
+    from ..predictors.oom import is_out_of_memory, release_cached_memory
+
+    try:
+        return _stitch(args, region, handover, starts, window, host=False)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        log.warning("%s: out of device memory while stitching block %r on the model's device (%s); stitching it "
+                    "on the host instead", source, region, str(exc).strip()[:200])
+    release_cached_memory()  # outside the except block: the traceback's tensors are gone
+    return _stitch(args, region, handover, starts, window, host=True)
+
+
+def _stitch(args: tuple, region: Box, handover: Handover, starts: np.ndarray, window: np.ndarray | None,
+            host: bool) -> OwnerResult:
+    """Accumulate (again, checking every batch, when the output is not finite) and hand over.
+
+    ``host``: the predictor's host outputs (``__call__``) and a NumPy
+    accumulator, for predictors without ``predict_tensor`` and as the
+    fallback when the device runs out of memory outside the model's forward
+    (concatenating slices, output conventions, the reduction), which the
+    batch back-off of :mod:`tileseg.predictors.oom` does not cover.
+    """
+    acc = _accumulate(*args, careful=False, host=host)
     if not acc.finite():  # bad model output (or an overflow): again, checking every batch
         del acc  # freed before the second one is filled
-        acc = _accumulate(*args, careful=True)
+        acc = _accumulate(*args, careful=True, host=host)
     return hand_over(acc, region, handover, starts, window)
 
 
 def _accumulate(predictor, x: np.ndarray, region: Box, starts: np.ndarray, crop_boxes: np.ndarray | None,
                 patch: tuple[int, ...], n_classes: int, batch_size: int, window: np.ndarray | None,
-                bad_output: str, source: str, careful: bool):
-    """The owner's accumulator (:mod:`.accumulate`) with every owned patch added; ``careful``: check each batch."""
+                bad_output: str, source: str, careful: bool, host: bool = False):
+    """The owner's accumulator (:mod:`.accumulate`) with every owned patch added; ``careful``: check each batch.
+
+    ``host``: call the predictor itself (NumPy outputs) even when it has ``predict_tensor``.
+    """
     shape = tuple(b - a for a, b in region)
     origin = np.array([a for a, _ in region])
     local = starts - origin
-    forward = getattr(predictor, "predict_tensor", None)  # tensors on the model's device: stitch there
+    forward = None if host else getattr(predictor, "predict_tensor", None)  # tensors on the device: stitch there
     batch = None  # one input batch buffer, refilled for every batch of the task
     acc = None
     for i in range(0, len(local), batch_size):
