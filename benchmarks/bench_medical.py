@@ -85,7 +85,8 @@ def run_variant(name: str, series: Path, weights: Path, workdir: Path) -> dict:
             f"input: {{path: '{series}'}}\n"
             + method +
             f"outputs: [{', '.join(outs)}]\n"
-            "execution: {scheduler: threads, workers: 2}\n")
+            # the medical pipelines pin glibc's mmap threshold (pipelines/ct_model.yaml): freed slabs go back
+            "execution: {scheduler: threads, workers: 2, malloc_mmap_threshold: 1048576}\n")
         report = tileseg.run(pipe, resume=False)
         if report.items[0].status != "ok":
             raise RuntimeError(report.items[0].error)

@@ -22,7 +22,9 @@ floor     the loop plus the least any stitching must do: each patch times the wi
 monai     ``monai.inferers.sliding_window_inference`` (gaussian), then argmax
 segment   ``tileseg.segment(..., output="labels").data.compute()`` (numpy in, numpy out)
 
-Every variant runs one warm-up forward before the clock starts; imports happen first too.
+Every variant runs one warm-up forward, then the whole variant once untimed, before the clock
+starts: the steady state of a process that segments many items (``--cold`` times the first run
+instead: imports of the code it reaches, thread pools and first page faults included).
 "CPU s" is the process's CPU time over the same span (all threads): the work done, which
 other jobs on a shared machine disturb far less than the wall-clock time.
 """
@@ -77,7 +79,7 @@ def _segment(x, net, case):
                            output="labels", chunks=case["chunks"])
 
 
-def variant(name: str, case_name: str) -> dict:
+def variant(name: str, case_name: str, warm: bool = True) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -98,33 +100,39 @@ def variant(name: str, case_name: str) -> dict:
         import tileseg.graph  # noqa: F401
     with torch.inference_mode():  # warm-up forward, same for every variant
         net(torch.zeros((batch, 1) + tuple(patch)))
-    t0, c0 = time.perf_counter(), _cpu()
-    if name == "loop":
-        with torch.inference_mode():
-            for i in range(0, len(starts), batch):
-                b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
-                net(torch.from_numpy(b[:, None]))
-    elif name == "floor":
-        from tileseg.stitching.weights import blend_window
 
-        with torch.inference_mode():
-            w = torch.from_numpy(np.array(blend_window(patch, "gaussian")))
-            acc = torch.zeros((case["classes"],) + tuple(case["shape"]))
-            for i in range(0, len(starts), batch):
-                b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
-                y = net(torch.from_numpy(b[:, None]))
-                for s, yj in zip(starts[i: i + batch], y):
-                    acc[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(s, patch))].addcmul_(yj, w)
-            acc.argmax(0).to(torch.uint8).numpy()
-    elif name == "monai":
-        with torch.inference_mode():
-            out = sliding_window_inference(torch.from_numpy(x[None, None]), patch, batch, net,
-                                           overlap=case["overlap"], mode="gaussian")
-            out.argmax(1).to(torch.uint8).numpy()
-    elif name == "segment":
-        _segment(x, net, case).data.compute()
-    else:
-        raise ValueError(name)
+    def work() -> None:
+        if name == "loop":
+            with torch.inference_mode():
+                for i in range(0, len(starts), batch):
+                    b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
+                    net(torch.from_numpy(b[:, None]))
+        elif name == "floor":
+            from tileseg.stitching.weights import blend_window
+
+            with torch.inference_mode():
+                w = torch.from_numpy(np.array(blend_window(patch, "gaussian")))
+                acc = torch.zeros((case["classes"],) + tuple(case["shape"]))
+                for i in range(0, len(starts), batch):
+                    b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
+                    y = net(torch.from_numpy(b[:, None]))
+                    for s, yj in zip(starts[i: i + batch], y):
+                        acc[(slice(None),) + tuple(slice(a, a + p) for a, p in zip(s, patch))].addcmul_(yj, w)
+                acc.argmax(0).to(torch.uint8).numpy()
+        elif name == "monai":
+            with torch.inference_mode():
+                out = sliding_window_inference(torch.from_numpy(x[None, None]), patch, batch, net,
+                                               overlap=case["overlap"], mode="gaussian")
+                out.argmax(1).to(torch.uint8).numpy()
+        elif name == "segment":
+            _segment(x, net, case).data.compute()
+        else:
+            raise ValueError(name)
+
+    if warm:  # one untimed run of the whole variant first: the steady state of a process that segments many items
+        work()
+    t0, c0 = time.perf_counter(), _cpu()
+    work()
     seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     return {"variant": name, "case": case_name, "n_patches": len(starts), "seconds": seconds, "cpu_seconds": cpu,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -162,8 +170,8 @@ def profile(case_name: str, top: int, cpu: bool) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(top)
 
 
-def run_sub(name: str, case_name: str) -> dict:
-    cmd = [sys.executable, __file__, "--variant", name, "--case", case_name]
+def run_sub(name: str, case_name: str, cold: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--variant", name, "--case", case_name] + (["--cold"] if cold else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if out.returncode != 0:
@@ -183,6 +191,9 @@ def _median(results: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant")
+    ap.add_argument("--cold", action="store_true",
+                    help="time each variant's first run in its process (imports, thread pools and first page "
+                         "faults included) instead of the run after an untimed one")
     ap.add_argument("--case")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--repeat", type=int, default=5, help="interleaved runs per variant")
@@ -192,12 +203,13 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.variant:
-        print(json.dumps(variant(args.variant, args.case)))
+        print(json.dumps(variant(args.variant, args.case, warm=not args.cold)))
         return
     if args.profile:
         profile(args.profile, args.top, args.cpu)
         return
-    print(f"# {os.cpu_count()} CPU cores; load average before: {os.getloadavg()[0]:.2f}; "
+    print(f"# {os.cpu_count()} CPU cores; {'first run timed (--cold)' if args.cold else 'run after an untimed one'}; "
+          f"load average before: {os.getloadavg()[0]:.2f}; "
           f"median of {args.repeat} interleaved runs per variant")
     variants = ("loop", "floor", "monai", "segment")
     results = {}
@@ -205,7 +217,7 @@ def main() -> None:
         runs: dict[str, list] = {v: [] for v in variants}
         for _ in range(args.repeat):
             for v in variants:
-                runs[v].append(run_sub(v, case_name))
+                runs[v].append(run_sub(v, case_name, args.cold))
         rows = [_median(runs[v]) for v in variants]
         results[case_name] = rows
         c = CASES[case_name]

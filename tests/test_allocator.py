@@ -83,9 +83,11 @@ def test_threads_scheduler_applies_the_cap(monkeypatch):
 @linux
 def test_local_cluster_workers_get_the_cap():
     pytest.importorskip("distributed")
-    with scheduler_context({"scheduler": "local", "workers": 1, "malloc_arenas": 2}) as info:
-        env = info.client.run(lambda: [os.environ.get(k) for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")])
-    assert list(env.values()) == [["2", str(1 << 20)]]
+    with scheduler_context({"scheduler": "local", "workers": 1, "malloc_arenas": 2,
+                            "malloc_mmap_threshold": 1 << 20}) as info:
+        env = info.client.run(lambda: [os.environ.get(k) for k in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_",
+                                                                   "MALLOC_TRIM_THRESHOLD_")])
+    assert list(env.values()) == [["2", str(1 << 20), str(4 << 20)]]
 
 
 
@@ -124,14 +126,15 @@ def test_pinned_mmap_threshold_gives_freed_blocks_back():
     assert held(True) < 20
 
 
-def test_threads_scheduler_pins_the_mmap_threshold_with_the_cap(monkeypatch):
+def test_threads_scheduler_pins_the_mmap_threshold_only_when_asked(monkeypatch):
+    """An option (it makes every larger allocation a fresh mapping: slower), not a side effect of the arena cap."""
     import tileseg.execution as ex
 
     seen = []
     monkeypatch.setattr(ex, "limit_arenas", lambda n: None)
-    monkeypatch.setattr(ex, "pin_mmap_threshold", lambda: seen.append(True))
+    monkeypatch.setattr(ex, "pin_mmap_threshold", lambda m, t: seen.append((m, t)))
     with scheduler_context({"scheduler": "threads", "malloc_arenas": 1}):
         pass
-    with scheduler_context({"scheduler": "threads", "malloc_arenas": None}):
+    with scheduler_context({"scheduler": "threads", "malloc_arenas": None, "malloc_mmap_threshold": 1 << 20}):
         pass
-    assert seen == [True]
+    assert seen == [(1 << 20, 4 << 20)]

@@ -55,7 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, limit_arenas, pin_mmap_threshold
+from .allocator import limit_arenas, pin_mmap_threshold
 from .errors import ConfigError, RunInterrupted
 
 log = logging.getLogger(__name__)
@@ -214,6 +214,7 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
     threads = _get(execution_cfg, "threads_per_worker", 1)
     resources = dict(_get(execution_cfg, "resources", None) or {})
     arenas = _get(execution_cfg, "malloc_arenas", None)
+    mmap = _get(execution_cfg, "malloc_mmap_threshold", None)
     retries = int(_get(execution_cfg, "retries", 0) or 0)
     named = override or (_get(execution_cfg, "scheduler", None) if _explicit(execution_cfg, "scheduler") else None)
     if client is None and (named is None or named == "client"):
@@ -239,7 +240,8 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
         raise ConfigError(f"execution.scheduler: {exc}") from None
     if arenas and name in ("threads", "synchronous"):
         limit_arenas(int(arenas))
-        pin_mmap_threshold()
+    if mmap and name in ("threads", "synchronous"):
+        pin_mmap_threshold(int(mmap), 4 * int(mmap))
 
     if name in ("threads", "processes", "synchronous"):
         if resources:
@@ -251,7 +253,7 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
             settings["num_workers"] = workers
         pool = None
         if name == "processes":
-            pool = _process_pool(workers, arenas)
+            pool = _process_pool(workers, arenas, mmap)
         elif name == "threads":  # one pool for every item in flight (not one per driver thread)
             from concurrent.futures import ThreadPoolExecutor
 
@@ -269,7 +271,7 @@ def scheduler_context(execution_cfg: Any = None, override: str | None = None,
     distributed = _require_distributed()
     if name == "local":
         cluster = _local_cluster(distributed, workers, threads, resources, arenas,
-                                 _get(execution_cfg, "memory_limit", None))
+                                 _get(execution_cfg, "memory_limit", None), mmap)
         try:
             with distributed.Client(cluster, set_as_default=True) as own:
                 info = SchedulerInfo(name=name, workers=workers, resources=resources, client=own, retries=retries)
@@ -304,15 +306,15 @@ def _local_get(name: str) -> Any:
 
 
 def _local_cluster(distributed: Any, workers: int | None, threads: int, resources: dict[str, float],
-                   arenas: int | None, memory_limit: Any = None) -> Any:
+                   arenas: int | None, memory_limit: Any = None, mmap: int | None = None) -> Any:
     """``scheduler: local``: one worker per GPU when there are GPUs to use, else a LocalCluster."""
     import dask
 
     from . import placement
 
-    spawn_env = ({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in (
-        ("MALLOC_ARENA_MAX", int(arenas)), ("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD),
-        ("MALLOC_TRIM_THRESHOLD_", TRIM_THRESHOLD))} if arenas else {})
+    spawn_env = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in (
+        (("MALLOC_ARENA_MAX", int(arenas)),) if arenas else ()) + (
+        (("MALLOC_MMAP_THRESHOLD_", int(mmap)), ("MALLOC_TRIM_THRESHOLD_", 4 * int(mmap))) if mmap else ())}
     wants_gpus = "GPU" in resources or (not resources and workers is None)
     n_devices = placement.device_count() if wants_gpus else 0
     with dask.config.set(spawn_env):
@@ -345,7 +347,7 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-def _process_pool(workers: int | None, arenas: int | None = None) -> Any:
+def _process_pool(workers: int | None, arenas: int | None = None, mmap: int | None = None) -> Any:
     """One process pool for the whole run, so worker processes (and the model
     each one caches) are reused by every item instead of respawned per compute."""
     import multiprocessing
@@ -356,15 +358,16 @@ def _process_pool(workers: int | None, arenas: int | None = None) -> Any:
 
     context = multiprocessing.get_context(dask.config.get("multiprocessing.context", "spawn"))
     return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=context,
-                               initializer=_init_worker_process, initargs=(arenas,))
+                               initializer=_init_worker_process, initargs=(arenas, mmap))
 
 
-def _init_worker_process(arenas: int | None) -> None:
+def _init_worker_process(arenas: int | None, mmap: int | None = None) -> None:
     from dask.multiprocessing import initialize_worker_process
 
     if arenas:
         limit_arenas(int(arenas))
-        pin_mmap_threshold()
+    if mmap:
+        pin_mmap_threshold(int(mmap), 4 * int(mmap))
     initialize_worker_process()
 
 
