@@ -163,8 +163,15 @@ class TorchAccumulator:
 
         Ties go to the first class (as :func:`numpy.argmax`); pixels where a
         class is NaN get the dtype's largest value (the label nodata). One
-        channel gives ``score > 0``.
+        channel gives ``score > 0``. A host accumulator is reduced by
+        :func:`.reduce.labels_from_pieces`, one cache-sized slab at a time:
+        ``torch.max`` would allocate a float maximum and int64 indices over
+        the whole box (12 bytes a pixel) in every owner task.
         """
+        if self.host is not None:
+            whole = tuple((0, n) for n in self.host.shape[1:])
+            inner = tuple((s.start, s.stop) for s in box)
+            return reduce.labels_from_pieces(inner, self.host.shape[0], dtype, [(whole, self.host)])
         torch = self.torch
         dt = np.dtype(dtype)
         small = torch.uint8 if dt.itemsize == 1 else torch.int32 if dt.itemsize == 2 else torch.int64

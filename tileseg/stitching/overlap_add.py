@@ -11,8 +11,8 @@ for torch predictors, NumPy otherwise). Before it ends, the owner reduces the
 interior of its own block (the pixels no other owner writes to) where the
 accumulator lives and hands over only that result plus ``K x box`` copies of
 the strips where blocks meet (:mod:`.handover`); the accumulator is freed
-with the task (on the CPU the own block's strips are views of it, kept until
-that block's final task, which runs next, has read them). A final task pastes the interior and reduces its strips from
+with the task (views of it only where the strips are most of it, see
+:func:`keep_whole`). A final task pastes the interior and reduces its strips from
 the pieces of every owner: one cache-sized slab of scores at a time for
 labels, or ``K x strip`` plus the summed blending weight of the strip for
 scores, which it recomputes from the geometry (so the weight never travels
@@ -230,15 +230,16 @@ def hand_over(acc, region: Box, handover: Handover, starts: np.ndarray, window: 
     for torch), so from a GPU only the interior's labels (or normalised
     scores) and the ``K``-channel strips and spill-over cross to the host.
     Spill-over pieces are copies, so the accumulator is not pinned while
-    those blocks wait for their other owners; the own block's strips are
-    views of a host accumulator (its final task runs right after the owner).
+    those blocks wait for their other owners; so are the own block's
+    strips unless they are most of the accumulator (:func:`keep_whole`):
+    the accumulator is freed when the owner task ends.
     """
-    own_parts = []
-    for strip in box_minus(handover.block, handover.interior):
-        part = intersect(strip, region)
-        if part is not None:
-            # the own block's final task runs right after this one: on the host, hand it a view
-            own_parts.append((part, acc.part(_rel(part, region), view=True)))
+    strips = [p for p in (intersect(s, region) for s in box_minus(handover.block, handover.interior))
+              if p is not None]
+    # a view pins the whole accumulator until the block's final task has run (with ordering edges, owners
+    # further on run meanwhile): copies unless the strips are most of it (blocks hardly larger than a patch)
+    view = keep_whole(strips, region)
+    own_parts = [(part, acc.part(_rel(part, region), view=view)) for part in strips]
     reduced = None
     inner = handover.interior
     if inner is not None:
@@ -253,6 +254,21 @@ def hand_over(acc, region: Box, handover: Handover, starts: np.ndarray, window: 
         if part is not None:
             spill[target] = (part, acc.part(_rel(part, region)))
     return OwnerResult(region, OwnPiece(inner, reduced, tuple(own_parts)), spill)
+
+
+#: Own strips are handed over as views of a host accumulator (pinning all of it) only when they hold
+#: more than this fraction of its pixels; otherwise they are copied and the accumulator freed with the task.
+VIEW_FRACTION = 0.5
+
+
+def keep_whole(strips: Sequence[Box], region: Box) -> bool:
+    """Whether the own strips cover more than :data:`VIEW_FRACTION` of ``region`` (then views beat copies).
+
+    >>> keep_whole([((0, 2), (0, 10))], ((0, 10), (0, 10))), keep_whole([((0, 8), (0, 10))], ((0, 10), (0, 10)))
+    (False, True)
+    """
+    px = sum(int(np.prod([b - a for a, b in s])) for s in strips)
+    return px > VIEW_FRACTION * int(np.prod([b - a for a, b in region]))
 
 
 def _any_valid(region: Box, valid: tuple[Sequence[Box], Callable[[], Sequence[np.ndarray]]], local: np.ndarray,
