@@ -79,7 +79,8 @@ class OwnerResult:
 def held_bytes(arrays: list[np.ndarray]) -> int:
     """Bytes that ``arrays`` keep alive: a view counts the whole array it was cut from, once.
 
-    Own strips handed over as views of the accumulator (the CPU path) keep the
+    Own strips handed over as views of a host accumulator (only where they are
+    most of it, see :func:`tileseg.stitching.overlap_add.keep_whole`) keep the
     whole ``K x region`` buffer alive until the block's final task has run.
     """
     roots: dict[int, int] = {}
