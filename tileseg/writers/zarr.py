@@ -88,6 +88,7 @@ from ..report import now_iso
 from ..store import RESERVED_ATTRS, RawStore, local_path, node_metadata, open_store
 from .base import WriteHandle, Writer, check_axes, move_into_place, open_partial, partial_sibling
 from .blocks import drop_records, mark_partial, records_of, store_blocks
+from .partial_lock import exclusive, remove_partial
 
 log = logging.getLogger(__name__)
 
@@ -525,14 +526,19 @@ class ZarrWriter(Writer):
                     )
         group.attrs["tileseg"] = status
         if handle.details.get("local"):
-            drop_records(handle.target)
-            move_into_place(handle.target, final)
+            with exclusive(handle.target):  # a late block write finds the folder gone, never recreates it
+                drop_records(handle.target)
+                move_into_place(handle.target, final)
         log.info("finished %s", handle.path)
 
     def abort(self, handle: WriteHandle) -> None:
-        """Remove a local partial output (remote outputs stay marked incomplete)."""
+        """Remove a local partial output (remote outputs stay marked incomplete).
+
+        Block writes still running (a failed compute returns before its other
+        tasks end) finish first; later ones write nothing (see :mod:`tileseg.writers.partial_lock`).
+        """
         if handle.details.get("local"):
-            shutil.rmtree(handle.target, ignore_errors=True)
+            remove_partial(handle.target)
         else:
             log.warning("%s left incomplete after a failure", handle.path)
 
