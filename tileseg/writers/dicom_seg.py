@@ -92,6 +92,7 @@ from .base import (
     check_axes,
 )
 from .blocks import records_of, store_blocks
+from .nifti import slab_thickness
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -256,7 +257,8 @@ class DicomSegWriter(SingleFileWriter):
         series_description : str
             SeriesDescription of the SEG.
         slab : int, optional
-            z-slices per store chunk (default about 64 MiB).
+            z-slices per store chunk (default: the largest divisor of the data's
+            z-chunk within 64 MiB, so a slab never spans two layers of blocks).
         run_id : str, optional
             Recorded in the output (default a new uuid).
         partial_key : str, optional
@@ -326,7 +328,9 @@ class DicomSegWriter(SingleFileWriter):
             dtype = np.dtype(np.float32)
         shape = image.shape
         n_c = shape[0] if image.has_channels else 1
-        thick = slab or max(1, TARGET_SLAB_BYTES // max(1, rows * cols * dtype.itemsize * n_c))
+        # slabs divide the blocks being written, so one slab never gathers two layers of blocks (memory)
+        thick = slab or slab_thickness(max(image.data.chunks[-3]), rows * cols * dtype.itemsize * n_c,
+                                       TARGET_SLAB_BYTES)
         chunks = ((shape[0],) if image.has_channels else ()) + (min(thick, shape[-3]), rows, cols)
         layout = {"writer": self.name, "key": partial_key, "shape": shape, "chunks": chunks, "dtype": str(dtype)}
         self.partial_store(path, target, layout, partial_key is not None, lambda t: zarr.create_array(
