@@ -151,17 +151,19 @@ class _Timer:
         self.on_stage = on_stage
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, what: str | None = None) -> Iterator[None]:
+        """Time a stage counted as ``name``; ``what`` (default ``name``) is what the log and progress show."""
         t0 = time.perf_counter()
+        what = what or name
         if self.on_stage is not None:
-            self.on_stage(name)
-        log.info("%s: %s ... (%.1f s into the item)", self.label, name, t0 - self.t0)
+            self.on_stage(what)
+        log.info("%s: %s ... (%.1f s into the item)", self.label, what, t0 - self.t0)
         try:
             yield
         finally:
             dt = time.perf_counter() - t0
             self.timings[name] = round(self.timings.get(name, 0.0) + dt, 4)
-            log.info("%s: %s done in %.1f s", self.label, name, dt)
+            log.info("%s: %s done in %.1f s", self.label, what, dt)
 
     def split(self, stage: str, part: str, seconds: float) -> None:
         """Move ``seconds`` of ``stage`` into its own entry ``part`` (e.g. statistics computed while building)."""
@@ -412,7 +414,7 @@ def write_outputs(outputs: list[_Output], images: list[Image], *, overwrite: lis
     handles: list[Any] = []
     keyed: list[bool] = []
     try:
-        with timer.stage("graph"):
+        with timer.stage("graph", "write graph"):  # counted with the graph stage, logged apart
             for out, image, ow in zip(outputs, images, overwrite):
                 options = dict(out.cfg.options)
                 keyed.append(_takes_partial_key(out.writer) and "partial_key" not in options)
