@@ -5,8 +5,10 @@ Part 1, overhead of writing with chunk records (in this process): the lazy resul
 ways, interleaved, median of ``--repeat`` runs each:
 
 * ``da.store``: ``dask.array.store`` into the partial output, the write path before chunk records;
+* ``unguarded``: :func:`tileseg.writers.blocks.store_blocks` without records and without the
+  partial-folder guard (no lock: the cost of :mod:`tileseg.writers.partial_lock` is ``blocks`` over this);
 * ``blocks``: :func:`tileseg.writers.blocks.store_blocks` without records (one store task per chunk,
-  graph culled per chunk);
+  graph culled per chunk; each write holds the partial folder's shared lock);
 * ``records``: the writer's real write task (``store_blocks`` plus one marker file per chunk).
 
 Part 2, kill at ~50% (real processes): ``tileseg run`` with the ``counting`` model of
@@ -73,6 +75,8 @@ def _write(result, path: str, how: str) -> float:
             import dask.array as da
 
             task = da.store(data, GuardedTarget(arr, handle.target), lock=False, compute=False)
+        elif how == "unguarded":
+            task = store_blocks(data, arr)
         else:
             task = store_blocks(data, arr, guard=handle.target)
     with dask.config.set(scheduler="threads"):
@@ -84,7 +88,7 @@ def _write(result, path: str, how: str) -> float:
 def part_overhead(size: int, chunk: int, repeat: int, tmp: str) -> None:
     result = _result(size, chunk)
     n_chunks = int(np.prod(result.data.numblocks))
-    hows = ("da.store", "blocks", "records")
+    hows = ("da.store", "unguarded", "blocks", "records")
     times: dict[str, list[float]] = {h: [] for h in hows}
     _write(result, os.path.join(tmp, "warm.zarr"), "records")
     for r in range(repeat):

@@ -16,6 +16,8 @@ heavy2d   three 32-channel 3x3 convolutions + a 1x1 to 4 classes; image 1024 x 1
 Variants
 --------
 loop      the same patches cut from the in-memory image, batched, forwarded; no stitching
+bound     the loop plus one read of every output value (a sum per batch): no exact stitching
+          can do less, since each value the model writes must be read once to be blended
 floor     the loop plus the least any stitching must do: each patch times the window added in
           place (one fused ``addcmul_``) into one preallocated K x volume float32 tensor, then
           an argmax. Its gap to the loop is the memory traffic of weighting and accumulating.
@@ -24,7 +26,8 @@ segment   ``tileseg.segment(..., output="labels").data.compute()`` (numpy in, nu
 
 Every variant runs one warm-up forward, then the whole variant once untimed, before the clock
 starts: the steady state of a process that segments many items (``--cold`` times the first run
-instead: imports of the code it reaches, thread pools and first page faults included).
+instead: thread pools and first page faults included; imports, including the ``distributed`` that
+dask's ``compute()`` imports to look for a client when it is installed, happen before the clock).
 "CPU s" is the process's CPU time over the same span (all threads): the work done, which
 other jobs on a shared machine disturb far less than the wall-clock time.
 """
@@ -98,6 +101,11 @@ def variant(name: str, case_name: str, warm: bool = True) -> dict:
         import dask.threaded  # noqa: F401
 
         import tileseg.graph  # noqa: F401
+
+        try:  # dask's compute() imports distributed (0.3 s) to look for a client: dask's cost, paid once by any
+            import distributed  # noqa: F401  # user of dask, imported here with the other imports
+        except ImportError:
+            pass
     with torch.inference_mode():  # warm-up forward, same for every variant
         net(torch.zeros((batch, 1) + tuple(patch)))
 
@@ -107,6 +115,11 @@ def variant(name: str, case_name: str, warm: bool = True) -> dict:
                 for i in range(0, len(starts), batch):
                     b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
                     net(torch.from_numpy(b[:, None]))
+        elif name == "bound":
+            with torch.inference_mode():
+                for i in range(0, len(starts), batch):
+                    b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
+                    net(torch.from_numpy(b[:, None])).sum()
         elif name == "floor":
             from tileseg.stitching.weights import blend_window
 
@@ -196,12 +209,16 @@ def main() -> None:
                          "faults included) instead of the run after an untimed one")
     ap.add_argument("--case")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--variants", nargs="+", default=["loop", "bound", "floor", "monai", "segment"],
+                    choices=["loop", "bound", "floor", "monai", "segment"], help="loop must come first (the baseline)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved runs per variant")
     ap.add_argument("--profile", choices=list(CASES), help="print a cProfile of one tileseg run of this case")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--cpu", action="store_true", help="profile CPU time on one torch thread (for a busy machine)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.variants[0] != "loop":
+        ap.error("--variants: the first must be loop (the baseline of the ratios)")
     if args.variant:
         print(json.dumps(variant(args.variant, args.case, warm=not args.cold)))
         return
@@ -211,7 +228,7 @@ def main() -> None:
     print(f"# {os.cpu_count()} CPU cores; {'first run timed (--cold)' if args.cold else 'run after an untimed one'}; "
           f"load average before: {os.getloadavg()[0]:.2f}; "
           f"median of {args.repeat} interleaved runs per variant")
-    variants = ("loop", "floor", "monai", "segment")
+    variants = tuple(args.variants)
     results = {}
     for case_name in args.cases:
         runs: dict[str, list] = {v: [] for v in variants}
@@ -226,13 +243,14 @@ def main() -> None:
         print("| variant | patches | seconds | throughput vs loop | vs MONAI | CPU s | peak RSS (MiB) | all runs (s) |")
         print("|---|---:|---:|---:|---:|---:|---:|---|")
         base = rows[0].get("seconds")
-        monai = rows[variants.index("monai")].get("seconds")
+        monai = rows[variants.index("monai")].get("seconds") if "monai" in variants else None
         for r in rows:
             if "error" in r:
                 print(f"| {r['variant']} | - | failed: {r['error']} | | | | | |")
                 continue
+            vs_monai = f"{monai / r['seconds']:.2f}x" if monai else "-"
             print(f"| {r['variant']} | {r['n_patches']} | {r['seconds']:.2f} | {base / r['seconds']:.2f}x | "
-                  f"{monai / r['seconds']:.2f}x | {r['cpu_seconds']:.2f} | {r['peak_rss_mib']:.0f} | {r['all_seconds']} |")
+                  f"{vs_monai} | {r['cpu_seconds']:.2f} | {r['peak_rss_mib']:.0f} | {r['all_seconds']} |")
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -36,8 +36,8 @@ def test_stage_lines_and_statistics_time(tmp_path, caplog):
     # each reported apart from "graph", with start and end lines
     assert item.timings["statistics"] > 0 and item.timings["components"] > 0 and item.timings["graph"] >= 0
     lines = [r.getMessage() for r in caplog.records if r.name == "tileseg.runner"]
-    for stage in ("open", "graph", "compute_write", "finalize"):
-        assert any(f": {stage} ..." in m for m in lines) and any(f": {stage} done in" in m for m in lines)
+    for stage in ("open", "graph", "write graph", "compute_write", "finalize"):
+        assert sum(f": {stage} ..." in m for m in lines) == 1 and sum(f": {stage} done in" in m for m in lines) == 1
     for kind in ("statistics", "components"):
         assert any(f"{kind} pass" in m and "tasks)" in m for m in lines)
         assert any(f"{kind} pass done in" in m for m in lines)

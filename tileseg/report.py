@@ -222,12 +222,11 @@ def package_versions() -> dict[str, str]:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (URLs via fsspec)."""
-    from .store import is_url
+    from .store import is_url, url_to_fs
 
     if is_url(path) and not path.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(path, "w", encoding="utf-8") as fh:
+        fs, inner = url_to_fs(path)  # a missing filesystem package is named (MissingDependencyError)
+        with fs.open(inner, "w", encoding="utf-8") as fh:
             fh.write(text)
         return
     path = path[len("file://"):] if path.startswith("file://") else path

@@ -268,19 +268,12 @@ def test_enhanced_multiframe_ct_from_highdicom_equals_the_single_frame_series(tm
     assert sorted(frames) == list(range(1, SHAPE[0] + 1)) and frames != sorted(frames)
 
 
-def test_each_chunk_decodes_only_its_own_slices(tmp_path, monkeypatch):
+def test_each_chunk_decodes_only_its_own_slices(tmp_path, spy_dcmread):
     import pickle
 
     truth = write_ct_series(tmp_path / "s", shape=SHAPE)
     img = open_image(str(tmp_path / "s"), chunks=5)
-    opened: list[str] = []
-    real = pydicom.dcmread
-
-    def spy(path, *args, **kwargs):
-        opened.append(os.fspath(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(pydicom, "dcmread", spy)
+    opened = spy_dcmread()
     block = img.data.blocks[1].compute(scheduler="synchronous")
     np.testing.assert_array_equal(block, truth.hu[5:10])
     assert opened == truth.files[5:10]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -34,19 +32,12 @@ def series(tmp_path):
     SLAB_CACHE.clear()
 
 
-def test_region_chunks_equal_pydicom_and_decode_each_file_once(series, monkeypatch):
+def test_region_chunks_equal_pydicom_and_decode_each_file_once(series, spy_dcmread):
     img = open_image(str(series), chunks=5)
     regions = dicom_reader.region_chunks(img.data, CHUNKS)
     assert regions.chunks[1:] == CHUNKS[1:] and regions.chunks[0] == (5,) * 7 + (2,)  # quarter of 12, in slabs
     truth = pydicom_volume(series)
-    opened: list[str] = []
-    real = pydicom.dcmread
-
-    def spy(path, *args, **kwargs):
-        opened.append(os.fspath(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(pydicom, "dcmread", spy)
+    opened = spy_dcmread()
     got = regions.compute(scheduler="synchronous")
     np.testing.assert_array_equal(got, truth)
     assert got.dtype == img.dtype

@@ -425,3 +425,7 @@ def test_url_whose_filesystem_package_is_missing_names_url_and_package(monkeypat
     assert url in str(info.value) and "pip install tileseg-no-such-package" in str(info.value)
     with pytest.raises(MissingDependencyError, match="tsmissing://bucket/x.zarr"):
         store.open_store("tsmissing://bucket/x.zarr")
+    from tileseg.report import write_text_atomic
+
+    with pytest.raises(MissingDependencyError, match=r"tsmissing://bucket/run\.json"):  # run reports too
+        write_text_atomic("tsmissing://bucket/run.json", "{}")

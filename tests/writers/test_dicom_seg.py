@@ -123,6 +123,31 @@ def test_write_task_is_idempotent(series, tmp_path):
     assert is_complete(str(tmp_path / "s.dcm"), writer="dicom_seg")
 
 
+@pytest.mark.parametrize("block_z, target, slab", [(3, None, 3), (4, None, 4), (4, 2 * 16 * 20, 2), (5, 4 * 320, 1)])
+def test_default_slabs_divide_the_blocks(series, tmp_path, monkeypatch, block_z, target, slab):
+    """Each block boundary is a slab boundary (a slab never gathers two layers of blocks), as in the NIfTI writer."""
+    import tileseg.writers.dicom_seg as mod
+
+    if target is not None:  # bytes of `target // 320` uint8 slices of 16 x 20
+        monkeypatch.setattr(mod, "TARGET_SLAB_BYTES", target)
+    lab, image = class_map_image(series, chunks=(block_z, -1, -1))
+    out = tmp_path / "s.dcm"
+    writer = get_writer("dicom_seg")
+    handle = writer.prepare(image, str(out))
+    assert handle.chunks[-3] == slab
+    block_edges = set(np.cumsum(image.data.chunks[0]).tolist())
+    slab_edges = set(range(slab, lab.shape[0], slab)) | {lab.shape[0]}
+    assert block_edges <= slab_edges
+    import dask
+
+    dask.compute(writer.write_task(handle, image))
+    writer.finalize(handle)
+    seg = hd.seg.segread(str(out))
+    frames = seg.pixel_array if seg.NumberOfFrames > 1 else seg.pixel_array[None]
+    for (number, ref, _), frame in zip(frame_facts(seg), frames, strict=True):
+        np.testing.assert_array_equal(frame, lab[series.sop_instance_uids.index(ref)] == number)
+
+
 def test_failures_leave_nothing_at_the_final_path(series, tmp_path):
     lab, image = class_map_image(series)
 

@@ -230,13 +230,9 @@ def partial_sibling(path: str, key: str | None = None) -> tuple[str, str]:
 
 
 def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+    from .partial_lock import remove_partial
+
+    remove_partial(path)  # waits for block writes still running into it (see tileseg.writers.partial_lock)
 
 
 def open_partial(target: str, layout: dict[str, Any], resume: bool) -> bool:
@@ -293,15 +289,14 @@ def remove_stale(path: str) -> list[str]:
     Call it only while holding the item's claim in the run manifest: no live
     run is then writing these folders.
     """
+    from .partial_lock import remove_partial
+
     removed = []
     for p in stale_siblings(path):
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            try:
-                os.remove(p)
-            except OSError:
-                continue
+        try:
+            remove_partial(p)
+        except OSError:
+            continue
         removed.append(p)
     if removed:
         log.info("removed %d stale partial folder(s) of %s", len(removed), path)
@@ -338,7 +333,9 @@ class GuardedTarget:
     """A ``dask.array.store`` target that skips writes once the partial folder is gone (an aborted write).
 
     After a failure, dask may still run blocks already started while ``abort``
-    removes the partial folder; without this check they would recreate parts of it.
+    removes the partial folder; each write holds the folder
+    (:func:`~tileseg.writers.partial_lock.writing_into`), so the removal waits
+    for it and later writes find the folder gone instead of recreating it.
 
     Parameters
     ----------
@@ -353,8 +350,11 @@ class GuardedTarget:
         self.shape, self.dtype, self.ndim = arr.shape, arr.dtype, arr.ndim
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        if os.path.isdir(self.target):
-            self.arr[key] = value
+        from .partial_lock import writing_into
+
+        with writing_into(self.target) as ok:
+            if ok:
+                self.arr[key] = value
 
 
 class SingleFileWriter(Writer):
@@ -362,13 +362,44 @@ class SingleFileWriter(Writer):
 
     The run writes blocks into a hidden partial folder beside the output;
     ``finalize`` builds the file inside it and calls :meth:`publish`;
-    :meth:`abort` removes the folder. Subclasses give ``_status(path)``: the
-    status recorded in an existing file (``None`` when the path is free).
+    :meth:`abort` removes the folder. Subclasses name their format
+    (``format_name``, for messages) and give ``_is_complete(path)``: whether an
+    existing file of their format records a finished tileseg output.
     """
 
-    @staticmethod
-    def _status(path: str) -> str | None:  # pragma: no cover - interface
+    #: The output format in messages ("GeoTIFF", "NIfTI", ...).
+    format_name: ClassVar[str] = "output"
+
+    def _is_complete(self, path: str) -> bool:  # pragma: no cover - interface
+        """Whether the existing file ``path`` is a finished tileseg output (it raises when it is not of the format)."""
         raise NotImplementedError
+
+    def _format_of(self, path: str) -> str:
+        """The format ``path`` must have (``format_name``; writers of several formats pick by the path)."""
+        return self.format_name
+
+    def _status(self, path: str) -> str | None:
+        """``None`` (absent), ``"complete"`` (a finished tileseg output) or ``"foreign"`` (another file of the format).
+
+        Raises
+        ------
+        OutputError
+            ``path`` exists and is not a file of the writer's format.
+        """
+        from ..errors import MissingDependencyError, OutputError
+
+        if not os.path.lexists(path):
+            return None
+        refuse = f"{path!r} exists and is not a {self._format_of(path)} file; refusing to replace it"
+        if not os.path.isfile(path):
+            raise OutputError(refuse)
+        try:
+            done = self._is_complete(path)
+        except (OutputError, MissingDependencyError):
+            raise
+        except Exception as exc:
+            raise OutputError(f"{refuse} ({exc})") from exc
+        return "complete" if done else "foreign"
 
     def local_output(self, path: str, storage_options: dict[str, Any] | None) -> str:
         """The local path of ``path``; these writers write local files only (write locally, then upload).
@@ -431,7 +462,7 @@ class SingleFileWriter(Writer):
             create(target)
             mark_partial(target, layout)
         except Exception as exc:
-            shutil.rmtree(target, ignore_errors=True)
+            _remove(target)
             raise OutputError(f"{path!r}: cannot create the partial store in {target!r}: {exc}") from exc
         return False
 
@@ -461,8 +492,12 @@ class SingleFileWriter(Writer):
             raise OutputError(f"{handle.path!r} was created by someone else while writing; left the new output "
                               f"at {built!r}")
         move_into_place(built, final)
-        shutil.rmtree(handle.target, ignore_errors=True)
+        _remove(handle.target)
 
     def abort(self, handle: WriteHandle) -> None:
-        """Remove the partial folder (the final path is untouched)."""
-        shutil.rmtree(handle.target, ignore_errors=True)
+        """Remove the partial folder (the final path is untouched).
+
+        Block writes still running (a failed compute returns before its other
+        tasks end) finish first; later ones write nothing (see :mod:`tileseg.writers.partial_lock`).
+        """
+        _remove(handle.target)

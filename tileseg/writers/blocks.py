@@ -122,14 +122,27 @@ def drop_records(target: str) -> None:
 
 
 class _BlockTarget:
-    """Writes one block into the store, then records it; nothing once the partial folder is gone (aborted)."""
+    """Writes one block into the store, then records it; nothing once the partial folder is gone (aborted).
+
+    With a ``guard`` folder the write and its record happen while holding that folder
+    (:func:`~tileseg.writers.partial_lock.writing_into`), so an abort that removes it
+    meanwhile waits for them, and a write that starts after the abort writes nothing.
+    """
 
     def __init__(self, arr: Any, guard: str | None, records: ChunkRecords | None) -> None:
         self.arr, self.guard, self.records = arr, guard, records
 
     def __call__(self, block: np.ndarray, region: tuple[slice, ...], index: tuple[int, ...]) -> None:
-        if self.guard is not None and not os.path.isdir(self.guard):
+        if self.guard is None:
+            self._write(block, region, index)
             return
+        from .partial_lock import writing_into
+
+        with writing_into(self.guard) as ok:
+            if ok:
+                self._write(block, region, index)
+
+    def _write(self, block: np.ndarray, region: tuple[slice, ...], index: tuple[int, ...]) -> None:
         self.arr[region] = block
         if self.records is not None:
             self.records.mark(index)

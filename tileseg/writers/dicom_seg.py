@@ -92,6 +92,7 @@ from .base import (
     check_axes,
 )
 from .blocks import records_of, store_blocks
+from .nifti import slab_thickness
 from .zarr import align
 
 log = logging.getLogger(__name__)
@@ -133,24 +134,10 @@ def _record(ds: Any) -> dict[str, Any] | None:
     return {"status": status, "run_id": run_id}
 
 
-def _status(path: str) -> str | None:
-    """``None`` (absent), ``"complete"`` (a finished tileseg SEG) or ``"foreign"`` (another DICOM file).
-
-    Raises
-    ------
-    OutputError
-        ``path`` exists and is not a DICOM file.
-    """
-    if not os.path.lexists(path):
-        return None
-    if not os.path.isfile(path):
-        raise OutputError(f"{path!r} exists and is not a DICOM file; refusing to replace it")
-    try:
-        ds = _read_header(path)
-    except Exception:
-        raise OutputError(f"{path!r} exists and is not a DICOM file; refusing to replace it") from None
-    record = _record(ds)
-    return "complete" if record is not None and record["status"] == "complete" else "foreign"
+def _is_complete(path: str) -> bool:
+    """Whether the existing file ``path`` is a finished tileseg SEG (raises when it is no DICOM file)."""
+    record = _record(_read_header(path))
+    return record is not None and record["status"] == "complete"
 
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -221,7 +208,8 @@ class DicomSegWriter(SingleFileWriter):
     """Write a segmentation of a DICOM series as one DICOM SEG file (see the module docstring)."""
 
     name = "dicom_seg"
-    _status = staticmethod(_status)
+    format_name = "DICOM"
+    _is_complete = staticmethod(_is_complete)
 
     def prepare(
         self,
@@ -256,7 +244,8 @@ class DicomSegWriter(SingleFileWriter):
         series_description : str
             SeriesDescription of the SEG.
         slab : int, optional
-            z-slices per store chunk (default about 64 MiB).
+            z-slices per store chunk (default: the largest divisor of the data's
+            z-chunk within 64 MiB, so a slab never spans two layers of blocks).
         run_id : str, optional
             Recorded in the output (default a new uuid).
         partial_key : str, optional
@@ -326,7 +315,9 @@ class DicomSegWriter(SingleFileWriter):
             dtype = np.dtype(np.float32)
         shape = image.shape
         n_c = shape[0] if image.has_channels else 1
-        thick = slab or max(1, TARGET_SLAB_BYTES // max(1, rows * cols * dtype.itemsize * n_c))
+        # slabs divide the blocks being written, so one slab never gathers two layers of blocks (memory)
+        thick = slab or slab_thickness(max(image.data.chunks[-3]), rows * cols * dtype.itemsize * n_c,
+                                       TARGET_SLAB_BYTES)
         chunks = ((shape[0],) if image.has_channels else ()) + (min(thick, shape[-3]), rows, cols)
         layout = {"writer": self.name, "key": partial_key, "shape": shape, "chunks": chunks, "dtype": str(dtype)}
         self.partial_store(path, target, layout, partial_key is not None, lambda t: zarr.create_array(

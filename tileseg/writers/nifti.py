@@ -80,16 +80,19 @@ NIFTI1_MAX_DIM = 32767
 TARGET_SLAB_BYTES = 16 * 2**20
 
 
-def slab_thickness(block_z: int, plane_bytes: int) -> int:
-    """z-slices per slab: the largest divisor of the data's z-chunk within :data:`TARGET_SLAB_BYTES`.
+def slab_thickness(block_z: int, plane_bytes: int, target_bytes: int = TARGET_SLAB_BYTES) -> int:
+    """z-slices per slab: the largest divisor of the data's z-chunk within ``target_bytes``.
 
     Slabs that divide the blocks being written never gather two rows of blocks
     (measured: 256-slice slabs over 144-slice blocks doubled a CT run's peak RSS).
+    Also used by the DICOM SEG writer (with its own ``target_bytes``).
 
     >>> slab_thickness(144, 512 * 512), slab_thickness(144, 512 * 512 * 4), slab_thickness(7, 10**9)
     (48, 16, 1)
+    >>> slab_thickness(144, 512 * 512, 64 * 2**20)
+    144
     """
-    limit = max(1, TARGET_SLAB_BYTES // max(1, plane_bytes))
+    limit = max(1, target_bytes // max(1, plane_bytes))
     return max(d for d in range(1, max(1, block_z) + 1) if block_z % d == 0 and d <= limit)
 _UNITS = {"millimeter": "mm", "millimetre": "mm", "mm": "mm", "meter": "meter", "metre": "meter", "m": "meter",
           "micrometer": "micron", "micrometre": "micron", "micron": "micron", "um": "micron"}
@@ -112,27 +115,14 @@ def _store_dtype(image: Image) -> np.dtype:
     raise OutputError(f"cannot write dtype {str(dtype)!r} to NIfTI (numeric or bool only)")
 
 
-def _status(path: str) -> str | None:
-    """``None`` (absent), ``"complete"`` (a finished tileseg NIfTI) or ``"foreign"`` (another NIfTI).
-
-    Raises
-    ------
-    OutputError
-        ``path`` exists and is not a NIfTI file.
-    """
-    if not os.path.lexists(path):
-        return None
+def _is_complete(path: str) -> bool:
+    """Whether the existing file ``path`` is a finished tileseg NIfTI (raises when it is no NIfTI file)."""
     nib = require("nibabel", "medical")
-    if not os.path.isfile(path):
-        raise OutputError(f"{path!r} exists and is not a NIfTI file; refusing to replace it")
-    try:
-        img = nib.load(path)
-    except Exception as exc:
-        raise OutputError(f"{path!r} exists and is not a NIfTI file; refusing to replace it ({exc})") from exc
+    img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise OutputError(f"{path!r} exists and is a {type(img).__name__}; refusing to replace it")
     record = tileseg_record(img.header)
-    return "complete" if record is not None and record.get("status") == "complete" else "foreign"
+    return record is not None and record.get("status") == "complete"
 
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -148,7 +138,8 @@ class NiftiWriter(SingleFileWriter):
     """Write a 3-D image (optionally with channels) as ``.nii.gz`` or ``.nii`` (see the module docstring)."""
 
     name = "nifti"
-    _status = staticmethod(_status)
+    format_name = "NIfTI"
+    _is_complete = staticmethod(_is_complete)
 
     def prepare(
         self,
@@ -175,7 +166,8 @@ class NiftiWriter(SingleFileWriter):
         storage_options : dict, optional
             Not supported (local files only); must be empty.
         slab : int, optional
-            z-slices per store chunk (default: about 64 MiB per slab).
+            z-slices per store chunk (default: the largest divisor of the data's
+            z-chunk within 16 MiB, see :func:`slab_thickness`).
         compresslevel : int
             gzip level 1-9 (``.nii.gz`` only).
         run_id : str, optional
