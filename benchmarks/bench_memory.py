@@ -18,7 +18,9 @@ embed-noorder the same with ``lookahead=0``: no ordering edges, Dask's own order
 embed-cap    ``embed`` after ``tileseg.allocator.limit_arenas(1)``
 
 The table prints the growth of every mode and, for each mode, its seconds at the largest size
-against ``embed``'s measured in the same run.
+against ``embed``'s measured in the same run, and its CPU seconds there (user + system of the
+case's process: the work done, which other jobs on a shared machine disturb less than the
+wall clock).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def case(mode: str, size: int, workdir: Path) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     img = _input(size, workdir)
     out = workdir / f"out_{mode}_{size}.zarr"
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     if mode.startswith("run"):
         from click.testing import CliRunner
 
@@ -94,8 +96,14 @@ def case(mode: str, size: int, workdir: Path) -> dict:
         result = tileseg.segment(image, {"torchscript": {"path": str(MODEL)}}, patch_size=PATCH, overlap=OVERLAP,
                                  batch_size=BATCH, output="labels", lookahead=0 if mode == "embed-noorder" else None)
         result.data.to_zarr(str(out), overwrite=True)
-    return {"mode": mode, "size": size, "seconds": time.perf_counter() - t0,
+    return {"mode": mode, "size": size, "seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (the work done, less sensitive to other jobs)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def run_sub(mode: str, size: int, workdir: Path) -> dict:
@@ -137,25 +145,26 @@ def main() -> None:
                     print(f"# {mode} {size}^2: {json.dumps(r)}", flush=True)
         print("\n| mode | " + " | ".join(f"{s}^2 peak RSS (MiB)" for s in args.sizes)
               + " | growth | " + " | ".join(f"{s}^2 s" for s in args.sizes)
-              + f" | {args.sizes[-1]}^2 time vs embed |")
-        print("|---|" + "---:|" * (2 * len(args.sizes) + 2))
+              + f" | {args.sizes[-1]}^2 time vs embed | {args.sizes[-1]}^2 CPU s |")
+        print("|---|" + "---:|" * (2 * len(args.sizes) + 3))
         table = {}
         base = [r["seconds"] for r in runs.get(("embed", args.sizes[-1]), []) if "seconds" in r]
         base_s = float(np.median(base)) if base else float("nan")
         for mode in args.modes:
-            peaks, secs = [], []
+            peaks, secs, cpus = [], [], []
             for size in args.sizes:
                 ok = [r for r in runs[(mode, size)] if "peak_rss_mib" in r]
                 peaks.append(float(np.median([r["peak_rss_mib"] for r in ok])) if ok else float("nan"))
                 secs.append(float(np.median([r["seconds"] for r in ok])) if ok else float("nan"))
+                cpus.append(float(np.median([r["cpu_seconds"] for r in ok])) if ok else float("nan"))
                 if not ok:
                     print(f"<!-- {mode} {size} failed: {runs[(mode, size)][0].get('error')} -->")
             growth = peaks[-1] / peaks[0] - 1
-            table[mode] = {"peaks": peaks, "seconds": secs, "growth": growth,
+            table[mode] = {"peaks": peaks, "seconds": secs, "cpu_seconds": cpus, "growth": growth,
                            "all": {s: [round(r.get("peak_rss_mib", float("nan"))) for r in runs[(mode, s)]]
                                    for s in args.sizes}}
             print(f"| {mode} | " + " | ".join(f"{p:.0f}" for p in peaks) + f" | {growth:+.1%} | "
-                  + " | ".join(f"{s:.1f}" for s in secs) + f" | {secs[-1] / base_s:.2f}x |")
+                  + " | ".join(f"{s:.1f}" for s in secs) + f" | {secs[-1] / base_s:.2f}x | {cpus[-1]:.1f} |")
         print(f"\nall peaks (MiB): {json.dumps({m: t['all'] for m, t in table.items()})}")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         if args.json:
