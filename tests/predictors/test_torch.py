@@ -228,6 +228,59 @@ def test_forwards_are_serialised_per_device(batch):
     assert state["max"] > 1
 
 
+class _Threads(torch.nn.Module):
+    """Records the thread each forward runs on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def forward(self, x):
+        self.names.append(threading.current_thread().name)
+        return x * 2
+
+
+def test_serialised_cpu_forwards_run_on_one_model_thread(batch):
+    """Whichever thread asks, serialised CPU forwards run on one thread of their own, so their activations
+    come from one malloc arena; errors (and ModelError conversion) reach the caller; serialize=False
+    forwards run where they are called."""
+    m = _Threads()
+    p = load_predictor(m, device="cpu")
+    with ThreadPoolExecutor(3, thread_name_prefix="dask-like") as pool:
+        outs = list(pool.map(p.predict_tensor, [batch] * 6))
+    for o in outs:
+        np.testing.assert_array_equal(o.numpy(), batch * 2)
+    assert len(set(m.names)) == 1 and m.names[0].startswith("tileseg-model-cpu")
+    with pytest.raises(ModelError, match="input channels"):
+        load_predictor(net_for_channels(), device="cpu")(np.zeros((1, 3, 8, 8), np.float32))
+    q = TorchPredictor(_Threads(), device="cpu", serialize=False)
+    with ThreadPoolExecutor(2, thread_name_prefix="dask-like") as pool:
+        list(pool.map(q, [batch] * 4))
+    assert all(n.startswith("dask-like") for n in q.module.names)
+
+
+def net_for_channels():
+    """A one-channel convolution: a three-channel batch fails inside the forward."""
+    return torch.nn.Conv2d(1, 2, 3, padding=1)
+
+
+def _forward_in_child(blob: bytes, batch: np.ndarray) -> np.ndarray:
+    return pickle.loads(blob)(batch)
+
+
+def test_model_thread_after_fork(batch):
+    """A forked child (a ``processes`` pool) does not inherit the parent's model thread: it starts its own."""
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    p = load_predictor(_Threads(), device="cpu")
+    p(batch)  # the parent's model thread exists now
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+        out = pool.submit(_forward_in_child, pickle.dumps(p), batch).result(timeout=120)
+    np.testing.assert_array_equal(out, batch * 2)
+
+
 def test_predict_tensor_keeps_the_output_on_the_device(net, batch):
     """The tensor path the stitching uses gives what ``__call__`` gives, as a float32 tensor."""
     p = load_predictor(net, device="cpu", precision="bf16")

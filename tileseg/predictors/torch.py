@@ -24,6 +24,16 @@ the same device memory. Forward passes are therefore serialised by one
 process-wide lock per device (``serialize=True``, the default). Reading,
 batching and stitching in the other threads still overlap with the forward.
 
+On the CPU the serialised forwards also run on one thread of their own (one
+per process), whichever Dask thread asks for them. A forward's activations
+come from the C heap of the thread that runs it (glibc gives each thread its
+own malloc arena) and are freed when it ends; run by every Dask thread in
+turn, each thread's arena kept the high-water mark of a whole forward (about
+260 MiB for the demo 2D U-Net at batch 8), and peak RSS of code embedding
+:func:`tileseg.segment` grew as more of them got there (+14% from 2048^2 to
+8192^2 in ``benchmarks/bench_memory.py``). One model thread reuses the same
+memory for every batch, with the allocator left as it is.
+
 Speed options
 -------------
 ``precision`` runs the forward under ``torch.autocast`` (fp16/bf16; bf16
@@ -46,6 +56,7 @@ host (:mod:`tileseg.stitching.handover`).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 import logging
@@ -54,6 +65,7 @@ import re
 import threading
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -108,6 +120,27 @@ def _forward_lock(device: str) -> threading.Lock:
         if lock is None:
             lock = _FORWARD_LOCKS[device] = threading.Lock()
         return lock
+
+
+_MODEL_THREADS: dict[str, ThreadPoolExecutor] = {}
+
+
+def _model_thread(device: str) -> ThreadPoolExecutor:
+    """The one thread of this process that runs serialised forwards on ``device`` (see "Concurrency")."""
+    with _FORWARD_LOCKS_LOCK:
+        pool = _MODEL_THREADS.get(device)
+        if pool is None:
+            pool = _MODEL_THREADS[device] = ThreadPoolExecutor(1, thread_name_prefix=f"tileseg-model-{device}")
+        return pool
+
+
+def _forget_model_threads() -> None:
+    """In a forked child: the parent's model threads do not exist there (a new one starts on first use)."""
+    _MODEL_THREADS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_model_threads)
 
 
 def _file_key(path: str) -> tuple:
@@ -586,12 +619,24 @@ class TorchPredictor(Predictor):
         """One forward of ``batch`` (flipped copies folded in); errors other than out-of-memory -> ModelError.
 
         Returns a host array, or with ``keep`` the float32 output tensor left on the model's device.
+        Serialised CPU forwards run on the process's model thread (see "Concurrency" above).
         """
+        device = self._get_module()[1]
+        if self.serialize and _torch().device(device).type == "cpu":
+            pool = _model_thread(device)
+            if not threading.current_thread().name.startswith("tileseg-model-"):
+                ctx = contextvars.copy_context()  # the caller's context variables, as if it ran here
+                return pool.submit(ctx.run, self._forward_here, batch, flips, keep, False).result()
+            return self._forward_here(batch, flips, keep, False)
+        return self._forward_here(batch, flips, keep, self.serialize)
+
+    def _forward_here(self, batch: np.ndarray, flips: list[tuple[int, ...]], keep: bool, serialize: bool) -> Any:
+        """:meth:`_forward` in this thread; ``serialize``: under the device's forward lock."""
         torch = _torch()
         module, device = self._get_module()
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
         device_type = torch.device(device).type
-        lock = _forward_lock(device) if self.serialize else nullcontext()
+        lock = _forward_lock(device) if serialize else nullcontext()
         fmt = ({4: torch.channels_last, 5: torch.channels_last_3d}.get(batch.ndim)
                if self.channels_last and not self.conventions.channels_last else None)
         try:
