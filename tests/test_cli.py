@@ -264,3 +264,25 @@ def test_plan_reports_chunks_that_do_not_fit_an_items_axes(tmp_path):
     run = invoke("run", str(pipe), "--quiet")  # run fails the same item with the same message
     assert run.exit_code == 1
     assert "tiling.chunks: [16, 16] has 2 entries but the image has 3 spatial axes" in run.output
+
+
+@pytest.mark.parametrize("case", ["collision", "self"])
+def test_plan_refuses_outputs_that_run_refuses(tmp_path, case):
+    """Two items writing one output, or an output replacing its input: plan exits 2 with run's message."""
+    import numpy as np
+
+    data = np.random.default_rng(1).integers(0, 255, (40, 50), dtype=np.uint8)
+    zarr.save_array(str(tmp_path / "a.zarr"), data)
+    if case == "collision":
+        zarr.save_array(str(tmp_path / "sub" / "a.zarr"), data)
+        inputs, out, expect = "['a.zarr', 'sub/a.zarr']", "out/{stem}_seg.zarr", "both write to"
+    else:
+        inputs, out, expect = "a.zarr", "{stem}.zarr", "is the input"
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"version: 1\ninput: {{path: {inputs}}}\nmethod: {{otsu: {{}}}}\n"
+                    f"output: {{path: '{out}', overwrite: true}}\n")
+    run = invoke("run", str(pipe), "--quiet")
+    plan = invoke("plan", str(pipe))
+    assert run.exit_code == 2 and expect in run.output
+    assert plan.exit_code == 2 and expect in plan.output
+    assert plan.output == run.output

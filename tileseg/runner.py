@@ -924,9 +924,19 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
     """Per item: shape, chunks, patches and estimated peak memory per task, computing nothing heavy.
 
     Items that cannot be opened get an ``error`` entry instead.
+
+    Raises
+    ------
+    ConfigError
+        What :func:`run_pipeline` refuses before any item starts: two items
+        writing the same output, an output that is or contains an input.
     """
     cfg = load_pipeline(pipeline)
     items = expand_items(cfg)
+    paths = _render_all(cfg, items)
+    check_outputs([paths[i] for i, (_, err) in enumerate(items) if err is None],
+                  [item for item, err in items if err is None])
+    check_not_inputs([p for ps in paths for p in ps], list(protected_paths(cfg, [item for item, _ in items])))
     k = None
     if cfg.model is not None:
         if cfg.model.classes:
@@ -937,11 +947,7 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
             except Exception as exc:  # plan must not need the model to run
                 log.debug("could not load the model for plan: %s", exc)
     rows = []
-    for index, (item, err) in enumerate(items):
-        try:
-            outs = [render_output(o.path, item, index) for o in cfg.all_outputs()]
-        except InputError as exc:
-            outs, err = [], err or exc
+    for index, ((item, err), outs) in enumerate(zip(items, paths)):
         row: dict[str, Any] = {"index": index, "input": item, "output": (outs or [None])[0], "outputs": outs}
         rows.append(row)
         if err is not None:
