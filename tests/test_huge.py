@@ -14,9 +14,9 @@ import pytest
 import zarr
 
 import tileseg
+from tileseg.planning import MAX_TASKS_PER_ITEM, plan_pipeline
 from tileseg.preprocess import SUBSAMPLE_BLOCKS, channel_stats, sample_blocks
 from tileseg.readers.zarr import MAX_READ_BLOCKS
-from tileseg.runner import MAX_TASKS_PER_ITEM, plan_pipeline
 from tileseg.testing.counting import register
 from tileseg.tiling.grid import MAX_BLOCKS
 

@@ -235,7 +235,7 @@ def _mib(n: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(pipeline: str, as_json: bool) -> None:
     """Per item: shape, chunks, patches and estimated peak memory per task (computes nothing heavy)."""
-    from .runner import plan_pipeline
+    from .planning import plan_pipeline
 
     try:
         rows = plan_pipeline(pipeline)

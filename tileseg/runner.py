@@ -61,11 +61,12 @@ from typing import Any
 import numpy as np
 
 from .config import OutputConfig, PipelineConfig, load_pipeline
-from .errors import PIPELINE_KEYS, ConfigError, InputError, ModelError, RunInterrupted, reword
+from .errors import InputError, RunInterrupted
 from .execution import SchedulerInfo, compute, scheduler_context
 from .fingerprint import config_fingerprint, input_fingerprint, output_hash, settings_fingerprint
 from .image import Image
 from .item_pool import run_items
+from .items import build_item, error_text, expand_items, load_model, open_item
 from .manifest import DONE, MANIFEST_NAME, PENDING, Decision, Heartbeat, Manifest, item_key
 from .manifest import FAILED as M_FAILED
 from .outputs import (
@@ -100,42 +101,6 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "tileseg-report.json"
 #: Seconds between report rewrites while items finish (the final report is always written).
 REPORT_EVERY_S = 2.0
-
-
-# --------------------------------------------------------------------------- items
-
-
-def expand_items(cfg: PipelineConfig) -> list[tuple[str, Exception | None]]:
-    """The input items, each with the error that prevents opening it (or ``None``).
-
-    Every ``input.path`` entry is expanded on its own, so one missing file in
-    a list becomes one failed item instead of failing the whole run.
-
-    Raises
-    ------
-    ConfigError
-        If no entry yields any item at all.
-    """
-    from .readers import expand_inputs
-
-    storage = cfg.input.options.get("storage_options")
-    items: list[tuple[str, Exception | None]] = []
-    seen: set[str] = set()
-    for entry in cfg.input.path:
-        try:
-            found = expand_inputs(entry, storage_options=storage, options=dict(cfg.input.options))
-        except Exception as exc:  # ImageNotFoundError, FormatError, OSError from fsspec
-            if len(cfg.input.path) == 1:
-                raise ConfigError(f"input.path: {exc}") from exc
-            items.append((entry, exc))
-            continue
-        for item in found:
-            if item not in seen:
-                seen.add(item)
-                items.append((item, None))
-    if not items:
-        raise ConfigError(f"input.path: no items found in {cfg.input.path!r}")
-    return items
 
 
 # --------------------------------------------------------------------------- stages
@@ -278,121 +243,6 @@ class _EagerComputes:
         self._cb.__exit__(*exc)
 
 
-def open_item(cfg: PipelineConfig, item: str, index: int = 0) -> Image:
-    """The input image of one item, with ``input.nodata`` and ``input.aoi`` applied when given."""
-    from .readers import open_image
-
-    i = cfg.input
-    image = open_image(item, reader=i.reader, array=i.array, level=i.level, axes=i.axes, **dict(i.options))
-    if i.nodata is not None:
-        image = dataclasses.replace(image, nodata=i.nodata)
-    if i.aoi is not None:
-        from .aoi import apply_aoi
-
-        image = apply_aoi(image, render_output(i.aoi, item, index))
-    return image
-
-
-def load_model(cfg: PipelineConfig):
-    """The predictor of a model pipeline (loaded once per run)."""
-    from .predictors import load_predictor
-
-    assert cfg.model is not None
-    device = None if cfg.model.device == "auto" else cfg.model.device
-    return load_predictor(cfg.model.spec(), device=device, precision=cfg.model.precision, tta=cfg.model.tta,
-                          channels_last=cfg.model.channels_last, compile=cfg.model.compile)
-
-
-def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
-               sched: SchedulerInfo | None = None) -> tuple[Image, Image, dict[str, int]]:
-    """The lazy results of one item: ``(raw, result, stats)``.
-
-    ``raw`` is the model's (or method's) output, ``result`` the same after
-    the postprocess steps; both carry the input's geometry. ``stats`` holds
-    ``n_patches`` and ``n_patches_skipped`` (all-nodata patches) for models.
-    """
-    from .postprocess import apply_postprocess
-
-    stats: dict[str, int] = {}
-    if cfg.model is not None:
-        from .graph import segment_with_stats
-        from .predictors.check import dry_run_on
-
-        resources = sched.resources if sched is not None and sched.distributed and sched.resources else None
-        n_ch = int(image.data.shape[0]) if image.has_channels else 1
-        client = sched.client if sched is not None and sched.distributed else None
-        k = dry_run_on(client, predictor, n_ch, cfg.tiling.patch_size,  # type: ignore[union-attr]
-                       resources=resources, class_names=cfg.model.classes, source=image.source or "image")
-        _check_classes(cfg, k)
-        tiling = cfg.tiling_options()
-        inference = cfg.inference_options(resources=resources, lookahead=_lookahead(sched))
-        declared = getattr(predictor, "class_names", None)
-        if inference.class_names is None and declared and len(declared) == k:
-            inference = dataclasses.replace(inference, class_names=tuple(declared))
-        raw, stats = segment_with_stats(image, predictor, tiling, inference)
-    else:
-        from .methods import apply_method
-
-        name, params = cfg.method_step() or ("", {})
-        data = image.data
-        chunks = method_chunks(cfg, image)
-        if chunks is not None:
-            lead = (data.chunks[0],) if image.has_channels else ()
-            data = data.rechunk(lead + chunks)
-        if cfg.preprocess:
-            from .preprocess import apply_preprocess
-
-            chw = data if image.has_channels else data[None]
-            data = apply_preprocess(chw, cfg.preprocess)
-            data = data if image.has_channels else data[0]
-        # the validity of the pixels as read (nodata values change meaning once preprocessed)
-        raw = apply_method(image.with_data(data, mask=image.valid(), nodata=None), name, params)
-    return raw, apply_postprocess(raw, cfg.postprocess), stats
-
-
-def method_chunks(cfg: PipelineConfig, image: Image) -> tuple[int, ...] | None:
-    """``tiling.chunks`` of a method pipeline checked against ``image`` (None when not set).
-
-    Raises
-    ------
-    ConfigError
-        The number of entries differs from the image's spatial axes.
-    """
-    if cfg.tiling is None or cfg.tiling.chunks is None:
-        return None
-    if len(cfg.tiling.chunks) != image.spatial_ndim:
-        raise ConfigError(f"tiling.chunks: {cfg.tiling.chunks!r} has {len(cfg.tiling.chunks)} entries but "
-                          f"the image has {image.spatial_ndim} spatial axes {image.axes!r}")
-    return tuple(int(c) for c in cfg.tiling.chunks)
-
-
-def _check_classes(cfg: PipelineConfig, k: int | None) -> None:
-    """``model.classes`` must match the model's output channels (two names for one channel), before computing."""
-    names = cfg.model.classes if cfg.model is not None else None
-    if names is None or k is None:
-        return
-    if len(names) != k and not (k == 1 and len(names) == 2):
-        files = ", ".join(cfg.model.files().values()) or cfg.model.kind
-        raise ModelError(f"model.classes lists {len(names)} classes {names!r} but the model {files} outputs "
-                         f"{k} channels")
-
-
-def _lookahead(sched: SchedulerInfo | None) -> int:
-    """How many blocks prediction may run ahead of finished output (see ``segment_image``).
-
-    The run stores the whole result, so ordering edges cost nothing and keep
-    the working set to about one slab of overlap margins. A cluster gets a
-    window of two blocks per worker thread so no worker waits.
-    """
-    workers = 2
-    if sched is not None and sched.client is not None:
-        try:
-            workers = sum(w.get("nthreads", 1) for w in sched.client.scheduler_info()["workers"].values())
-        except Exception:  # pragma: no cover - a scheduler that went away
-            pass
-    elif sched is not None and sched.workers:
-        workers = sched.workers
-    return max(4, 2 * workers)
 
 
 # --------------------------------------------------------------------------- writing
@@ -515,13 +365,6 @@ def evaluate_item(cfg: PipelineConfig, item: str, index: int, out: str,
 
 
 # --------------------------------------------------------------------------- the run
-
-
-def _error_text(exc: BaseException, item: str) -> str:
-    msg = reword(str(exc) or repr(exc), PIPELINE_KEYS)
-    if item not in msg and os.path.basename(item.rstrip("/")) not in msg:
-        msg = f"{item}: {msg}"
-    return f"{type(exc).__name__}: {msg}"
 
 
 def _render_all(cfg: PipelineConfig, items: list[tuple[str, Exception | None]]) -> list[list[str]]:
@@ -742,7 +585,7 @@ class _RunState:
         item, err = self.items[index]
         result = self.report.items[index]
         if err is not None:
-            result.status, result.error = FAILED, _error_text(err, item)
+            result.status, result.error = FAILED, error_text(err, item)
             log.error("item %d failed: %s", index, result.error)
             self.done(result)
             return
@@ -765,7 +608,7 @@ class _RunState:
                 outputs_complete=all(_is_complete(o) for o in outputs), fresh=self.fresh,
                 retry_failed=self.retry_failed)
         except Exception as exc:  # an unreadable manifest or input listing
-            result.status, result.error = FAILED, _error_text(exc, item)
+            result.status, result.error = FAILED, error_text(exc, item)
             self.done(result)
             return
         if decision.action == "busy":
@@ -778,7 +621,7 @@ class _RunState:
                 try:
                     result.dice = evaluate_item(cfg, item, index, _scored(outputs).path, self.sched)
                 except Exception as exc:
-                    result.status, result.error = FAILED, _error_text(exc, item)
+                    result.status, result.error = FAILED, error_text(exc, item)
         elif decision.action == "failed":
             result.status = FAILED
             result.error = (f"{decision.previous['error']} (recorded by an earlier run; input and pipeline "
@@ -908,7 +751,7 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
         if sched is not None and sched.cancelled:
             raise RunInterrupted(sched.cancel_reason) from exc
         result.status = FAILED
-        result.error = _error_text(exc, item)
+        result.error = error_text(exc, item)
         log.error("item %d failed: %s", index, result.error)
     finally:
         result.timings = timer.timings
@@ -917,83 +760,6 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
         result.pixels_per_s = round(px / t, 1) if t and result.status == OK else None
 
 
-# --------------------------------------------------------------------------- plan
 
 
-def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
-    """Per item: shape, chunks, patches and estimated peak memory per task, computing nothing heavy.
-
-    Items that cannot be opened get an ``error`` entry instead.
-
-    Raises
-    ------
-    ConfigError
-        What :func:`run_pipeline` refuses before any item starts: two items
-        writing the same output, an output that is or contains an input.
-    """
-    cfg = load_pipeline(pipeline)
-    items = expand_items(cfg)
-    paths = _render_all(cfg, items)
-    check_outputs([paths[i] for i, (_, err) in enumerate(items) if err is None],
-                  [item for item, err in items if err is None])
-    check_not_inputs([p for ps in paths for p in ps], list(protected_paths(cfg, [item for item, _ in items])))
-    k = None
-    if cfg.model is not None:
-        if cfg.model.classes:
-            k = len(cfg.model.classes)
-        else:
-            try:
-                k = load_model(cfg).out_channels
-            except Exception as exc:  # plan must not need the model to run
-                log.debug("could not load the model for plan: %s", exc)
-    rows = []
-    for index, ((item, err), outs) in enumerate(zip(items, paths)):
-        row: dict[str, Any] = {"index": index, "input": item, "output": (outs or [None])[0], "outputs": outs}
-        rows.append(row)
-        if err is not None:
-            row["error"] = _error_text(err, item)
-            continue
-        try:
-            image = open_item(cfg, item, index)
-            if cfg.model is not None:
-                from .graph import plan
-
-                p = plan(image, cfg.tiling_options(), out_channels=k or 1, batch_size=cfg.model.batch_size,
-                         output=cfg.model.output)
-                row.update({key: (list(v) if isinstance(v, tuple) else v) for key, v in p.items()})
-                row["out_channels"] = k
-            else:
-                chunks = list(method_chunks(cfg, image) or [int(max(c)) for c in image.data.chunks[-image.spatial_ndim:]])
-                row.update(shape=list(image.spatial_shape), channels=image.data.shape[0] if image.has_channels else 1,
-                           chunks=chunks, n_patches=None, est_peak_task_bytes=None)
-            row["dtype"] = str(image.dtype)
-            row["est_tasks"] = estimate_tasks(row, len(cfg.postprocess or ()) + len(cfg.preprocess or ()),
-                                              spatial_ndim=image.spatial_ndim)
-            if row["est_tasks"] > MAX_TASKS_PER_ITEM:
-                row.setdefault("warnings", []).append(
-                    f"about {row['est_tasks']:.3g} tasks in its graph (more than {MAX_TASKS_PER_ITEM:.0e}): "
-                    "graph building and the scheduler will be slow; use larger tiling.chunks")
-        except Exception as exc:
-            row["error"] = _error_text(exc, item)
-    return rows
-
-
-#: ``tileseg plan`` warns about items whose graph would have more tasks than this.
-MAX_TASKS_PER_ITEM = 100_000
-
-
-def estimate_tasks(row: dict[str, Any], n_steps: int, *, spatial_ndim: int) -> int:
-    """Rough task count of one item's graph from its plan row (``n_blocks`` or ``shape``/``chunks``).
-
-    A model's block has an owner, up to ``2**ndim`` pieces, a final task, an
-    ordering token and a store task; a classical block one task per step plus
-    its read and store.
-    """
-    if row.get("n_owner_tasks") is not None:
-        return int(row["n_owner_tasks"]) * (1 + 2 ** spatial_ndim) + 3 * int(row["n_blocks"]) + \
-            n_steps * int(row["n_blocks"])
-    blocks = int(np.prod([-(-int(s) // int(c)) for s, c in zip(row["shape"], row["chunks"])], dtype=np.int64))
-    return blocks * (3 + n_steps)
-
-
-__all__ = ["run_pipeline", "plan_pipeline", "expand_items", "render_output", "open_item", "build_item"]
+__all__ = ["run_pipeline", "manifest_path"]

@@ -94,11 +94,8 @@ def failing(image, signals=None):
                                                  dtype=image.dtype))
 
 
-@pytest.mark.parametrize("where", ["store", "record"])
-@pytest.mark.parametrize("name", WRITERS)
-def test_threads_abort_waits_for_the_block_write_in_flight(name, where, series, tmp_path):
-    if name == "vector" and where == "store":
-        pytest.skip("the vector writer's blocks are piece files, not Zarr chunks")
+def held_write_case(name, series, tmp_path):
+    """The writer ``name`` with an earlier item's finished output in place and its abort announced in ``signals``."""
     image, fname, options = case(name, lambda: series)
     out = tmp_path / "out"
     writer = get_writer(name)
@@ -106,6 +103,15 @@ def test_threads_abort_waits_for_the_block_write_in_flight(name, where, series, 
     signals = tmp_path / "signals"
     signals.mkdir()
     writer.abort = abort_race.announcing_abort(writer.abort, str(signals))
+    return image, fname, options, out, writer, done, before, signals
+
+
+@pytest.mark.parametrize("where", ["store", "record"])
+@pytest.mark.parametrize("name", WRITERS)
+def test_threads_abort_waits_for_the_block_write_in_flight(name, where, series, tmp_path):
+    if name == "vector" and where == "store":
+        pytest.skip("the vector writer's blocks are piece files, not Zarr chunks")
+    image, fname, options, out, writer, done, before, signals = held_write_case(name, series, tmp_path)
     abort_race.install(str(signals), where)
     try:
         with dask.config.set(scheduler="threads", num_workers=4), pytest.raises(RuntimeError, match="boom"):
@@ -141,14 +147,8 @@ def test_distributed_worker_processes_abort_waits_for_the_block_write_in_flight(
     """Two worker processes: the held write runs in one, the failing block in the other, abort in the client."""
     import distributed
 
-    image, fname, options = case(name, lambda: series)
     where = "record" if name == "vector" else "store"
-    out = tmp_path / "out"
-    writer = get_writer(name)
-    done, before = earlier_output(writer, image, out, fname, options)
-    signals = tmp_path / "signals"
-    signals.mkdir()
-    writer.abort = abort_race.announcing_abort(writer.abort, str(signals))
+    image, fname, options, out, writer, done, before, signals = held_write_case(name, series, tmp_path)
     with distributed.Client(cluster) as client:
         client.run(abort_race.install, str(signals), where)
         try:

@@ -364,32 +364,7 @@ class ZarrReader(Reader):
         if not raw.exists():
             raise ImageNotFoundError(f"{source!r} does not exist")
         node = clean_node_path(array, what="array path", source=source)
-        meta = node_metadata(raw, node)
-        group_attrs: dict[str, Any] = {}
-        ome: dict[str, Any] | None = None
-
-        if (
-            meta["kind"] == "group"
-            and "bioformats2raw.layout" in meta["attrs"]
-            and not find_multiscales(meta["attrs"])
-        ):
-            node = f"{node}/0" if node else "0"
-            meta = node_metadata(raw, node)
-        if meta["kind"] == "group":
-            group_attrs = meta["attrs"]
-            found = find_multiscales(group_attrs)
-            if found is not None:
-                ome, node, meta = self._select_level(raw, node, found, level)
-            else:
-                node = self._single_array(raw, node, meta, storage_options)
-                meta = node_metadata(raw, node)
-                if meta["kind"] != "array":  # pragma: no cover - _single_array only returns arrays
-                    raise FormatError(f"{raw.name(node)!r} is not an array")
-        if ome is None and level not in (None, 0):
-            raise InputError(
-                f"level={level!r} given but {raw.name(node)!r} is not an OME-Zarr multiscale image"
-            )
-
+        node, meta, group_attrs, ome = self._locate(raw, node, level, storage_options)
         check_array_doc(raw, meta)
         where = raw.name(node)
         try:
@@ -441,21 +416,7 @@ class ZarrReader(Reader):
         status = store_attrs.get("tileseg") if isinstance(store_attrs.get("tileseg"), dict) else {}
         if status.get("status") == "incomplete":
             log.warning("%s is a tileseg output marked incomplete (its write did not finish)", source)
-        reader_info: dict[str, Any] = {
-            "zarr_format": meta["zarr_format"],
-            "array_path": node,
-            "shape": tuple(arr.shape),
-            "chunks": tuple(arr.chunks),
-            "shards": tuple(arr.shards) if getattr(arr, "shards", None) else None,
-            "dtype": str(dtype),
-            "fill_value": _json_scalar(arr.fill_value),
-            "store_axes": canon["store_axes"],
-            "array_attrs": array_attrs,
-        }
-        if ome is not None:
-            reader_info["ome"] = {k: v for k, v in ome.items() if k not in ("scale", "translation")}
-        if status:
-            reader_info["tileseg"] = status
+        reader_info = _reader_info(arr, meta, node, canon["store_axes"], array_attrs, ome, status)
         geo = geometry_from_attrs(status.get("geometry") or {})
         if geo.get("direction") is not None and len(geo["direction"]) != len(canon["spacing"]):
             geo.pop("direction")
@@ -474,6 +435,41 @@ class ZarrReader(Reader):
             )
         except ValueError as exc:
             raise FormatError(f"{where!r}: {exc}") from exc
+
+    def _locate(self, raw: RawStore, node: str, level: int | None,
+                storage_options: dict[str, Any] | None) -> tuple[str, dict[str, Any], dict[str, Any], dict | None]:
+        """The array node to read from ``node`` (an array, an OME multiscale level or a group's one array).
+
+        Returns
+        -------
+        tuple
+            ``(node, metadata, group attributes, ome)``; ``ome`` is ``None`` unless a multiscales level was chosen.
+        """
+        meta = node_metadata(raw, node)
+        group_attrs: dict[str, Any] = {}
+        ome: dict[str, Any] | None = None
+        if (
+            meta["kind"] == "group"
+            and "bioformats2raw.layout" in meta["attrs"]
+            and not find_multiscales(meta["attrs"])
+        ):
+            node = f"{node}/0" if node else "0"
+            meta = node_metadata(raw, node)
+        if meta["kind"] == "group":
+            group_attrs = meta["attrs"]
+            found = find_multiscales(group_attrs)
+            if found is not None:
+                ome, node, meta = self._select_level(raw, node, found, level)
+            else:
+                node = self._single_array(raw, node, meta, storage_options)
+                meta = node_metadata(raw, node)
+                if meta["kind"] != "array":  # pragma: no cover - _single_array only returns arrays
+                    raise FormatError(f"{raw.name(node)!r} is not an array")
+        if ome is None and level not in (None, 0):
+            raise InputError(
+                f"level={level!r} given but {raw.name(node)!r} is not an OME-Zarr multiscale image"
+            )
+        return node, meta, group_attrs, ome
 
     @staticmethod
     def _select_level(
@@ -546,6 +542,27 @@ class ZarrReader(Reader):
             f"{where!r} is a zarr group without OME multiscales holding {len(arrays)} array(s) and "
             f"{len(groups)} group(s) ({shown}); choose one with array=..."
         )
+
+
+def _reader_info(arr: Any, meta: dict[str, Any], node: str, store_axes: Any, array_attrs: dict[str, Any],
+                 ome: dict[str, Any] | None, status: dict[str, Any]) -> dict[str, Any]:
+    """What the Zarr reader records of the stored array in ``Image.reader_info``."""
+    info: dict[str, Any] = {
+        "zarr_format": meta["zarr_format"],
+        "array_path": node,
+        "shape": tuple(arr.shape),
+        "chunks": tuple(arr.chunks),
+        "shards": tuple(arr.shards) if getattr(arr, "shards", None) else None,
+        "dtype": str(np.dtype(arr.dtype)),
+        "fill_value": _json_scalar(arr.fill_value),
+        "store_axes": store_axes,
+        "array_attrs": array_attrs,
+    }
+    if ome is not None:
+        info["ome"] = {k: v for k, v in ome.items() if k not in ("scale", "translation")}
+    if status:
+        info["tileseg"] = status
+    return info
 
 
 def _json_scalar(value: Any) -> Any:

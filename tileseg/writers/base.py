@@ -362,13 +362,44 @@ class SingleFileWriter(Writer):
 
     The run writes blocks into a hidden partial folder beside the output;
     ``finalize`` builds the file inside it and calls :meth:`publish`;
-    :meth:`abort` removes the folder. Subclasses give ``_status(path)``: the
-    status recorded in an existing file (``None`` when the path is free).
+    :meth:`abort` removes the folder. Subclasses name their format
+    (``format_name``, for messages) and give ``_is_complete(path)``: whether an
+    existing file of their format records a finished tileseg output.
     """
 
-    @staticmethod
-    def _status(path: str) -> str | None:  # pragma: no cover - interface
+    #: The output format in messages ("GeoTIFF", "NIfTI", ...).
+    format_name: ClassVar[str] = "output"
+
+    def _is_complete(self, path: str) -> bool:  # pragma: no cover - interface
+        """Whether the existing file ``path`` is a finished tileseg output (it raises when it is not of the format)."""
         raise NotImplementedError
+
+    def _format_of(self, path: str) -> str:
+        """The format ``path`` must have (``format_name``; writers of several formats pick by the path)."""
+        return self.format_name
+
+    def _status(self, path: str) -> str | None:
+        """``None`` (absent), ``"complete"`` (a finished tileseg output) or ``"foreign"`` (another file of the format).
+
+        Raises
+        ------
+        OutputError
+            ``path`` exists and is not a file of the writer's format.
+        """
+        from ..errors import MissingDependencyError, OutputError
+
+        if not os.path.lexists(path):
+            return None
+        refuse = f"{path!r} exists and is not a {self._format_of(path)} file; refusing to replace it"
+        if not os.path.isfile(path):
+            raise OutputError(refuse)
+        try:
+            done = self._is_complete(path)
+        except (OutputError, MissingDependencyError):
+            raise
+        except Exception as exc:
+            raise OutputError(f"{refuse} ({exc})") from exc
+        return "complete" if done else "foreign"
 
     def local_output(self, path: str, storage_options: dict[str, Any] | None) -> str:
         """The local path of ``path``; these writers write local files only (write locally, then upload).

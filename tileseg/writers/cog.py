@@ -118,29 +118,16 @@ def class_colors(n: int) -> list[tuple[int, int, int, int]]:
     return out[:n]
 
 
-def _status(path: str) -> str | None:
-    """``None`` (absent), ``"complete"`` (a finished tileseg COG) or ``"foreign"`` (another GeoTIFF).
-
-    Raises
-    ------
-    OutputError
-        ``path`` exists and is not a GeoTIFF.
-    """
-    if not os.path.lexists(path):
-        return None
+def _is_complete(path: str) -> bool:
+    """Whether the existing file ``path`` is a finished tileseg COG (raises when it is no GeoTIFF)."""
     rasterio = require("rasterio", "geo")
-    if not os.path.isfile(path):
-        raise OutputError(f"{path!r} exists and is not a GeoTIFF file; refusing to replace it")
-    try:
-        with warnings.catch_warnings(), rasterio.Env(CPL_LOG_ERRORS=False):
-            warnings.simplefilter("ignore")  # e.g. NotGeoreferencedWarning for a plain TIFF
-            with rasterio.open(path) as src:
-                driver, tags = src.driver, src.tags()
-    except Exception as exc:
-        raise OutputError(f"{path!r} exists and is not a GeoTIFF; refusing to replace it ({exc})") from exc
+    with warnings.catch_warnings(), rasterio.Env(CPL_LOG_ERRORS=False):
+        warnings.simplefilter("ignore")  # e.g. NotGeoreferencedWarning for a plain TIFF
+        with rasterio.open(path) as src:
+            driver, tags = src.driver, src.tags()
     if driver != "GTiff":
         raise OutputError(f"{path!r} exists and is a {driver} file, not a GeoTIFF; refusing to replace it")
-    return "complete" if tags.get(STATUS_TAG) == "complete" else "foreign"
+    return tags.get(STATUS_TAG) == "complete"
 
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -166,7 +153,8 @@ class COGWriter(SingleFileWriter):
     """Write a 2-D image (optionally with channels) as a Cloud-Optimized GeoTIFF (see the module docstring)."""
 
     name = "cog"
-    _status = staticmethod(_status)
+    format_name = "GeoTIFF"
+    _is_complete = staticmethod(_is_complete)
 
     def prepare(
         self,

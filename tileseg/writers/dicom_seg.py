@@ -134,24 +134,10 @@ def _record(ds: Any) -> dict[str, Any] | None:
     return {"status": status, "run_id": run_id}
 
 
-def _status(path: str) -> str | None:
-    """``None`` (absent), ``"complete"`` (a finished tileseg SEG) or ``"foreign"`` (another DICOM file).
-
-    Raises
-    ------
-    OutputError
-        ``path`` exists and is not a DICOM file.
-    """
-    if not os.path.lexists(path):
-        return None
-    if not os.path.isfile(path):
-        raise OutputError(f"{path!r} exists and is not a DICOM file; refusing to replace it")
-    try:
-        ds = _read_header(path)
-    except Exception:
-        raise OutputError(f"{path!r} exists and is not a DICOM file; refusing to replace it") from None
-    record = _record(ds)
-    return "complete" if record is not None and record["status"] == "complete" else "foreign"
+def _is_complete(path: str) -> bool:
+    """Whether the existing file ``path`` is a finished tileseg SEG (raises when it is no DICOM file)."""
+    record = _record(_read_header(path))
+    return record is not None and record["status"] == "complete"
 
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -222,7 +208,8 @@ class DicomSegWriter(SingleFileWriter):
     """Write a segmentation of a DICOM series as one DICOM SEG file (see the module docstring)."""
 
     name = "dicom_seg"
-    _status = staticmethod(_status)
+    format_name = "DICOM"
+    _is_complete = staticmethod(_is_complete)
 
     def prepare(
         self,

@@ -115,27 +115,14 @@ def _store_dtype(image: Image) -> np.dtype:
     raise OutputError(f"cannot write dtype {str(dtype)!r} to NIfTI (numeric or bool only)")
 
 
-def _status(path: str) -> str | None:
-    """``None`` (absent), ``"complete"`` (a finished tileseg NIfTI) or ``"foreign"`` (another NIfTI).
-
-    Raises
-    ------
-    OutputError
-        ``path`` exists and is not a NIfTI file.
-    """
-    if not os.path.lexists(path):
-        return None
+def _is_complete(path: str) -> bool:
+    """Whether the existing file ``path`` is a finished tileseg NIfTI (raises when it is no NIfTI file)."""
     nib = require("nibabel", "medical")
-    if not os.path.isfile(path):
-        raise OutputError(f"{path!r} exists and is not a NIfTI file; refusing to replace it")
-    try:
-        img = nib.load(path)
-    except Exception as exc:
-        raise OutputError(f"{path!r} exists and is not a NIfTI file; refusing to replace it ({exc})") from exc
+    img = nib.load(path)
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise OutputError(f"{path!r} exists and is a {type(img).__name__}; refusing to replace it")
     record = tileseg_record(img.header)
-    return "complete" if record is not None and record.get("status") == "complete" else "foreign"
+    return record is not None and record.get("status") == "complete"
 
 
 def is_complete(path: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -151,7 +138,8 @@ class NiftiWriter(SingleFileWriter):
     """Write a 3-D image (optionally with channels) as ``.nii.gz`` or ``.nii`` (see the module docstring)."""
 
     name = "nifti"
-    _status = staticmethod(_status)
+    format_name = "NIfTI"
+    _is_complete = staticmethod(_is_complete)
 
     def prepare(
         self,

@@ -66,6 +66,20 @@ def _lock(fd: int, how: int, folder: str) -> None:
                         "leave files in it", folder, exc)
 
 
+@contextlib.contextmanager
+def _held(folder: str, how: str) -> Iterator[int | None]:
+    """``folder`` open and ``flock``-ed (``how``: ``LOCK_SH``/``LOCK_EX``) in the block; ``None`` if it is not there."""
+    fd = _open_dir(folder)
+    if fd is None:
+        yield None
+        return
+    try:
+        _lock(fd, getattr(fcntl, how) if fcntl is not None else 0, folder)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _same(fd: int, folder: str) -> bool:
     """Whether ``folder`` is still the directory open as ``fd`` (not removed, not replaced)."""
     try:
@@ -97,15 +111,8 @@ def writing_into(folder: str) -> Iterator[bool]:
     ...     ok
     False
     """
-    fd = _open_dir(folder)
-    if fd is None:
-        yield False
-        return
-    try:
-        _lock(fd, fcntl.LOCK_SH if fcntl is not None else 0, folder)
-        yield _same(fd, folder)
-    finally:
-        os.close(fd)  # releases the lock
+    with _held(folder, "LOCK_SH") as fd:
+        yield fd is not None and _same(fd, folder)
 
 
 @contextlib.contextmanager
@@ -117,15 +124,8 @@ def exclusive(folder: str) -> Iterator[bool]:
     bool
         Whether ``folder`` exists (it may be removed, renamed or replaced inside the block).
     """
-    fd = _open_dir(folder)
-    if fd is None:
-        yield False
-        return
-    try:
-        _lock(fd, fcntl.LOCK_EX if fcntl is not None else 0, folder)
-        yield True
-    finally:
-        os.close(fd)
+    with _held(folder, "LOCK_EX") as fd:
+        yield fd is not None
 
 
 def remove_partial(folder: str) -> None:

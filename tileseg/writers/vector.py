@@ -66,31 +66,18 @@ def _driver(path: str) -> str:
     return DRIVERS[ext]
 
 
-def _status(path: str) -> str | None:
-    """``None`` (absent), ``"complete"`` or ``"foreign"`` (another vector file).
-
-    Raises
-    ------
-    OutputError
-        ``path`` exists and is not a vector file of its extension's format.
-    """
-    if not os.path.lexists(path):
-        return None
+def _is_complete(path: str) -> bool:
+    """Whether the existing file ``path`` is a finished tileseg vector output (raises when it is not of its format)."""
     pyogrio = require("pyogrio", "vector")
     driver = _driver(path)
-    if not os.path.isfile(path):
-        raise OutputError(f"{path!r} exists and is not a {driver} file; refusing to replace it")
-    try:
-        info = pyogrio.read_info(path)
-        found = pyogrio.detect_write_driver(path)  # the format its extension implies
-    except Exception as exc:
-        raise OutputError(f"{path!r} exists and is not a {driver} file; refusing to replace it ({exc})") from exc
+    info = pyogrio.read_info(path)
+    found = pyogrio.detect_write_driver(path)  # the format its extension implies
     if found != driver:  # pragma: no cover - guarded by _driver
         raise OutputError(f"{path!r}: unexpected format {found!r}")
     if driver == "GPKG":
         meta = info.get("layer_metadata") or {}
-        return "complete" if meta.get(STATUS_KEY) == "complete" else "foreign"
-    return "complete" if (_geojson_status(path) or {}).get("status") == "complete" else "foreign"
+        return meta.get(STATUS_KEY) == "complete"
+    return (_geojson_status(path) or {}).get("status") == "complete"
 
 
 def _geojson_status(path: str) -> dict[str, Any] | None:
@@ -116,7 +103,11 @@ class VectorWriter(SingleFileWriter):
     """Polygons per class of a 2-D class map (see the module docstring)."""
 
     name = "vector"
-    _status = staticmethod(_status)
+    _is_complete = staticmethod(_is_complete)
+
+    @staticmethod
+    def _format_of(path: str) -> str:
+        return _driver(path)
 
     def prepare(
         self,

@@ -264,6 +264,49 @@ def _version_tuple(v: str) -> tuple[int, ...]:
         return (0, 4)
 
 
+def _label_meta(image: Image, image_label: bool | dict[str, Any]) -> dict[str, Any] | None:
+    """The OME-Zarr ``image-label`` metadata (class names as properties), or ``None`` for no image-label."""
+    if not image_label:
+        return None
+    meta = dict(image_label) if isinstance(image_label, dict) else {}
+    if image.class_names is not None and "properties" not in meta:
+        meta["properties"] = [{"label-value": i, "class": n} for i, n in enumerate(image.class_names)]
+    return meta
+
+
+def _group_attrs(image: Image, path: str, attrs: dict[str, Any] | None) -> dict[str, Any]:
+    """The input's JSON-safe attributes (tileseg's own left out), then the caller's ``attrs``."""
+    out: dict[str, Any] = {}
+    for key, value in image.attrs.items():
+        if key in RESERVED_ATTRS:
+            continue
+        safe = _json_safe(value, f"input attribute {key!r}")
+        if safe is not None:
+            out[key] = safe
+    if attrs:
+        extra = _json_safe(dict(attrs), "attrs")
+        if extra is None:
+            raise OutputError(f"{path!r}: attrs must be JSON-serialisable")
+        out.update(extra)
+    return out
+
+
+def _status_attrs(image: Image, run_id: str, writer: str) -> dict[str, Any]:
+    """``attrs["tileseg"]`` of a new output: incomplete, the run, the version, geometry and source."""
+    from .. import __version__
+
+    return {
+        "status": "incomplete",
+        "run_id": run_id,
+        "started_at": now_iso(),
+        "writer": writer,
+        "version": __version__,
+        "geometry": image.geometry_attrs(),
+        "source": image.source,
+        "source_format": image.format,
+    }
+
+
 class ZarrWriter(Writer):
     """Write a dask array as a chunk-aligned OME-Zarr group (see the module docstring)."""
 
@@ -350,40 +393,11 @@ class ZarrWriter(Writer):
 
         if image_label is None:
             image_label = dtype.kind in "biu" and "c" not in axes and (v_in is not None or image.is_class_map)
-        label_meta = None
-        if image_label:
-            label_meta = dict(image_label) if isinstance(image_label, dict) else {}
-            if image.class_names is not None and "properties" not in label_meta:
-                label_meta["properties"] = [{"label-value": i, "class": n} for i, n in enumerate(image.class_names)]
-
         run_id = run_id or uuid.uuid4().hex
-        group_attrs: dict[str, Any] = {}
-        for key, value in image.attrs.items():
-            if key in RESERVED_ATTRS:
-                continue
-            safe = _json_safe(value, f"input attribute {key!r}")
-            if safe is not None:
-                group_attrs[key] = safe
-        if attrs:
-            extra = _json_safe(dict(attrs), "attrs")
-            if extra is None:
-                raise OutputError(f"{path!r}: attrs must be JSON-serialisable")
-            group_attrs.update(extra)
-        group_attrs.update(
-            ome_attrs(version, axes, image.spacing, image.origin, image.units, name=name, image_label=label_meta)
-        )
-        from .. import __version__
-
-        group_attrs["tileseg"] = {
-            "status": "incomplete",
-            "run_id": run_id,
-            "started_at": now_iso(),
-            "writer": self.name,
-            "version": __version__,
-            "geometry": image.geometry_attrs(),
-            "source": image.source,
-            "source_format": image.format,
-        }
+        group_attrs = _group_attrs(image, path, attrs)
+        group_attrs.update(ome_attrs(version, axes, image.spacing, image.origin, image.units, name=name,
+                                     image_label=_label_meta(image, image_label)))
+        group_attrs["tileseg"] = _status_attrs(image, run_id, self.name)
 
         existing = _status(path, storage_options)
         if existing in ("complete", "foreign") and not overwrite:
