@@ -243,3 +243,50 @@ def test_run_on_a_scheduler_address_prints_its_dashboard(project):
     assert f"dashboard: {link}" in res.output and link.startswith("http://127.0.0.1:")
     out = zarr.open_group(str(root / "out" / "a_seg.zarr"), mode="r")["0"][...]
     assert_labels_match(out, *argmax_labels(monai_logits(images["a"], (24, 24), 0.25)))
+
+
+def test_plan_reports_chunks_that_do_not_fit_an_items_axes(tmp_path):
+    """A method pipeline's tiling.chunks is checked per item by plan, as run checks it (not shown as if valid)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    zarr.save_array(str(tmp_path / "flat.zarr"), rng.integers(0, 255, (40, 50), dtype=np.uint8))
+    zarr.save_array(str(tmp_path / "vol.zarr"), rng.integers(0, 255, (8, 40, 50), dtype=np.uint8))
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("version: 1\ninput: {path: ['flat.zarr', 'vol.zarr']}\ntiling: {chunks: [16, 16]}\n"
+                    "method: {otsu: {}}\noutput: {path: 'out/{stem}.zarr'}\n")
+    res = invoke("plan", str(pipe), "--json")
+    assert res.exit_code == 1
+    flat, vol = json.loads(res.output)
+    assert "error" not in flat and flat["chunks"] == [16, 16]
+    assert "tiling.chunks: [16, 16] has 2 entries but the image has 3 spatial axes" in vol["error"]
+    assert "chunks" not in vol
+    table = invoke("plan", str(pipe))  # the table: the error below it, its columns as wide as the rows
+    lines = table.output.splitlines()
+    assert table.exit_code == 1 and lines[-1].startswith("item 1 (") and vol["error"] in lines[-1]
+    assert max(len(line) for line in lines[:-1]) < len(lines[-1])
+    run = invoke("run", str(pipe), "--quiet")  # run fails the same item with the same message
+    assert run.exit_code == 1
+    assert "tiling.chunks: [16, 16] has 2 entries but the image has 3 spatial axes" in run.output
+
+
+@pytest.mark.parametrize("case", ["collision", "self"])
+def test_plan_refuses_outputs_that_run_refuses(tmp_path, case):
+    """Two items writing one output, or an output replacing its input: plan exits 2 with run's message."""
+    import numpy as np
+
+    data = np.random.default_rng(1).integers(0, 255, (40, 50), dtype=np.uint8)
+    zarr.save_array(str(tmp_path / "a.zarr"), data)
+    if case == "collision":
+        zarr.save_array(str(tmp_path / "sub" / "a.zarr"), data)
+        inputs, out, expect = "['a.zarr', 'sub/a.zarr']", "out/{stem}_seg.zarr", "both write to"
+    else:
+        inputs, out, expect = "a.zarr", "{stem}.zarr", "is the input"
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"version: 1\ninput: {{path: {inputs}}}\nmethod: {{otsu: {{}}}}\n"
+                    f"output: {{path: '{out}', overwrite: true}}\n")
+    run = invoke("run", str(pipe), "--quiet")
+    plan = invoke("plan", str(pipe))
+    assert run.exit_code == 2 and expect in run.output
+    assert plan.exit_code == 2 and expect in plan.output
+    assert plan.output == run.output

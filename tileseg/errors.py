@@ -87,7 +87,7 @@ def require(module: str, extra: str):
 #: Reader/engine keyword arguments named in error hints, by where the user sets them.
 PIPELINE_KEYS = {"array": "input.array", "level": "input.level", "axes": "input.axes",
                  "nan_policy": "input.nan_policy", "fill_value": "input.fill_value", "max_pixels": "input.options.max_pixels",
-                 "max_bytes": "input.options.max_bytes"}
+                 "max_bytes": "input.options.max_bytes", "repair": "input.options.repair"}
 
 
 def reword(text: str, names: dict[str, str]) -> str:

@@ -111,12 +111,10 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
 
         name, params = cfg.method_step() or ("", {})
         data = image.data
-        if cfg.tiling is not None and cfg.tiling.chunks is not None:
-            if len(cfg.tiling.chunks) != image.spatial_ndim:
-                raise ConfigError(f"tiling.chunks: {cfg.tiling.chunks!r} has {len(cfg.tiling.chunks)} entries but "
-                                  f"the image has {image.spatial_ndim} spatial axes {image.axes!r}")
+        chunks = method_chunks(cfg, image)
+        if chunks is not None:
             lead = (data.chunks[0],) if image.has_channels else ()
-            data = data.rechunk(lead + tuple(cfg.tiling.chunks))
+            data = data.rechunk(lead + chunks)
         if cfg.preprocess:
             from .preprocess import apply_preprocess
 
@@ -126,6 +124,22 @@ def build_item(cfg: PipelineConfig, image: Image, predictor: Any,
         # the validity of the pixels as read (nodata values change meaning once preprocessed)
         raw = apply_method(image.with_data(data, mask=image.valid(), nodata=None), name, params)
     return raw, apply_postprocess(raw, cfg.postprocess), stats
+
+
+def method_chunks(cfg: PipelineConfig, image: Image) -> tuple[int, ...] | None:
+    """``tiling.chunks`` of a method pipeline checked against ``image`` (None when not set).
+
+    Raises
+    ------
+    ConfigError
+        The number of entries differs from the image's spatial axes.
+    """
+    if cfg.tiling is None or cfg.tiling.chunks is None:
+        return None
+    if len(cfg.tiling.chunks) != image.spatial_ndim:
+        raise ConfigError(f"tiling.chunks: {cfg.tiling.chunks!r} has {len(cfg.tiling.chunks)} entries but "
+                          f"the image has {image.spatial_ndim} spatial axes {image.axes!r}")
+    return tuple(int(c) for c in cfg.tiling.chunks)
 
 
 def _check_classes(cfg: PipelineConfig, k: int | None) -> None:

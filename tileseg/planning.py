@@ -9,8 +9,8 @@ import numpy as np
 
 from .config import load_pipeline
 from .errors import InputError
-from .items import error_text, expand_items, load_model, open_item
-from .outputs import render_output
+from .items import error_text, expand_items, load_model, method_chunks, open_item
+from .outputs import check_not_inputs, check_outputs, protected_paths, render_output
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +19,26 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
     """Per item: shape, chunks, patches and estimated peak memory per task, computing nothing heavy.
 
     Items that cannot be opened get an ``error`` entry instead.
+
+    Raises
+    ------
+    ConfigError
+        What :func:`~tileseg.runner.run_pipeline` refuses before any item
+        starts: two items writing the same output, an output that is or
+        contains an input.
     """
     cfg = load_pipeline(pipeline)
     items = expand_items(cfg)
+    paths: list[list[str]] = []
+    for index, (item, err) in enumerate(items):
+        try:
+            paths.append([render_output(o.path, item, index) for o in cfg.all_outputs()])
+        except InputError as exc:
+            paths.append([])
+            items[index] = (item, err or exc)
+    check_outputs([paths[i] for i, (_, err) in enumerate(items) if err is None],
+                  [item for item, err in items if err is None])
+    check_not_inputs([p for ps in paths for p in ps], list(protected_paths(cfg, [item for item, _ in items])))
     k = None
     if cfg.model is not None:
         if cfg.model.classes:
@@ -32,11 +49,7 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
             except Exception as exc:  # plan must not need the model to run
                 log.debug("could not load the model for plan: %s", exc)
     rows = []
-    for index, (item, err) in enumerate(items):
-        try:
-            outs = [render_output(o.path, item, index) for o in cfg.all_outputs()]
-        except InputError as exc:
-            outs, err = [], err or exc
+    for index, ((item, err), outs) in enumerate(zip(items, paths)):
         row: dict[str, Any] = {"index": index, "input": item, "output": (outs or [None])[0], "outputs": outs}
         rows.append(row)
         if err is not None:
@@ -52,8 +65,7 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
                 row.update({key: (list(v) if isinstance(v, tuple) else v) for key, v in p.items()})
                 row["out_channels"] = k
             else:
-                chunks = (list(cfg.tiling.chunks) if cfg.tiling is not None and cfg.tiling.chunks is not None
-                          else [int(max(c)) for c in image.data.chunks[-image.spatial_ndim:]])
+                chunks = list(method_chunks(cfg, image) or [int(max(c)) for c in image.data.chunks[-image.spatial_ndim:]])
                 row.update(shape=list(image.spatial_shape), channels=image.data.shape[0] if image.has_channels else 1,
                            chunks=chunks, n_patches=None, est_peak_task_bytes=None)
             row["dtype"] = str(image.dtype)

@@ -350,6 +350,31 @@ def test_yaml_is_parsed_safely(tmp_path):
     assert "invalid YAML" in msg
 
 
+@pytest.mark.parametrize("text, key, line", [
+    ("version: 1\ninput: {path: a.zarr}\nmethod: otsu\noutput: {path: o.zarr}\noutput: {path: p.zarr}\n",
+     "output", 5),
+    ("version: 1\ninput: {path: a.zarr}\nmethod: otsu\noutput: {path: o.zarr}\nexecution: {workers: 2, workers: 3}\n",
+     "workers", 5),
+    ("version: 1\ninput:\n  path: a.zarr\n  array: image\n  array: labels\nmethod: otsu\noutput: {path: o.zarr}\n",
+     "array", 5),
+])
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path, text, key, line):
+    """PyYAML keeps the last of two equal keys silently: a pasted second section would win unseen."""
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    msg = str(pytest.raises(ConfigError, load_pipeline, path).value)
+    assert f"{path}:{line}:" in msg and f"duplicate key {key!r}" in msg
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("version: 1\ninput: {path: a.zarr}\nmethod: otsu\noutputs:\n"
+                    "  - &first {path: o.zarr, writer: zarr}\n  - {<<: *first, path: p.zarr}\n")
+    cfg = load_pipeline(path)
+    assert [os.path.basename(o.path) for o in cfg.all_outputs()] == ["o.zarr", "p.zarr"]
+    assert [o.writer for o in cfg.all_outputs()] == ["zarr", "zarr"]
+
+
 def test_repository_pipelines_are_valid():
     root = os.path.join(os.path.dirname(__file__), "..", "..", "pipelines")
     if not os.path.isdir(root):

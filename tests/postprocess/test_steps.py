@@ -62,3 +62,18 @@ def test_unknown_step_lists_installed():
 def test_bad_step_config(steps, match):
     with pytest.raises(ConfigError, match=match):
         apply_postprocess(da.zeros((4, 4), dtype=bool, chunks=2), steps)
+
+
+@pytest.mark.parametrize("name", ["grey_erosion", "grey_dilation", "grey_opening", "grey_closing"])
+def test_grey_steps_on_an_image_as_pipelines_apply_them(name):
+    """Pipelines hand steps an Image (step_call): the grey steps must take its pixels, equal to scikit-image."""
+    from tileseg.image import Image
+
+    rng = np.random.default_rng(3)
+    raw = (ndi.gaussian_filter(rng.random((30, 34)), 2) * 200).astype(np.uint8)
+    img = Image(da.from_array(raw, chunks=(7, 9)), axes=("y", "x"))
+    got = apply_postprocess(img, [{name: {"footprint": "disk", "radius": 2}}])
+    assert isinstance(got, Image) and got.dtype == raw.dtype
+    expected = {"grey_erosion": skm.erosion, "grey_dilation": skm.dilation, "grey_opening": skm.opening,
+                "grey_closing": skm.closing}[name](raw, skm.disk(2))
+    np.testing.assert_array_equal(np.asarray(got.data), expected)

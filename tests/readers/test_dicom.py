@@ -96,6 +96,19 @@ def test_each_defect_names_the_series_and_the_file(tmp_path, defect, match):
         open_image(str(tmp_path / "s"))
     text = str(info.value)
     assert truth.series_uid in text and ".dcm" in text and "Secret" not in text and "SECRET" not in text
+    assert repr(str(tmp_path / "s")) in text  # the folder too: file names alone do not say which series folder
+
+
+def test_repair_hint_names_the_pipeline_key(tmp_path):
+    from click.testing import CliRunner
+
+    from tileseg.cli import main
+
+    write_ct_series(tmp_path / "s", shape=SHAPE, defects=["rows"])
+    (tmp_path / "p.yaml").write_text("version: 1\ninput: {path: s}\nmethod: {otsu: {}}\noutput: {path: out/x.zarr}\n")
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 1
+    assert "mixed size" in res.output and "input.options.repair: ['size'] keeps the majority" in res.output
 
 
 def test_defect_file_names_are_the_offending_ones(tmp_path):

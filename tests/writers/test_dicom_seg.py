@@ -294,3 +294,30 @@ def test_highdicom_errors_are_scrubbed_of_patient_identifiers(series, tmp_path, 
     assert "x.dcm" in text and "ValueError" in text and text.count("<redacted>") == 3, text
     assert err.value.__cause__ is None and err.value.__suppress_context__  # the raw message is not chained
     assert not os.path.exists(tmp_path / "x.dcm")
+
+
+def test_sources_without_type2_patient_and_study_attributes(series, tmp_path):
+    """Anonymised series often drop Type 2 attributes (birth date, sex, study date ...): the SEG gets them empty."""
+    src = tmp_path / "anon"
+    shutil.copytree(os.path.dirname(series.files[0]), src)
+    missing = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+               "ReferringPhysicianName")
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        for key in missing:
+            if key in ds:
+                delattr(ds, key)
+        ds.save_as(f)
+    lab = labels_of(series)
+    image = tileseg.open(str(src))
+    image = image.with_data(da.from_array(lab, chunks=(2, -1, -1)), class_names=NAMES)
+    out = tmp_path / "seg.dcm"
+    get_writer("dicom_seg").write(image, str(out), options={"slab": 2})
+    seg = hd.seg.segread(str(out))
+    for key in missing:
+        assert key in seg and seg[key].value in (None, ""), key  # present (Type 2), empty
+    assert str(seg.PatientID) == str(pydicom.dcmread(series.files[0], stop_before_pixels=True).PatientID)
+    frames = seg.pixel_array if seg.NumberOfFrames > 1 else seg.pixel_array[None]
+    facts = frame_facts(seg)
+    for (number, ref, _), frame in zip(facts, frames, strict=True):
+        np.testing.assert_array_equal(frame, lab[series.sop_instance_uids.index(ref)] == number)

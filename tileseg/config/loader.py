@@ -139,8 +139,37 @@ MAX_YAML_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
 
 
+def _safe_unique_loader() -> Any:
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
+
+    Keys brought in by a merge (``<<: *alias``) may still be overridden, as YAML intends.
+    """
+    import yaml
+
+    class SafeUniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            if isinstance(node, yaml.MappingNode):
+                seen: dict[Any, int] = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=deep)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # unhashable key: the base class reports it
+                        continue
+                    if first is not None:
+                        raise yaml.constructor.ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return SafeUniqueKeyLoader
+
+
 def read_yaml(path: Path) -> Any:
-    """Parse a YAML file with ``yaml.safe_load``; syntax errors name line and column.
+    """Parse a YAML file with yaml's safe loader; syntax errors and duplicate keys name line and column.
 
     Files over :data:`MAX_YAML_BYTES`, and documents whose aliases expand to
     more than :data:`MAX_YAML_NODES` values (an "alias bomb"), are refused
@@ -158,7 +187,7 @@ def read_yaml(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read pipeline file: {exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_safe_unique_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

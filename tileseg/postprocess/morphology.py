@@ -243,7 +243,7 @@ def _mirror(fp: np.ndarray) -> np.ndarray:
 
 
 def grey_erosion(
-    image: Any,
+    data: Any,
     *,
     footprint: str | np.ndarray = "ball",
     radius: int = 1,
@@ -255,8 +255,9 @@ def grey_erosion(
 
     Parameters
     ----------
-    image : dask.array.Array or numpy.ndarray
-        Spatial array of any real dtype.
+    data : dask.array.Array or numpy.ndarray
+        Spatial array of any real dtype (named ``data``, not ``image``: a step whose first
+        parameter is ``image`` receives the whole Image, see :mod:`tileseg.step_call`).
     footprint, radius
         See :func:`make_footprint`.
     mode : str
@@ -274,7 +275,7 @@ def grey_erosion(
     """
     from dask_image import ndfilters
 
-    x = da.asarray(image)
+    x = da.asarray(data)
     fp = make_footprint(x.ndim, footprint, radius)
     m, c = _grey_mode(x.dtype, mode, cval, "max")
     if m == "wrap":
@@ -283,7 +284,7 @@ def grey_erosion(
 
 
 def grey_dilation(
-    image: Any,
+    data: Any,
     *,
     footprint: str | np.ndarray = "ball",
     radius: int = 1,
@@ -298,7 +299,7 @@ def grey_dilation(
     """
     from dask_image import ndfilters
 
-    x = da.asarray(image)
+    x = da.asarray(data)
     fp = make_footprint(x.ndim, footprint, radius)
     m, c = _grey_mode(x.dtype, mode, cval, "min")
     if m == "wrap":
@@ -307,7 +308,7 @@ def grey_dilation(
 
 
 def grey_opening(
-    image: Any,
+    data: Any,
     *,
     footprint: str | np.ndarray = "ball",
     radius: int = 1,
@@ -316,14 +317,14 @@ def grey_opening(
     spacing: Any = None,
 ) -> da.Array:
     """Greyscale opening (erosion then dilation), as :func:`skimage.morphology.opening`."""
-    fp = make_footprint(da.asarray(image).ndim, footprint, radius)
-    eroded = grey_erosion(image, footprint=fp, mode=mode, cval=cval)
+    fp = make_footprint(da.asarray(data).ndim, footprint, radius)
+    eroded = grey_erosion(data, footprint=fp, mode=mode, cval=cval)
     # scikit-image mirrors the footprint for the second step (no-op for symmetric ones).
     return grey_dilation(eroded, footprint=_mirror(fp), mode=mode, cval=cval)
 
 
 def grey_closing(
-    image: Any,
+    data: Any,
     *,
     footprint: str | np.ndarray = "ball",
     radius: int = 1,
@@ -332,6 +333,6 @@ def grey_closing(
     spacing: Any = None,
 ) -> da.Array:
     """Greyscale closing (dilation then erosion), as :func:`skimage.morphology.closing`."""
-    fp = make_footprint(da.asarray(image).ndim, footprint, radius)
-    dilated = grey_dilation(image, footprint=fp, mode=mode, cval=cval)
+    fp = make_footprint(da.asarray(data).ndim, footprint, radius)
+    dilated = grey_dilation(data, footprint=fp, mode=mode, cval=cval)
     return grey_erosion(dilated, footprint=_mirror(fp), mode=mode, cval=cval)

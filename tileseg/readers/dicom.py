@@ -415,13 +415,16 @@ class DicomReader(Reader):
             raise FormatError(f"{path!r}: DICOM file(s) without image pixel data")
         headers = _select(groups, path, key, series, series_description, modality)
         uid = headers[0].series_uid
-        geo = assemble(headers, tolerance=float(spacing_tolerance), repair=repair)
+        try:
+            geo = assemble(headers, tolerance=float(spacing_tolerance), repair=repair)
+        except InputError as exc:  # the series' checks name its files; say which folder they are in
+            raise InputError(f"{path!r}: {exc}") from None
         headers = geo.headers
         dtype = output_dtype(headers)
         for h in headers:
             need = h.rows * h.cols * h.samples * h.frames * h.bits_allocated // 8
             if h.pixel_bytes is not None and h.pixel_bytes < need:
-                raise InputError(f"DICOM series {uid!r}: {os.path.basename(h.path)!r} is truncated: "
+                raise InputError(f"{path!r}: DICOM series {uid!r}: {os.path.basename(h.path)!r} is truncated: "
                                  f"{h.pixel_bytes} bytes of pixel data, {need} expected")
         shape = (len(headers), headers[0].rows, headers[0].cols)
         check_budget(path, shape, dtype, max_pixels=max_pixels, max_bytes=max_bytes)

@@ -33,6 +33,9 @@ from ..errors import OutputError, require
 from .base import WriteHandle
 from .dicom_seg_frames import Occupancy
 
+#: Type 2 Patient and General Study attributes highdicom copies from the first source image.
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "StudyID", "AccessionNumber", "ReferringPhysicianName")
 TINY = 1e-3  # a FRACTIONAL value that is not zero but rounds to 0 of 255
 
 
@@ -91,6 +94,9 @@ def build_skeleton(handle: WriteHandle, sources: list[Any], occ: Occupancy) -> A
     pixels = skeleton_pixels(handle, occ)
     for ds in sources:
         ds.Rows, ds.Columns = pixels.shape[1:3]
+        for key in TYPE2_COPIED:  # absent in many anonymised series; highdicom reads them unguarded
+            if key not in ds:
+                setattr(ds, key, None)  # an empty Type 2 element: "unknown", as the standard allows
     algorithm = hd.AlgorithmIdentificationSequence(name="tileseg", version=str(d["version"])[:64],
                                                    family=codes.DCM.ImageProcessing)
     descriptions = [
