@@ -18,7 +18,11 @@ remove_small_objects,         by size in pixels (``min_size_px``) or physical
 remove_small_holes            units (``min_size_phys``, uses ``spacing``)
 keep_largest                  largest connected component (per class)
 label                         connected components, int64, raster order
+                              (nodata pixels: -1)
 ============================  ==================================================
+
+Pixels equal to the image's ``nodata`` take no part in any step and stay
+``nodata`` (see :mod:`.nodata`).
 
 Example pipeline section::
 

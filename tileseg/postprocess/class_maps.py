@@ -39,17 +39,21 @@ def apply_per_class(name: str, data: da.Array, n_classes: int, nodata: Any, spac
     """
     zero = np.zeros((), data.dtype)
     invalid = nodata_pixels(data, nodata)
-    x = fill(data, invalid, zero)
     if name == "remove_small_objects":
         connectivity = params.get("connectivity", 1)
         reuse = n_classes <= 2  # one foreground class: its components are the mask's
-        comps = components(x, connectivity=connectivity, by_value=True,
+        # nodata pixels form components of their own value (joining no class), so that the result is
+        # read from the components alone: no second computation of the input
+        comps = components(data, connectivity=connectivity, by_value=True,
                            stats={"sizes", "first"} if reuse else {"sizes"})
-        small = objects._small(comps.sizes, params.get("min_size_px"), params.get("min_size_phys"), spacing, x.ndim)
-        out = restore(da.where(comps.apply(~small, background=False), x, zero), invalid, nodata)
+        is_nodata = np.zeros(comps.n, dtype=bool) if invalid is None else comps.values == nodata
+        small = objects._small(comps.sizes, params.get("min_size_px"), params.get("min_size_phys"), spacing,
+                               data.ndim) & ~is_nodata
+        out = comps.apply(np.where(small, zero, comps.values).astype(data.dtype), background=zero)
         if reuse:  # a later label step numbers the kept components (see objects.label_step)
-            objects.remember_components(out, comps, ~small, connectivity, nodata)
+            objects.remember_components(out, comps, ~small & ~is_nodata, connectivity, nodata, is_nodata)
         return out
+    x = fill(data, invalid, zero)
     if name == "keep_largest":
         out = objects.keep_largest(x, per_class=True, connectivity=params.get("connectivity", 1))
     else:

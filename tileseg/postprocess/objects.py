@@ -304,16 +304,16 @@ def keep_largest(
 
 
 #: Components solved by an earlier step, by the dask name of that step's result (newest last, a few kept).
-_SOLVED: dict[str, tuple[Any, np.ndarray, int, Any]] = {}
+_SOLVED: dict[str, tuple[Any, np.ndarray, int, Any, np.ndarray | None]] = {}
 _SOLVED_MAX = 8
 
 
 def remember_components(result: da.Array, comps: Any, kept: np.ndarray, connectivity: int,
-                        nodata: Any = None) -> None:
+                        nodata: Any = None, nodata_comps: np.ndarray | None = None) -> None:
     """Note that ``result``'s nonzero pixels, apart from those equal to ``nodata``, are exactly the
-    components ``kept`` of ``comps`` (whole-image statistics a later ``label`` step reuses instead of
-    solving the same components again)."""
-    _SOLVED[result.name] = (comps, np.asarray(kept, dtype=bool), int(connectivity), nodata)
+    components ``kept`` of ``comps``, and its nodata pixels the components ``nodata_comps`` (whole-image
+    statistics a later ``label`` step reuses instead of solving the same components again)."""
+    _SOLVED[result.name] = (comps, np.asarray(kept, dtype=bool), int(connectivity), nodata, nodata_comps)
     while len(_SOLVED) > _SOLVED_MAX:
         _SOLVED.pop(next(iter(_SOLVED)))
 
@@ -334,14 +334,16 @@ def label_step(data: Any, *, spacing: Any = None, connectivity: int = 1, sequent
     components that step solved are numbered directly (no second whole-image pass):
     removing whole components neither splits nor joins the others.
     """
-    invalid = nd.invalid_pixels(data, nodata)
     solved = _SOLVED.get(getattr(data, "name", None)) if isinstance(data, da.Array) else None
     if solved is not None and solved[2] == connectivity and _same_nodata(solved[3], nodata):
-        comps, kept, _, _ = solved
+        comps, kept, _, _, nodata_comps = solved
         table = np.zeros(comps.n, dtype=np.int64)
         idx = np.flatnonzero(kept)
         table[idx[np.argsort(comps.first[idx], kind="stable")]] = np.arange(1, len(idx) + 1, dtype=np.int64)
-        return nd.restore(comps.apply(table, background=0), invalid, nd.LABEL_NODATA)
+        if nodata_comps is not None:
+            table[nodata_comps] = nd.LABEL_NODATA
+        return comps.apply(table, background=0)
+    invalid = nd.invalid_pixels(data, nodata)
     x = da.asarray(data)
     labels, _ = label(nd.fill(x, invalid, 0), connectivity=connectivity, sequential=sequential)
     return nd.restore(labels, invalid, nd.LABEL_NODATA)
