@@ -216,7 +216,7 @@ def test_label_never_labels_nor_joins_through_nodata(ndim, chunks, connectivity)
 
 
 @pytest.mark.parametrize("ndim, chunks", CASES)
-def test_small_objects_then_label_reuses_components_and_keeps_nodata(ndim, chunks):
+def test_small_objects_then_label_keep_nodata_and_the_labels_go_on_through_object_steps(ndim, chunks):
     fg, invalid = _scene(ndim, seed=6)
     steps = [{"remove_small_objects": {"min_size_px": 9}}, "label"]
     out = apply_postprocess(_image(_class_map(fg, invalid), chunks), steps)
