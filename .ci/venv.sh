@@ -17,5 +17,11 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$EXTRAS]"
   touch "$STAMP"
 fi
+# a venv shared between checkouts (TILESEG_VENV) must import this checkout's tileseg
+WHERE="$(cd / && "$VENV/bin/python" -c 'import os, tileseg; print(os.path.dirname(os.path.dirname(os.path.realpath(tileseg.__file__))))' 2>/dev/null || true)"
+if [ "$WHERE" != "$(cd "$ROOT" && pwd -P)" ]; then
+  echo "[tileseg] $VENV imported tileseg from ${WHERE:-nowhere}: installing this checkout ($ROOT) in editable mode" >&2
+  "$VENV/bin/python" -m pip install --quiet --no-deps -e "$ROOT"
+fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"

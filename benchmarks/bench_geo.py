@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's tileseg, also in the children that run this file
 MODEL = ROOT / "examples" / "models" / "water_unet2d.pt"
 PATCH, OVERLAP, BATCH = 256, 0.25, 8
 

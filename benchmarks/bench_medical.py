@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's tileseg, also in the children that run this file
 MODEL = ROOT / "examples" / "models" / "unet3d.pt"  # the bundled small 3D U-Net (bright blobs)
 PATCH, OVERLAP, BATCH = (64, 64, 64), 0.25, 2
 DENSE_HU = -500  # the phantom's water cylinder (0 HU) runs through every slice; air is -1000 HU

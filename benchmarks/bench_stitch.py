@@ -16,6 +16,9 @@ heavy2d   three 32-channel 3x3 convolutions + a 1x1 to 4 classes; image 1024 x 1
 Variants
 --------
 loop      the same patches cut from the in-memory image, batched, forwarded; no stitching
+loop2     the same loop in two Python threads (alternate batches), torch's threads as set: the forwards
+          alone as concurrently as tileseg's two scheduler threads run them (information: the
+          ratios are against ``loop``, the issue's baseline)
 bound     the loop plus one read of every output value (a sum per batch): no exact stitching
           can do less, since each value the model writes must be read once to be blended
 floor     the loop plus the least any stitching must do: each patch times the window added in
@@ -46,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's tileseg, also in the children that run this file
 
 CASES = {
     "light16": {"ndim": 3, "classes": 16, "shape": (96, 160, 160), "patch": (48, 48, 48), "overlap": 0.5,
@@ -115,6 +119,16 @@ def variant(name: str, case_name: str, warm: bool = True) -> dict:
                 for i in range(0, len(starts), batch):
                     b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
                     net(torch.from_numpy(b[:, None]))
+        elif name == "loop2":
+            from concurrent.futures import ThreadPoolExecutor
+
+            def forward(i: int) -> None:
+                with torch.inference_mode():
+                    b = np.stack([x[tuple(slice(a, a + p) for a, p in zip(s, patch))] for s in starts[i: i + batch]])
+                    net(torch.from_numpy(b[:, None]))
+
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(forward, range(0, len(starts), batch)))
         elif name == "bound":
             with torch.inference_mode():
                 for i in range(0, len(starts), batch):
@@ -209,8 +223,8 @@ def main() -> None:
                          "faults included) instead of the run after an untimed one")
     ap.add_argument("--case")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--variants", nargs="+", default=["loop", "bound", "floor", "monai", "segment"],
-                    choices=["loop", "bound", "floor", "monai", "segment"], help="loop must come first (the baseline)")
+    ap.add_argument("--variants", nargs="+", default=["loop", "loop2", "bound", "floor", "monai", "segment"],
+                    choices=["loop", "loop2", "bound", "floor", "monai", "segment"], help="loop must come first (the baseline)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved runs per variant")
     ap.add_argument("--profile", choices=list(CASES), help="print a cProfile of one tileseg run of this case")
     ap.add_argument("--top", type=int, default=15)

@@ -261,6 +261,10 @@ def test_plan_reports_chunks_that_do_not_fit_an_items_axes(tmp_path):
     assert "error" not in flat and flat["chunks"] == [16, 16]
     assert "tiling.chunks: [16, 16] has 2 entries but the image has 3 spatial axes" in vol["error"]
     assert "chunks" not in vol
+    table = invoke("plan", str(pipe))  # the table: the error below it, its columns as wide as the rows
+    lines = table.output.splitlines()
+    assert table.exit_code == 1 and lines[-1].startswith("item 1 (") and vol["error"] in lines[-1]
+    assert max(len(line) for line in lines[:-1]) < len(lines[-1])
     run = invoke("run", str(pipe), "--quiet")  # run fails the same item with the same message
     assert run.exit_code == 1
     assert "tiling.chunks: [16, 16] has 2 entries but the image has 3 spatial axes" in run.output

@@ -98,3 +98,14 @@ def test_evaluate_reads_paths(tmp_path):
         z[...] = arr
     out = evaluate(str(tmp_path / "pred.zarr"), str(tmp_path / "ref.zarr"), n_classes=3)
     assert out["confusion_matrix"] == _manual_cm(pred, ref, 3).tolist()
+
+
+def test_evaluate_names_both_files_when_shapes_differ(tmp_path):
+    import zarr
+
+    from tileseg.errors import InputError
+
+    for name, shape in (("pred.zarr", (16, 16)), ("ref.zarr", (16, 12))):
+        zarr.create_array(str(tmp_path / name), shape=shape, chunks=(8, 8), dtype="uint8")[...] = 0
+    with pytest.raises(InputError, match=r"differs.*pred\.zarr.*ref\.zarr"):
+        evaluate(str(tmp_path / "pred.zarr"), str(tmp_path / "ref.zarr"), n_classes=2)

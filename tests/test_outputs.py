@@ -61,3 +61,22 @@ def test_free_space_against_the_planned_size(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"3.0 MiB free .* needs up to 4.0 MiB uncompressed"):
         check_free_space([(str(tmp_path / "a.zarr"), 2 * 2**20), (str(tmp_path / "b.zarr"), 2 * 2**20)])
     check_free_space([("s3://b/a.zarr", 10**15)])  # remote: not checked
+
+
+@pytest.mark.parametrize("items, rendered, hint", [
+    (["/d/a.zarr", "/d/b.zarr"], ["/o/seg.zarr", "/o/seg.zarr"], "use {stem}, {name} or {index}"),
+    (["/d/a.zarr", "/e/a.zarr"], ["/o/a_seg.zarr", "/o/a_seg.zarr"], "both are named 'a.zarr': use {index}"),
+    (["/d/a.zarr", "/d/a.tif"], ["/o/a_seg.zarr", "/o/a_seg.zarr"], "both have the stem 'a': use {name} or {index}"),
+])
+def test_collisions_suggest_a_field_that_tells_the_items_apart(items, rendered, hint):
+    from tileseg.errors import ConfigError
+    from tileseg.outputs import check_outputs, render_output
+
+    with pytest.raises(ConfigError, match="both write to") as info:
+        check_outputs([[p] for p in rendered], items)
+    assert hint in str(info.value)
+    field = hint.split("use ")[1].split(" ")[0].strip(",")  # the first field suggested really separates them
+    paths = {render_output("/o/" + field + "_seg", item, i) for i, item in enumerate(items)}
+    assert len(paths) == 2
+    with pytest.raises(ConfigError, match="two outputs of item"):
+        check_outputs([["/o/x.zarr", "/o/x.zarr"]], ["/d/a.zarr"])

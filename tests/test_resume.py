@@ -124,6 +124,14 @@ def test_killed_run_resumes_only_the_missing_chunks(project):
     np.testing.assert_array_equal(got, want)  # bit-identical to the uninterrupted run
     assert not list(out.parent.glob(".a_prob.zarr.partial-*"))  # nothing left behind
     assert not (out / RECORDS).exists()
+    # the reports say how much was resumed, and the throughput counts only what each run computed
+    import json
+
+    (first,) = json.loads((clean_out.parent / "tileseg-report.json").read_text())["items"]
+    (again,) = json.loads((out.parent / "tileseg-report.json").read_text())["items"]
+    assert first["resumed_share"] == 0 and again["resumed_share"] == pytest.approx(len(done) / n_blocks)
+    t = again["timings"]["compute_write"] + again["timings"].get("components", 0.0)
+    assert again["pixels_per_s"] == pytest.approx(math.prod(SHAPE) * (1 - len(done) / n_blocks) / t, rel=0.01)
 
 
 def test_fresh_ignores_the_chunks_a_killed_run_left(tmp_path, monkeypatch):

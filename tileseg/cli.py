@@ -249,9 +249,11 @@ def plan(pipeline: str, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
     else:
         table = [["#", "input", "shape", "channels", "chunks", "n_patches", "n_blocks", "est_peak_task"]]
+        errors = []
         for r in rows:
-            if "error" in r:
-                table.append([str(r["index"]), r["input"], "error: " + r["error"], "", "", "", "", ""])
+            if "error" in r:  # below the table: a long message would widen its columns
+                table.append([str(r["index"]), r["input"], "failed (below)", "", "", "", "", ""])
+                errors.append(f"item {r['index']} ({r['input']}): {r['error']}")
                 continue
             table.append([
                 str(r["index"]), r["input"], "x".join(map(str, r["shape"])), str(r.get("channels", "-")),
@@ -263,6 +265,8 @@ def plan(pipeline: str, as_json: bool) -> None:
             click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
             if j == 0:
                 click.echo("  ".join("-" * w for w in widths))
+        for line in errors:
+            click.echo(line)
     sys.exit(EXIT_FAILED if any("error" in r for r in rows) else EXIT_OK)
 
 

@@ -214,7 +214,10 @@ def evaluate(
     """
     pred, pred_src = _open(pred_path, pred_options)
     ref, ref_src = _open(ref_path, ref_options)
-    out = metrics(pred, ref, n_classes, ignore_index=ignore_index)
+    try:
+        out = metrics(pred, ref, n_classes, ignore_index=ignore_index)
+    except InputError as exc:  # shapes or values: say which files
+        raise InputError(f"{exc} (prediction {pred_src or 'in memory'}, reference {ref_src or 'in memory'})") from exc
     out["prediction"] = pred_src
     out["reference"] = ref_src
     return out

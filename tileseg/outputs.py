@@ -120,12 +120,25 @@ def check_outputs(paths: list[list[str]], inputs: list[str]) -> None:
         for out in outs:
             key = _norm(out)
             if key in first:
-                who = f"items {first[key]!r} and {item!r} both" if first[key] != item else f"item {item!r} twice"
-                raise ConfigError(
-                    f"output.path: {who} write to {out!r}; "
-                    "use {stem}, {name} or {index} in the templates to make outputs unique"
-                )
+                raise ConfigError(f"output.path: {_collision(first[key], item, out)}")
             first[key] = item
+
+
+def _collision(first: str, item: str, out: str) -> str:
+    """Why ``first`` and ``item`` collide at ``out``, and the template field that would tell them apart."""
+    from .readers import item_stem
+
+    if first == item:
+        return f"two outputs of item {item!r} write to {out!r}; give each output its own path"
+    def name(path: str) -> str:
+        return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+    hint = "use {stem}, {name} or {index} in the templates to make outputs unique"
+    if name(first) == name(item):  # neither {stem} nor {name} tells them apart
+        hint = f"both are named {name(item)!r}: use {{index}} in the templates to make outputs unique"
+    elif item_stem(first) == item_stem(item):
+        hint = f"both have the stem {item_stem(item)!r}: use {{name}} or {{index}} in the templates"
+    return f"items {first!r} and {item!r} both write to {out!r}; {hint}"
 
 
 def protected_paths(cfg: Any, items: Iterable[str], render: Any = render_output) -> list[tuple[str, str]]:

@@ -214,6 +214,28 @@ class RunProgress:
         print(f"tileseg: {text}", file=self.stream, flush=True)
 
 
+def written_share(handles: Sequence[Any]) -> float | None:
+    """The share of their chunks that the local outputs ``handles`` already hold (a resumed run), or ``None``.
+
+    With several outputs, the least written one's share: the compute still has
+    to produce every chunk that one lacks.
+    """
+    from .store import is_url
+    from .writers.blocks import records_of
+
+    shares = []
+    for h in handles:
+        if is_url(h.target) or not h.shape or not h.chunks:
+            continue
+        total = math.prod(math.ceil(s / max(1, c)) for s, c in zip(h.shape, h.chunks))
+        try:
+            done = len(os.listdir(records_of(h.target).folder))
+        except OSError:
+            done = 0
+        shares.append(min(done, total) / max(1, total))
+    return min(shares) if shares else None
+
+
 @contextmanager
 def watch_chunks(display: RunProgress, index: int, handles: Sequence[Any], pixels: int,
                  every_s: float = 0.5) -> Iterator[None]:

@@ -54,7 +54,11 @@ class ItemResult:
         (whole-image passes made while the graph is built, see :mod:`tileseg.passes`),
         ``compute_write``, ``finalize``, ``evaluate``. Set-up is ``graph`` + ``statistics``.
     pixels_per_s : float
-        Spatial pixels divided by the time computing the result (``components`` + ``compute_write``).
+        Spatial pixels this run computed (all but ``resumed_share``) divided by the time computing the
+        result (``components`` + ``compute_write``).
+    resumed_share : float
+        Share of the output chunks an earlier, interrupted run had written (resumed; 0 for a fresh write,
+        ``None`` for outputs without chunk records, such as URLs).
     peak_rss_bytes : int
         Peak resident memory of this process and its children during the item.
     error : str
@@ -83,6 +87,7 @@ class ItemResult:
     config_hash: str | None = None
     skipped_reason: str | None = None
     bad_output_px: int | None = None
+    resumed_share: float | None = None
 
 
 @dataclass

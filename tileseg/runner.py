@@ -79,7 +79,7 @@ from .outputs import (
     render_output,
 )
 from .outputs import join as _join
-from .progress import RunProgress, watch_chunks
+from .progress import RunProgress, watch_chunks, written_share
 from .readers._slab_cache import SLAB_CACHE
 from .report import (
     FAILED,
@@ -735,9 +735,13 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
                 count_bad = cfg.model is not None and cfg.model.bad_output == "nodata"
                 bad_before = _bad_output_px(sched, image.source or "image") if count_bad else 0
                 px = int(np.prod(result.shape))
+
+                def on_chunks(handles: list[Any]) -> Any:  # at the start of the compute: what a resumed run has
+                    result.resumed_share = written_share(handles)
+                    return watch_chunks(display, index, handles, px) if display is not None else nullcontext()
+
                 write_outputs(outputs, images, overwrite=overwrite, sched=sched, progress=False, timer=timer,
-                              info={"input": item},
-                              on_chunks=(lambda hs: watch_chunks(display, index, hs, px)) if display else None)
+                              info={"input": item}, on_chunks=on_chunks)
                 if count_bad:
                     result.bad_output_px = _bad_output_px(sched, image.source or "image") - bad_before
                 if cfg.evaluate is not None:
@@ -757,6 +761,7 @@ def _run_item(cfg: PipelineConfig, item: str, index: int, outputs: list[_Output]
         result.timings = timer.timings
         px = int(np.prod(result.shape)) if result.shape else 0
         t = timer.timings.get("compute_write", 0.0) + timer.timings.get("components", 0.0)
+        px = px * (1.0 - (result.resumed_share or 0.0))  # only what this run computed
         result.pixels_per_s = round(px / t, 1) if t and result.status == OK else None
 
 
