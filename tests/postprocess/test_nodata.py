@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import skimage.morphology as skm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tileseg.errors import InputError
 from tileseg.image import Image
 from tileseg.postprocess import apply_postprocess
 from tileseg.postprocess import morphology as M
 from tileseg.postprocess import objects as O
+from tileseg.testing.strategies import chunkings
 
 NODATA = 255
 LABEL_NODATA = -1  # the nodata of `label` results (README, "Nodata in post-processing")
@@ -310,3 +313,22 @@ def test_without_nodata_nothing_changes():
     assert out.nodata is None
     opened = _skimage(skm.binary_opening, fg, M.make_footprint(2, "ball", 1))
     np.testing.assert_array_equal(out.data.compute(), ndi.label(opened)[0])
+
+
+@st.composite
+def _chunked_scenes(draw):
+    ndim = draw(st.sampled_from([2, 3]))
+    return ndim, draw(st.integers(0, 2**16)), draw(chunkings(SHAPES[ndim]))
+
+
+@settings(max_examples=15, deadline=None)
+@given(_chunked_scenes(), st.sampled_from(sorted(BINARY_OPS)), st.integers(1, 2))
+def test_random_chunkings_binary_step_then_label(case, name, radius):
+    """Under irregular chunkings: a binary step then label equal the whole-image treatment by hand."""
+    ndim, seed, chunks = case
+    fg, invalid = _scene(ndim, seed=seed)
+    fp = M.make_footprint(ndim, "ball", radius)
+    stepped = _binary_by_hand(name, fg, invalid, fp)
+    out = apply_postprocess(_image(_class_map(fg, invalid), chunks),
+                            [{name: {"radius": radius}}, {"label": {"connectivity": ndim}}])
+    np.testing.assert_array_equal(out.data.compute(), _label_by_hand(stepped == 1, invalid, ndim))
