@@ -163,3 +163,74 @@ def test_owner_tasks_skip_all_nodata_patches_of_images_too_large_for_a_validity_
     grid = make_grid(raw.shape, (32, 32), overlap=0.5, chunks=48)
     assert in_tasks.n == with_pass.n < grid.n_patches  # exactly the patches holding a valid pixel
     assert not any((b == 0.0).all(axis=(1, 2, 3)).any() for b in in_tasks.batches)  # no all-fill patch
+
+
+# ------------------------------------------------------------------ post-processing keeps nodata (end to end)
+def _geotiff_with_nodata(path):
+    """A uint8 GeoTIFF: smooth blobs crossing the 40-px chunks, nodata 255 in the [:50, :50] corner."""
+    rasterio = pytest.importorskip("rasterio")
+
+    rng = np.random.default_rng(0)
+    smooth = ndi.gaussian_filter(rng.random((120, 130)), 3)
+    raw = ((smooth - smooth.min()) / np.ptp(smooth) * 250).astype(np.uint8)
+    raw[:50, :50] = 255
+    with rasterio.open(path, "w", driver="GTiff", width=130, height=120, count=1, dtype="uint8", nodata=255,
+                       crs="EPSG:32633", transform=rasterio.Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4100000.0)) as dst:
+        dst.write(raw, 1)
+    return raw
+
+
+def _by_hand(raw, steps):
+    """Otsu on the valid pixels, then each step on the whole image with nodata treated by hand."""
+    import warnings
+
+    import skimage.morphology as skm
+    from skimage.filters import threshold_otsu
+
+    invalid = raw == 255
+    mask = raw > threshold_otsu(raw[~invalid])
+    fp = skm.disk(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # binary_* are deprecated in 0.26
+        for step in steps:
+            if step == "opening":  # nodata is outside the image: True for the erosion, False for the dilation
+                mask = skm.binary_dilation(skm.binary_erosion(mask | invalid, fp) & ~invalid, fp)
+            elif step == "closing":
+                mask = skm.binary_erosion(skm.binary_dilation(mask & ~invalid, fp) | invalid, fp)
+            elif step == "remove_small_objects":
+                mask = skm.remove_small_objects(mask & ~invalid, max_size=19)
+    mask &= ~invalid
+    if steps[-1] == "label":
+        out = ndi.label(mask)[0].astype(np.int64)
+        out[invalid] = -1
+        return out, -1
+    out = mask.astype(np.uint8)
+    out[invalid] = 255
+    return out, 255
+
+
+@pytest.mark.parametrize("steps", [["opening"], ["closing"], ["label"], ["remove_small_objects", "label"],
+                                   ["opening", "remove_small_objects", "label"]])
+def test_pipeline_postprocess_keeps_geotiff_nodata(tmp_path, steps):
+    """`tileseg run`: GeoTIFF with nodata -> otsu -> postprocess -> Zarr; nodata stays nodata, the rest
+    equals the whole-image computation."""
+    import yaml
+    from click.testing import CliRunner
+
+    from tileseg.cli import main
+
+    raw = _geotiff_with_nodata(tmp_path / "scene.tif")
+    post = [{"remove_small_objects": {"min_size_px": 20}} if s == "remove_small_objects" else
+            {s: {"footprint": "disk", "radius": 1}} if s in ("opening", "closing") else s for s in steps]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({
+        "version": 1, "input": {"path": "scene.tif"}, "method": {"otsu": {}}, "tiling": {"chunks": [40, 40]},
+        "postprocess": post, "output": {"path": "out.zarr", "writer": "zarr"},
+        "execution": {"scheduler": "threads", "workers": 2}}))
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "p.yaml"), "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    out = tileseg.open(str(tmp_path / "out.zarr"))
+    expected, nodata = _by_hand(raw, steps)
+    assert out.nodata == nodata and out.dtype == expected.dtype
+    got = np.asarray(out.data)
+    assert (got[:50, :50] == nodata).all()
+    np.testing.assert_array_equal(got, expected)

@@ -18,7 +18,11 @@ remove_small_objects,         by size in pixels (``min_size_px``) or physical
 remove_small_holes            units (``min_size_phys``, uses ``spacing``)
 keep_largest                  largest connected component (per class)
 label                         connected components, int64, raster order
+                              (nodata pixels: -1)
 ============================  ==================================================
+
+Pixels equal to the image's ``nodata`` take no part in any step and stay
+``nodata`` (see :mod:`.nodata`).
 
 Example pipeline section::
 
@@ -31,6 +35,7 @@ Example pipeline section::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,6 +59,8 @@ STEPS: dict[str, str] = {
     "keep_largest": "tileseg.postprocess.objects:keep_largest",
     "label": "tileseg.postprocess.objects:label_step",
 }
+
+log = logging.getLogger(__name__)
 
 for _name, _target in STEPS.items():
     register("postprocess", _name, _target)
@@ -134,6 +141,15 @@ def apply_step(image: Any, name: str, params: dict[str, Any]) -> Any:
     (:func:`.class_maps.apply_per_class`); ``threshold`` on two-class
     probabilities thresholds the foreground class. A step may return an
     Image itself; a bare array is wrapped with the input's geometry.
+
+    Nodata (see :mod:`.nodata`): pixels equal to the image's ``nodata`` are
+    ``nodata`` in the result, which keeps the value; ``label`` marks them
+    :data:`.nodata.LABEL_NODATA`, ``argmax``/``threshold`` (pixels whose
+    scores are all nodata) the class map's nodata (the largest value of a
+    dtype one wider than the classes need, as :func:`tileseg.segment` does).
+    Steps that declare ``nodata`` keep those pixels out of their work; for
+    one that does not, tileseg writes them back afterwards when its result
+    keeps the input's dtype and shape.
     """
     from .class_maps import OBJECT_STEPS, apply_per_class
 
@@ -161,4 +177,34 @@ def apply_step(image: Any, name: str, params: dict[str, Any]) -> Any:
             names = names if len(names) == 2 else ("background", "foreground")
     if names is not None and result.dtype == bool:
         result = result.astype(label_dtype(len(names)))  # class maps are stored as unsigned integers
-    return image.with_data(result, class_names=names)
+    if image.nodata is None:
+        return image.with_data(result, class_names=names)
+    return _with_nodata(image, name, func, result, names)
+
+
+def _with_nodata(image: Any, name: str, func: Any, result: Any, names: Any) -> Any:
+    """The step's ``result`` as an Image whose nodata pixels are those of ``image`` (see :func:`apply_step`)."""
+    import inspect
+
+    from ..image import nodata_outside
+    from .nodata import LABEL_NODATA, invalid_pixels, restore
+
+    if name in _CLASSIFY_STEPS:
+        valid = image.with_data(image.data, mask=None).valid()  # a pixel whose scores are all nodata
+        return nodata_outside(image.with_data(result, class_names=names, nodata=None), valid,
+                              n_labels=len(names) if names is not None else None)
+    try:
+        declares = "nodata" in inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        declares = False
+    if name in _INSTANCE_STEPS and declares:
+        return image.with_data(result, class_names=names, nodata=LABEL_NODATA)
+    if declares:  # the step kept them out of its work and wrote them back
+        return image.with_data(result, class_names=names, nodata=image.nodata)
+    if result.dtype != image.dtype or tuple(result.shape) != image.shape:
+        log.warning("postprocess step %r changed the dtype or shape (%s %s -> %s %s) and does not declare "
+                    "'nodata': its result has no nodata", name, image.dtype, image.shape, result.dtype,
+                    tuple(result.shape))
+        return image.with_data(result, class_names=names, nodata=None)
+    result = restore(result, invalid_pixels(image.data, image.nodata), image.nodata)
+    return image.with_data(result, class_names=names, nodata=image.nodata)

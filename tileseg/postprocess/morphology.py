@@ -18,6 +18,11 @@ Border handling follows :mod:`skimage.morphology` (0.26):
   ``scipy.ndimage.binary_erosion(border_value=0)``) or ``"max"`` (outside is True);
 * greyscale ``mode``: ``"reflect"`` (default), ``"constant"`` (with ``cval``),
   ``"nearest"``, ``"mirror"``, ``"wrap"``, ``"max"``, ``"min"``, ``"ignore"``.
+
+With ``nodata``, pixels equal to it are outside the image too (see
+:mod:`.nodata`): before every erosion or dilation they take the border value
+of the binary ``mode`` or the greyscale neutral element, and they are
+``nodata`` in the result.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import dask.array as da
 import numpy as np
 
 from ..errors import ConfigError
+from . import nodata as nd
 
 __all__ = [
     "binary_closing",
@@ -117,6 +123,24 @@ def _as_mask(data: Any) -> da.Array:
     return x if x.dtype == bool else x != 0
 
 
+def _binary(mask: Any, ops: tuple[str, ...], footprint: Any, radius: int, mode: str, nodata: Any,
+            step: str) -> da.Array:
+    """Erosions/dilations in order, nodata pixels set to the border value of ``mode`` before each."""
+    from dask_image import ndmorph
+
+    _binary_mode(mode)
+    dtype = nd.mask_dtype(mask, nodata, step)
+    invalid = nd.invalid_pixels(mask, nodata)
+    x = _as_mask(mask)
+    fp = make_footprint(x.ndim, footprint, radius)
+    for op in ops:
+        # scikit-image's border rule: erosion sees True outside unless "min", dilation False unless "max"
+        border = mode != "min" if op == "erode" else mode == "max"
+        func = ndmorph.binary_erosion if op == "erode" else ndmorph.binary_dilation
+        x = func(nd.fill(x, invalid, border), structure=fp, border_value=int(border))
+    return nd.restore_mask(x, invalid, nodata, dtype)
+
+
 def binary_erosion(
     mask: Any,
     *,
@@ -124,6 +148,7 @@ def binary_erosion(
     radius: int = 1,
     mode: str = "ignore",
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Binary erosion, equal to :func:`skimage.morphology.binary_erosion` on the whole image.
 
@@ -140,11 +165,20 @@ def binary_erosion(
         outside pixels as True, ``"min"`` as False.
     spacing : tuple, optional
         Accepted for the pipeline step signature; unused.
+    nodata : int or float, optional
+        Pixels equal to it are outside the image (they take the border value
+        of ``mode``) and are ``nodata`` in the result.
 
     Returns
     -------
     dask.array.Array
-        Lazy boolean array, same chunks.
+        Lazy boolean array, same chunks; with ``nodata``, the input's dtype
+        (0/1, and ``nodata`` where the input is nodata).
+
+    Raises
+    ------
+    InputError
+        ``nodata`` with a boolean input, or a nodata of 0 or 1.
 
     Examples
     --------
@@ -153,12 +187,7 @@ def binary_erosion(
     >>> int(binary_erosion(m, footprint="box", radius=1).sum().compute())
     1
     """
-    from dask_image import ndmorph
-
-    x = _as_mask(mask)
-    fp = make_footprint(x.ndim, footprint, radius)
-    border = _binary_mode(mode) != "min"
-    return ndmorph.binary_erosion(x, structure=fp, border_value=int(border))
+    return _binary(mask, ("erode",), footprint, radius, mode, nodata, "erosion")
 
 
 def binary_dilation(
@@ -168,18 +197,14 @@ def binary_dilation(
     radius: int = 1,
     mode: str = "ignore",
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Binary dilation, equal to :func:`skimage.morphology.binary_dilation` on the whole image.
 
     ``mode``: ``"ignore"`` and ``"min"`` treat outside pixels as False, ``"max"``
     as True. Other parameters as :func:`binary_erosion`.
     """
-    from dask_image import ndmorph
-
-    x = _as_mask(mask)
-    fp = make_footprint(x.ndim, footprint, radius)
-    border = _binary_mode(mode) == "max"
-    return ndmorph.binary_dilation(x, structure=fp, border_value=int(border))
+    return _binary(mask, ("dilate",), footprint, radius, mode, nodata, "dilation")
 
 
 def binary_opening(
@@ -189,10 +214,10 @@ def binary_opening(
     radius: int = 1,
     mode: str = "ignore",
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Binary opening (erosion then dilation), as :func:`skimage.morphology.binary_opening`."""
-    eroded = binary_erosion(mask, footprint=footprint, radius=radius, mode=mode)
-    return binary_dilation(eroded, footprint=footprint, radius=radius, mode=mode)
+    return _binary(mask, ("erode", "dilate"), footprint, radius, mode, nodata, "opening")
 
 
 def binary_closing(
@@ -202,10 +227,10 @@ def binary_closing(
     radius: int = 1,
     mode: str = "ignore",
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Binary closing (dilation then erosion), as :func:`skimage.morphology.binary_closing`."""
-    dilated = binary_dilation(mask, footprint=footprint, radius=radius, mode=mode)
-    return binary_erosion(dilated, footprint=footprint, radius=radius, mode=mode)
+    return _binary(mask, ("dilate", "erode"), footprint, radius, mode, nodata, "closing")
 
 
 def _grey_mode(dtype: np.dtype, mode: str, cval: float, ignore_as: str) -> tuple[str, Any]:
@@ -242,6 +267,23 @@ def _mirror(fp: np.ndarray) -> np.ndarray:
     return fp[(slice(None, None, -1),) * fp.ndim]
 
 
+def _grey(x: da.Array, ops: tuple[tuple[str, np.ndarray], ...], mode: str, cval: float, nodata: Any) -> da.Array:
+    """Minimum/maximum filters in order, nodata pixels set to the neutral element before each."""
+    from dask_image import ndfilters
+
+    invalid = nd.invalid_pixels(x, nodata)
+    for op, fp in ops:
+        # "ignore": the outside never wins, as the neutral element
+        m, c = _grey_mode(x.dtype, mode, cval, "max" if op == "min" else "min")
+        x = nd.fill(x, invalid, nd.neutral(x.dtype, op))
+        if m == "wrap":
+            x = _wrapped(x, f"{'minimum' if op == 'min' else 'maximum'}_filter", fp)
+        else:
+            func = ndfilters.minimum_filter if op == "min" else ndfilters.maximum_filter
+            x = func(x, footprint=fp, mode=m, cval=c)
+    return nd.restore(x, invalid, nodata)
+
+
 def grey_erosion(
     data: Any,
     *,
@@ -250,6 +292,7 @@ def grey_erosion(
     mode: str = "reflect",
     cval: float = 0.0,
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Greyscale erosion, equal to :func:`skimage.morphology.erosion` on the whole image.
 
@@ -267,20 +310,17 @@ def grey_erosion(
         Value outside the image for ``mode="constant"``.
     spacing : tuple, optional
         Accepted for the pipeline step signature; unused.
+    nodata : int or float, optional
+        Pixels equal to it never win the minimum (they count as the dtype's
+        largest value, +inf for floats) and are ``nodata`` in the result.
 
     Returns
     -------
     dask.array.Array
         Lazy array of the input dtype.
     """
-    from dask_image import ndfilters
-
     x = da.asarray(data)
-    fp = make_footprint(x.ndim, footprint, radius)
-    m, c = _grey_mode(x.dtype, mode, cval, "max")
-    if m == "wrap":
-        return _wrapped(x, "minimum_filter", fp)
-    return ndfilters.minimum_filter(x, footprint=fp, mode=m, cval=c)
+    return _grey(x, (("min", make_footprint(x.ndim, footprint, radius)),), mode, cval, nodata)
 
 
 def grey_dilation(
@@ -291,20 +331,16 @@ def grey_dilation(
     mode: str = "reflect",
     cval: float = 0.0,
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Greyscale dilation, equal to :func:`skimage.morphology.dilation` on the whole image.
 
     ``mode="ignore"`` acts as ``"min"``. Like scikit-image 0.26, the footprint
-    is not mirrored. Other parameters as :func:`grey_erosion`.
+    is not mirrored. ``nodata`` pixels count as the dtype's smallest value
+    (-inf for floats). Other parameters as :func:`grey_erosion`.
     """
-    from dask_image import ndfilters
-
     x = da.asarray(data)
-    fp = make_footprint(x.ndim, footprint, radius)
-    m, c = _grey_mode(x.dtype, mode, cval, "min")
-    if m == "wrap":
-        return _wrapped(x, "maximum_filter", fp)
-    return ndfilters.maximum_filter(x, footprint=fp, mode=m, cval=c)
+    return _grey(x, (("max", make_footprint(x.ndim, footprint, radius)),), mode, cval, nodata)
 
 
 def grey_opening(
@@ -315,12 +351,13 @@ def grey_opening(
     mode: str = "reflect",
     cval: float = 0.0,
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Greyscale opening (erosion then dilation), as :func:`skimage.morphology.opening`."""
-    fp = make_footprint(da.asarray(data).ndim, footprint, radius)
-    eroded = grey_erosion(data, footprint=fp, mode=mode, cval=cval)
+    x = da.asarray(data)
+    fp = make_footprint(x.ndim, footprint, radius)
     # scikit-image mirrors the footprint for the second step (no-op for symmetric ones).
-    return grey_dilation(eroded, footprint=_mirror(fp), mode=mode, cval=cval)
+    return _grey(x, (("min", fp), ("max", _mirror(fp))), mode, cval, nodata)
 
 
 def grey_closing(
@@ -331,8 +368,9 @@ def grey_closing(
     mode: str = "reflect",
     cval: float = 0.0,
     spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Greyscale closing (dilation then erosion), as :func:`skimage.morphology.closing`."""
-    fp = make_footprint(da.asarray(data).ndim, footprint, radius)
-    dilated = grey_dilation(data, footprint=fp, mode=mode, cval=cval)
-    return grey_erosion(dilated, footprint=_mirror(fp), mode=mode, cval=cval)
+    x = da.asarray(data)
+    fp = make_footprint(x.ndim, footprint, radius)
+    return _grey(x, (("max", fp), ("min", _mirror(fp))), mode, cval, nodata)

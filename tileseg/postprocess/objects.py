@@ -13,6 +13,9 @@ less than ``min_size_phys`` in physical units (pixel count times the product
 of ``spacing``). This equals scikit-image 0.26
 ``remove_small_objects(ar, max_size=min_size_px - 1)`` (scikit-image's
 ``max_size`` removes sizes ``<=`` it).
+
+With ``nodata``, pixels equal to it take no part (see :mod:`.nodata`): they
+belong to no object and to no hole, and are ``nodata`` in the result.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, InputError
 from ..stitching.labels import components, label
+from . import nodata as nd
 
 __all__ = ["fill_holes", "keep_largest", "label_step", "remove_small_holes", "remove_small_objects"]
 
@@ -57,6 +61,7 @@ def remove_small_objects(
     min_size_phys: float | None = None,
     spacing: Any = None,
     connectivity: int = 1,
+    nodata: Any = None,
 ) -> da.Array:
     """Remove objects smaller than a size, measured over the whole image.
 
@@ -74,6 +79,8 @@ def remove_small_objects(
         Pixel size per axis; needed with ``min_size_phys``.
     connectivity : int
         1..ndim, for boolean input.
+    nodata : int or float, optional
+        Pixels equal to it are in no object and stay ``nodata``.
 
     Returns
     -------
@@ -90,6 +97,12 @@ def remove_small_objects(
     [[1, 1, 0, 0], [1, 1, 0, 0]]
     """
     x = da.asarray(mask_or_labels)
+    if nodata is not None:
+        nd.check_not_bool(x, nodata, "remove_small_objects")
+        invalid = nd.invalid_pixels(x, nodata)
+        kept = remove_small_objects(nd.fill(x, invalid, 0), min_size_px=min_size_px, min_size_phys=min_size_phys,
+                                    spacing=spacing, connectivity=connectivity)
+        return nd.restore(kept, invalid, nodata)
     if x.dtype == bool:
         # "first" too, so that labelling the result reuses these components instead of a new scan.
         comps = components(x, connectivity=connectivity, stats={"sizes", "first"})
@@ -138,27 +151,44 @@ def remove_small_holes(
     min_size_phys: float | None = None,
     spacing: Any = None,
     connectivity: int = 1,
+    nodata: Any = None,
 ) -> da.Array:
     """Fill background components smaller than a size.
 
     As in scikit-image, a "hole" is any connected component of the background
     (with ``connectivity``), whether or not it touches the image border.
     Equals ``skimage.morphology.remove_small_holes(mask, max_size=min_size_px - 1,
-    connectivity=connectivity)``. Parameters as :func:`remove_small_objects`.
+    connectivity=connectivity)``. Parameters as :func:`remove_small_objects`; ``nodata``
+    pixels are outside the image (a hole's size counts valid pixels only).
 
     Returns
     -------
     dask.array.Array
-        Boolean.
+        Boolean; with ``nodata``, the input's dtype (0/1, and ``nodata`` where the input is nodata).
     """
-    x = da.asarray(mask)
-    x = x if x.dtype == bool else x != 0
-    comps = components(~x, connectivity=connectivity, stats={"sizes"})
-    small = _small(comps.sizes, min_size_px, min_size_phys, spacing, x.ndim)
+    dtype = nd.mask_dtype(mask, nodata, "remove_small_holes")
+    invalid = nd.invalid_pixels(mask, nodata)
+    filled = small_holes_filled(_foreground(mask), invalid, min_size_px=min_size_px, min_size_phys=min_size_phys,
+                                spacing=spacing, connectivity=connectivity)
+    return nd.restore_mask(filled, invalid, nodata, dtype)
+
+
+def _foreground(data: Any) -> da.Array:
+    x = da.asarray(data)
+    return x if x.dtype == bool else x != 0
+
+
+def small_holes_filled(fg: da.Array, invalid: da.Array | None, *, min_size_px: int | None = None,
+                       min_size_phys: float | None = None, spacing: Any = None,
+                       connectivity: int = 1) -> da.Array:
+    """``fg`` (boolean) with its small holes filled; ``invalid`` pixels are in no hole and bound the
+    holes as the image border does (the result is meaningless there: the caller restores them)."""
+    comps = components(~fg if invalid is None else ~fg & ~invalid, connectivity=connectivity, stats={"sizes"})
+    small = _small(comps.sizes, min_size_px, min_size_phys, spacing, fg.ndim)
     return comps.apply(small, background=True)
 
 
-def fill_holes(mask: Any, *, connectivity: int = 1, spacing: Any = None) -> da.Array:
+def fill_holes(mask: Any, *, connectivity: int = 1, spacing: Any = None, nodata: Any = None) -> da.Array:
     """Fill holes: background components not connected to the image border.
 
     Parameters
@@ -171,11 +201,14 @@ def fill_holes(mask: Any, *, connectivity: int = 1, spacing: Any = None) -> da.A
         structure=generate_binary_structure(ndim, connectivity))``.
     spacing : tuple, optional
         Accepted for the pipeline step signature; unused.
+    nodata : int or float, optional
+        Pixels equal to it are outside the image: background touching them
+        is no hole. They are ``nodata`` in the result.
 
     Returns
     -------
     dask.array.Array
-        Boolean.
+        Boolean; with ``nodata``, the input's dtype (0/1, and ``nodata`` where the input is nodata).
 
     Examples
     --------
@@ -184,14 +217,44 @@ def fill_holes(mask: Any, *, connectivity: int = 1, spacing: Any = None) -> da.A
     >>> bool(fill_holes(m).compute()[1, 1])
     True
     """
-    x = da.asarray(mask)
-    x = x if x.dtype == bool else x != 0
-    comps = components(~x, connectivity=connectivity, stats=())
-    return comps.apply(~comps.border, background=True)
+    dtype = nd.mask_dtype(mask, nodata, "fill_holes")
+    invalid = nd.invalid_pixels(mask, nodata)
+    filled = holes_filled(_foreground(mask), invalid, connectivity=connectivity)
+    return nd.restore_mask(filled, invalid, nodata, dtype)
+
+
+def holes_filled(fg: da.Array, invalid: da.Array | None, *, connectivity: int = 1) -> da.Array:
+    """``fg`` (boolean) with its holes filled; background touching the image border or an ``invalid``
+    pixel is no hole (the result is meaningless at invalid pixels: the caller restores them)."""
+    if invalid is None:
+        comps = components(~fg, connectivity=connectivity, stats=())
+        return comps.apply(~comps.border, background=True)
+    # invalid pixels join the background, and a component holding one reaches the outside
+    comps = components(~fg | invalid, connectivity=connectivity, stats=())
+    return comps.apply(~(comps.border | _holding(comps, invalid)), background=True)
+
+
+def _holding(comps: Any, where: da.Array) -> np.ndarray:
+    """Per component: whether any of its pixels is True in ``where`` (one pass over the stored labels)."""
+    import dask
+
+    ids = comps.apply(np.arange(comps.n, dtype=np.int64), background=-1)
+    where = where.rechunk(ids.chunks)
+    parts = [dask.delayed(_ids_at)(i, w) for i, w in zip(ids.to_delayed().ravel(), where.to_delayed().ravel())]
+    out = np.zeros(comps.n, dtype=bool)
+    for found in dask.compute(*parts):
+        out[found] = True
+    return out
+
+
+def _ids_at(ids: np.ndarray, where: np.ndarray) -> np.ndarray:
+    found = np.unique(ids[where])
+    return found[found >= 0]
 
 
 def keep_largest(
-    labels_or_mask: Any, *, per_class: bool = True, connectivity: int = 1, spacing: Any = None
+    labels_or_mask: Any, *, per_class: bool = True, connectivity: int = 1, spacing: Any = None,
+    nodata: Any = None,
 ) -> da.Array:
     """Keep only the largest connected component (of each class).
 
@@ -207,6 +270,8 @@ def keep_largest(
         1..ndim.
     spacing : tuple, optional
         Accepted for the pipeline step signature; unused.
+    nodata : int, optional
+        Pixels equal to it are in no component and stay ``nodata``.
 
     Returns
     -------
@@ -217,6 +282,11 @@ def keep_largest(
     x = da.asarray(labels_or_mask)
     if x.dtype.kind not in "biu":
         raise InputError(f"keep_largest needs a boolean mask or an integer class map, got dtype {x.dtype!r}")
+    if nodata is not None:
+        nd.check_not_bool(x, nodata, "keep_largest")
+        invalid = nd.invalid_pixels(x, nodata)
+        kept = keep_largest(nd.fill(x, invalid, 0), per_class=per_class, connectivity=connectivity)
+        return nd.restore(kept, invalid, nodata)
     by_value = per_class and x.dtype != bool
     comps = components(x, connectivity=connectivity, by_value=by_value)
     keep = np.zeros(comps.n, dtype=bool)
@@ -234,31 +304,46 @@ def keep_largest(
 
 
 #: Components solved by an earlier step, by the dask name of that step's result (newest last, a few kept).
-_SOLVED: dict[str, tuple[Any, np.ndarray, int]] = {}
+_SOLVED: dict[str, tuple[Any, np.ndarray, int, Any, np.ndarray | None]] = {}
 _SOLVED_MAX = 8
 
 
-def remember_components(result: da.Array, comps: Any, kept: np.ndarray, connectivity: int) -> None:
-    """Note that ``result``'s nonzero pixels are exactly the components ``kept`` of ``comps`` (whole-image
+def remember_components(result: da.Array, comps: Any, kept: np.ndarray, connectivity: int,
+                        nodata: Any = None, nodata_comps: np.ndarray | None = None) -> None:
+    """Note that ``result``'s nonzero pixels, apart from those equal to ``nodata``, are exactly the
+    components ``kept`` of ``comps``, and its nodata pixels the components ``nodata_comps`` (whole-image
     statistics a later ``label`` step reuses instead of solving the same components again)."""
-    _SOLVED[result.name] = (comps, np.asarray(kept, dtype=bool), int(connectivity))
+    _SOLVED[result.name] = (comps, np.asarray(kept, dtype=bool), int(connectivity), nodata, nodata_comps)
     while len(_SOLVED) > _SOLVED_MAX:
         _SOLVED.pop(next(iter(_SOLVED)))
 
 
-def label_step(data: Any, *, spacing: Any = None, connectivity: int = 1, sequential: bool = True) -> da.Array:
+def _same_nodata(a: Any, b: Any) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and (
+        (nd.is_nan(a) and nd.is_nan(b)) or a == b))
+
+
+def label_step(data: Any, *, spacing: Any = None, connectivity: int = 1, sequential: bool = True,
+               nodata: Any = None) -> da.Array:
     """Pipeline step ``label``: connected components as int64 labels (see :func:`tileseg.stitching.labels.label`).
+
+    Pixels equal to ``nodata`` are never labelled and join nothing; they are
+    :data:`.nodata.LABEL_NODATA` (-1) in the result.
 
     After ``remove_small_objects`` with the same connectivity on a one-class map, the
     components that step solved are numbered directly (no second whole-image pass):
     removing whole components neither splits nor joins the others.
     """
     solved = _SOLVED.get(getattr(data, "name", None)) if isinstance(data, da.Array) else None
-    if solved is not None and solved[2] == connectivity:
-        comps, kept, _ = solved
+    if solved is not None and solved[2] == connectivity and _same_nodata(solved[3], nodata):
+        comps, kept, _, _, nodata_comps = solved
         table = np.zeros(comps.n, dtype=np.int64)
         idx = np.flatnonzero(kept)
         table[idx[np.argsort(comps.first[idx], kind="stable")]] = np.arange(1, len(idx) + 1, dtype=np.int64)
+        if nodata_comps is not None:
+            table[nodata_comps] = nd.LABEL_NODATA
         return comps.apply(table, background=0)
-    labels, _ = label(data, connectivity=connectivity, sequential=sequential)
-    return labels
+    invalid = nd.invalid_pixels(data, nodata)
+    x = da.asarray(data)
+    labels, _ = label(nd.fill(x, invalid, 0), connectivity=connectivity, sequential=sequential)
+    return nd.restore(labels, invalid, nd.LABEL_NODATA)
