@@ -54,6 +54,21 @@ def expand_items(cfg: PipelineConfig) -> list[tuple[str, Exception | None]]:
 
 
 
+def render_all(cfg: PipelineConfig, items: list[tuple[str, Exception | None]]) -> list[list[str]]:
+    """Every item's rendered output paths; an item whose name cannot make a safe path gets that error in ``items``."""
+    from .errors import InputError
+
+    paths: list[list[str]] = []
+    for index, (item, err) in enumerate(items):
+        try:
+            paths.append([render_output(o.path, item, index) for o in cfg.all_outputs()])
+        except InputError as exc:
+            paths.append([])
+            if err is None:
+                items[index] = (item, exc)
+    return paths
+
+
 def open_item(cfg: PipelineConfig, item: str, index: int = 0) -> Image:
     """The input image of one item, with ``input.nodata`` and ``input.aoi`` applied when given."""
     from .readers import open_image
@@ -178,4 +193,4 @@ def error_text(exc: BaseException, item: str) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
-__all__ = ["build_item", "error_text", "expand_items", "load_model", "open_item"]
+__all__ = ["build_item", "error_text", "expand_items", "load_model", "open_item", "render_all"]

@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 
 from .config import load_pipeline
-from .errors import InputError
-from .items import error_text, expand_items, load_model, method_chunks, open_item
-from .outputs import check_not_inputs, check_outputs, protected_paths, render_output
+from .items import error_text, expand_items, load_model, method_chunks, open_item, render_all
+from .outputs import check_not_inputs, check_outputs, protected_paths
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +28,7 @@ def plan_pipeline(pipeline: Any) -> list[dict[str, Any]]:
     """
     cfg = load_pipeline(pipeline)
     items = expand_items(cfg)
-    paths: list[list[str]] = []
-    for index, (item, err) in enumerate(items):
-        try:
-            paths.append([render_output(o.path, item, index) for o in cfg.all_outputs()])
-        except InputError as exc:
-            paths.append([])
-            items[index] = (item, err or exc)
+    paths = render_all(cfg, items)
     check_outputs([paths[i] for i, (_, err) in enumerate(items) if err is None],
                   [item for item, err in items if err is None])
     check_not_inputs([p for ps in paths for p in ps], list(protected_paths(cfg, [item for item, _ in items])))

@@ -66,7 +66,7 @@ from .execution import SchedulerInfo, compute, scheduler_context
 from .fingerprint import config_fingerprint, input_fingerprint, output_hash, settings_fingerprint
 from .image import Image
 from .item_pool import run_items
-from .items import build_item, error_text, expand_items, load_model, open_item
+from .items import build_item, error_text, expand_items, load_model, open_item, render_all
 from .manifest import DONE, MANIFEST_NAME, PENDING, Decision, Heartbeat, Manifest, item_key
 from .manifest import FAILED as M_FAILED
 from .outputs import (
@@ -367,19 +367,6 @@ def evaluate_item(cfg: PipelineConfig, item: str, index: int, out: str,
 # --------------------------------------------------------------------------- the run
 
 
-def _render_all(cfg: PipelineConfig, items: list[tuple[str, Exception | None]]) -> list[list[str]]:
-    """Every item's rendered outputs; an item whose name cannot make a safe path gets the error instead."""
-    paths: list[list[str]] = []
-    for index, (item, err) in enumerate(items):
-        try:
-            paths.append([render_output(o.path, item, index) for o in cfg.all_outputs()])
-        except InputError as exc:
-            paths.append([])
-            if err is None:
-                items[index] = (item, exc)
-    return paths
-
-
 def manifest_path(cfg: PipelineConfig, directory: str) -> str:
     """Where the run manifest lives: ``execution.manifest``, else next to the outputs.
 
@@ -453,7 +440,7 @@ def run_pipeline(pipeline: Any, *, scheduler: str | None = None, client: Any = N
     fresh = fresh or not resume
     t_start = time.perf_counter()
     items = expand_items(cfg)
-    paths = _render_all(cfg, items)
+    paths = render_all(cfg, items)
     ok = [i for i, (_, err) in enumerate(items) if err is None]
     check_outputs([paths[i] for i in ok], [items[i][0] for i in ok])
     every_output = [p for ps in paths for p in ps]
