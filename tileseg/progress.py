@@ -214,25 +214,31 @@ class RunProgress:
         print(f"tileseg: {text}", file=self.stream, flush=True)
 
 
+def _local_outputs(handles: Sequence[Any]) -> list[tuple[Any, int]]:
+    """The outputs among ``handles`` that keep chunk records (local ones), each with its number of chunks."""
+    from .store import is_url
+
+    return [(h, math.prod(math.ceil(s / max(1, c)) for s, c in zip(h.shape, h.chunks)))
+            for h in handles if not is_url(h.target) and h.shape and h.chunks]
+
+
+def _recorded(handle: Any) -> int:
+    """How many finished-chunk records the output ``handle`` holds (:mod:`tileseg.writers.blocks`)."""
+    from .writers.blocks import records_of
+
+    try:
+        return len(os.listdir(records_of(handle.target).folder))
+    except OSError:
+        return 0
+
+
 def written_share(handles: Sequence[Any]) -> float | None:
     """The share of their chunks that the local outputs ``handles`` already hold (a resumed run), or ``None``.
 
     With several outputs, the least written one's share: the compute still has
     to produce every chunk that one lacks.
     """
-    from .store import is_url
-    from .writers.blocks import records_of
-
-    shares = []
-    for h in handles:
-        if is_url(h.target) or not h.shape or not h.chunks:
-            continue
-        total = math.prod(math.ceil(s / max(1, c)) for s, c in zip(h.shape, h.chunks))
-        try:
-            done = len(os.listdir(records_of(h.target).folder))
-        except OSError:
-            done = 0
-        shares.append(min(done, total) / max(1, total))
+    shares = [min(_recorded(h), total) / max(1, total) for h, total in _local_outputs(handles)]
     return min(shares) if shares else None
 
 
@@ -258,25 +264,15 @@ def watch_chunks(display: RunProgress, index: int, handles: Sequence[Any], pixel
     every_s : float
         Seconds between counts.
     """
-    from .store import is_url
-    from .writers.blocks import records_of
-
-    local = [h for h in handles if not is_url(h.target) and h.shape and h.chunks]
-    totals = [math.prod(math.ceil(s / max(1, c)) for s, c in zip(h.shape, h.chunks)) for h in local]
-    total = sum(totals)
+    local = _local_outputs(handles)
+    total = sum(n for _, n in local)
     display.stage(index, "compute", chunks_total=total)
     seen = 0
     stop = threading.Event()
 
     def count() -> None:
         nonlocal seen
-        n = 0
-        for h in local:
-            try:
-                n += len(os.listdir(records_of(h.target).folder))
-            except OSError:
-                pass
-        n = min(n, total)
+        n = min(sum(_recorded(h) for h, _ in local), total)
         if n > seen:
             display.chunk_done(index, n - seen, pixels=int(pixels * (n - seen) / total) if total else 0)
             seen = n

@@ -19,15 +19,13 @@ def _class_map(seed: int = 0):
                        class_names=("background", "object"))
 
 
-@pytest.mark.parametrize("connectivity", [1, 2])
-def test_label_after_small_object_removal_solves_components_once(monkeypatch, connectivity):
-    from skimage.measure import label
-    from skimage.morphology import remove_small_objects
-
+@pytest.fixture
+def components_calls(monkeypatch) -> list:
+    """The connectivity of every whole-image components pass from now on (the passes still run)."""
     import tileseg.postprocess.class_maps as class_maps
     import tileseg.stitching.labels as labels
 
-    solved = []
+    solved: list = []
     real = labels.components
 
     def counting(*args, **kwargs):
@@ -36,6 +34,14 @@ def test_label_after_small_object_removal_solves_components_once(monkeypatch, co
 
     monkeypatch.setattr(class_maps, "components", counting)
     monkeypatch.setattr(labels, "components", counting)
+    return solved
+
+@pytest.mark.parametrize("connectivity", [1, 2])
+def test_label_after_small_object_removal_solves_components_once(components_calls, connectivity):
+    from skimage.measure import label
+    from skimage.morphology import remove_small_objects
+
+    solved = components_calls
     mask, image = _class_map()
     out = apply_postprocess(image, [{"remove_small_objects": {"min_size_px": 4, "connectivity": connectivity}},
                                     {"label": {"connectivity": connectivity}}])
@@ -57,23 +63,12 @@ def test_other_connectivity_solves_again(monkeypatch):
     np.testing.assert_array_equal(out.data.compute(), want)
 
 
-def test_label_after_small_object_removal_with_nodata_solves_once_and_never_reads_the_input_again(monkeypatch):
+def test_label_after_small_object_removal_with_nodata_solves_once_and_never_reads_the_input_again(components_calls):
     """With nodata the reuse holds, and the labels come from the solved components alone."""
     from skimage.measure import label
     from skimage.morphology import remove_small_objects
 
-    import tileseg.postprocess.class_maps as class_maps
-    import tileseg.stitching.labels as labels
-
-    solved = []
-    real = labels.components
-
-    def counting(*args, **kwargs):
-        solved.append(kwargs.get("connectivity"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(class_maps, "components", counting)
-    monkeypatch.setattr(labels, "components", counting)
+    solved = components_calls
     mask, _ = _class_map(2)
     invalid = np.zeros_like(mask)
     invalid[:, 40:47] = True  # a band across chunk borders, splitting objects
